@@ -1,0 +1,206 @@
+"""Default config, component registries by name, and validate(config).
+
+Configs are ml_collections.ConfigDicts built by `experiments/configs/*.py:get_config(arg)`
+on top of `default_config()`. `validate` runs before anything is traced or compiled and
+raises ConfigError naming the field and what is allowed.
+
+Variants are chosen by registered name: `config.halting.name` (act_jax.halting.POLICIES),
+`config.moe.router` (act_jax.moe.ROUTERS), `config.data.name` (act_jax.data.DATASETS).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import ml_collections
+
+from act_jax.errors import ConfigError
+
+DTYPES = ('float32', 'bfloat16')
+REMAT_POLICIES = ('none', 'full', 'dots')
+NONFINITE_ACTIONS = ('abort', 'skip')
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = ml_collections.ConfigDict(dict(
+      name='stdlib', files='', seq_len=128, batch_size=16, heldout_fraction=0.1,
+      max_bytes=4_000_000, code_fraction=0.5, num_bits=16, max_digits=6))
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=260, d_model=128, num_heads=4, head_dim=0, d_ff=384, num_layers=6,
+      causal=True, share_weights=False, tie_embeddings=True, max_len=0, rope_base=10000.0,
+      dtype='float32', param_dtype='float32', remat='none', group_size=0))
+  c.halting = ml_collections.ConfigDict(dict(
+      name='none', threshold=0.9, eps=0.01, bias_init=-2.0, ponder_cost=0.01, beta=0.01,
+      lambda_p=0.2, exit_every=1, exit_weights='linear', criterion='softmax',
+      per_sequence=False, mod_capacity=0.5, classifier_loss_weight=1.0, sample=False))
+  c.moe = ml_collections.ConfigDict(dict(
+      router='none', num_experts=8, top_k=2, capacity_factor=1.25, every=2, shared_experts=0,
+      d_ff=0, dispatch='gather', renormalize=True, priority='position', group_size=0,
+      jitter=0.0, lb_loss_weight=0.01, z_loss_weight=0.001, bias_rate=0.0, num_slots=1))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, expert=1, model=1))
+  c.train = ml_collections.ConfigDict(dict(
+      steps=1000, lr=3e-3, min_lr_ratio=0.1, warmup_steps=100, weight_decay=0.01, b1=0.9,
+      b2=0.95, clip_norm=1.0, log_every=25, eval_every=250, eval_batches=8,
+      checkpoint_every=250, keep_checkpoints=2, async_checkpointing=True,
+      nonfinite='abort', multihost=False, max_seconds=0.0))
+  return c
+
+
+def parse_arg(arg: str | None) -> dict[str, Any]:
+  """'halting=act,router=top_k,runlocal' -> {'halting': 'act', 'router': 'top_k', 'runlocal': True}."""
+  out: dict[str, Any] = {}
+  for part in (arg or '').split(','):
+    part = part.strip()
+    if not part:
+      continue
+    if '=' in part:
+      k, v = part.split('=', 1)
+      out[k.strip()] = v.strip()
+    else:
+      out[part] = True
+  return out
+
+
+def _require(cond: bool, field: str, value: Any, allowed: str) -> None:
+  if not cond:
+    raise ConfigError(f'{field}={value!r}: {allowed}')
+
+
+def _pos_int(c, field: str) -> None:
+  v = _get(c, field)
+  _require(isinstance(v, int) and not isinstance(v, bool) and v > 0, field, v,
+           'must be a positive integer')
+
+
+def _get(c, field: str) -> Any:
+  node = c
+  for part in field.split('.'):
+    node = node[part]
+  return node
+
+
+def layer_kinds(config) -> tuple[str, ...]:
+  """Kinds of the layers in one scan step ('dense' | 'moe'); the stack repeats this group."""
+  m = config.model
+  if config.moe.router == 'none':
+    size = m.group_size or 1
+    return ('dense',) * size
+  every = config.moe.every
+  size = m.group_size or every
+  return tuple('moe' if (i + 1) % every == 0 else 'dense' for i in range(size))
+
+
+def num_steps(config) -> int:
+  """Number of scan steps (= halting steps) over depth."""
+  return config.model.num_layers // len(layer_kinds(config))
+
+
+def validate(config, device_count: int | None = None) -> None:
+  """Rejects impossible configs with a ConfigError naming the field, before any compile."""
+  from act_jax import data as data_lib  # lazy: data has no jax dependency
+  from act_jax import halting as halting_lib
+  from act_jax import moe as moe_lib
+  from act_jax import sharding as sharding_lib
+  m, t = config.model, config.train
+  for f in ('model.d_model', 'model.num_heads', 'model.d_ff', 'model.num_layers',
+            'model.vocab_size', 'train.steps', 'train.log_every', 'train.eval_every',
+            'train.eval_batches', 'train.checkpoint_every', 'train.keep_checkpoints'):
+    _pos_int(config, f)
+  _require(isinstance(m.head_dim, int) and m.head_dim >= 0, 'model.head_dim', m.head_dim,
+           'must be 0 (= d_model/num_heads) or a positive integer')
+  if m.head_dim == 0:
+    _require(m.d_model % m.num_heads == 0, 'model.num_heads', m.num_heads,
+             f'must divide model.d_model={m.d_model} (or set model.head_dim)')
+  hd = m.head_dim or m.d_model // max(m.num_heads, 1)
+  _require(hd % 2 == 0, 'model.head_dim', hd, 'must be even (RoPE rotates feature pairs)')
+  _require(m.dtype in DTYPES, 'model.dtype', m.dtype, f'allowed: {", ".join(DTYPES)}')
+  _require(m.param_dtype in DTYPES, 'model.param_dtype', m.param_dtype,
+           f'allowed: {", ".join(DTYPES)}')
+  _require(m.remat in REMAT_POLICIES, 'model.remat', m.remat,
+           f'allowed: {", ".join(REMAT_POLICIES)}')
+  _require(isinstance(m.max_len, int) and m.max_len >= 0, 'model.max_len', m.max_len,
+           'must be 0 (= data.seq_len) or a positive integer')
+  _require(m.max_len == 0 or m.max_len >= config.data.seq_len, 'model.max_len', m.max_len,
+           f'must be >= data.seq_len={config.data.seq_len}')
+  _require(m.rope_base > 0, 'model.rope_base', m.rope_base, 'must be > 0')
+  _require(isinstance(m.group_size, int) and m.group_size >= 0, 'model.group_size',
+           m.group_size, 'must be 0 (automatic) or a positive integer')
+  _require(t.lr > 0, 'train.lr', t.lr, 'must be > 0')
+  _require(0 <= t.min_lr_ratio <= 1, 'train.min_lr_ratio', t.min_lr_ratio, 'must be in [0, 1]')
+  _require(isinstance(t.warmup_steps, int) and 0 <= t.warmup_steps <= t.steps,
+           'train.warmup_steps', t.warmup_steps, f'must be in [0, train.steps={t.steps}]')
+  _require(t.weight_decay >= 0, 'train.weight_decay', t.weight_decay, 'must be >= 0')
+  _require(0 <= t.b1 < 1 and 0 <= t.b2 < 1, 'train.b1/b2', (t.b1, t.b2), 'must be in [0, 1)')
+  _require(t.clip_norm > 0, 'train.clip_norm', t.clip_norm, 'must be > 0')
+  _require(t.nonfinite in NONFINITE_ACTIONS, 'train.nonfinite', t.nonfinite,
+           f'allowed: {", ".join(NONFINITE_ACTIONS)}')
+  _require(t.max_seconds >= 0, 'train.max_seconds', t.max_seconds, 'must be >= 0 (0 = no limit)')
+  # Components by registered name.
+  _require(config.moe.router in moe_lib.ROUTERS, 'moe.router', config.moe.router,
+           f'unknown router; known: {", ".join(sorted(moe_lib.ROUTERS))}')
+  _require(config.halting.name in halting_lib.POLICIES, 'halting.name', config.halting.name,
+           f'unknown policy; known: {", ".join(sorted(halting_lib.POLICIES))}')
+  data_lib.validate(config.data)
+  ds_vocab = data_lib.VOCAB_SIZE
+  _require(m.vocab_size >= ds_vocab, 'model.vocab_size', m.vocab_size,
+           f'must be >= the data vocabulary ({ds_vocab})')
+  if config.data.name in data_lib.CAUSAL_ONLY:
+    _require(m.causal, 'model.causal', m.causal,
+             f'data.name={config.data.name!r} is a causal LM task; needs model.causal=True')
+  kinds = layer_kinds(config)
+  if config.moe.router != 'none':
+    _pos_int(config, 'moe.every')
+    _require(m.group_size == 0 or m.group_size % config.moe.every == 0, 'model.group_size',
+             m.group_size, f'must be a multiple of moe.every={config.moe.every}')
+  _require(m.num_layers % len(kinds) == 0, 'model.num_layers', m.num_layers,
+           f'must be a multiple of the scan group size {len(kinds)} '
+           f'(moe.every / model.group_size)')
+  # Mesh before MoE: MoE checks divisibility by the expert axis.
+  n = device_count if device_count is not None else _device_count()
+  mesh = _mesh_shape(config.mesh, n)
+  _require(config.data.batch_size % mesh[0] == 0, 'data.batch_size', config.data.batch_size,
+           f'must be divisible by the mesh data axis ({mesh[0]})')
+  if config.moe.router != 'none':
+    moe_lib.validate_moe(config.moe, d_model=m.d_model, causal=m.causal, mesh_expert=mesh[1])
+  halting_lib.validate_halting(config.halting, num_steps(config))
+  if config.halting.name == 'mod' and config.moe.router != 'none':
+    pass  # MoD gates whole blocks; MoE inside a routed-out block is skipped with it.
+
+
+def _device_count() -> int:
+  import jax
+  return jax.device_count()
+
+
+def _mesh_shape(mesh_cfg, n: int) -> tuple[int, int, int]:
+  data, expert, model = mesh_cfg.data, mesh_cfg.expert, mesh_cfg.model
+  for name, v in (('mesh.expert', expert), ('mesh.model', model)):
+    _require(isinstance(v, int) and v >= 1, name, v, 'must be a positive integer')
+  if data == -1:
+    _require(n % (expert * model) == 0, 'mesh.expert*mesh.model', expert * model,
+             f'must divide the device count {n}')
+    data = n // (expert * model)
+  _require(isinstance(data, int) and data >= 1, 'mesh.data', data,
+           'must be a positive integer or -1 (all remaining devices)')
+  _require(data * expert * model == n, 'mesh', (data, expert, model),
+           f'data*expert*model={data * expert * model} must equal the device count {n}')
+  return data, expert, model
+
+
+def apply_common_args(config, args: dict[str, Any]) -> ml_collections.ConfigDict:
+  """Shared ':arg' variants of every experiment config (halting=, router=, runlocal)."""
+  if 'halting' in args:
+    config.halting.name = args.pop('halting')
+  if 'router' in args:
+    config.moe.router = args.pop('router')
+  if args.pop('runlocal', False):
+    config.model.update(d_model=32, num_heads=2, d_ff=64, num_layers=2)
+    config.data.update(seq_len=32, batch_size=4, max_bytes=200_000)
+    config.train.update(steps=20, warmup_steps=2, log_every=5, eval_every=10, eval_batches=2,
+                        checkpoint_every=10)
+    config.moe.update(num_experts=4)
+  if args:
+    raise ConfigError(f'unknown config arg(s) {sorted(args)}; known: halting=, router=, runlocal')
+  return config

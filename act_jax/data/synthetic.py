@@ -1,0 +1,95 @@
+"""Synthetic tasks whose per-example difficulty is known, for studying adaptive computation.
+
+parity   (ACT, Graves 2016): BOS, then num_bits positions of which d (uniform in
+         [1, num_bits], at random places) hold a random bit written '0'/'1' and the rest '.',
+         then '='. The only scored target is at the '=' position: the parity byte of the
+         number of '1's. The answer never appears in the inputs, so causal and bidirectional
+         models can both be trained on it (causal_only=False). difficulty = d.
+addition BOS "a+b=" then the digits of a+b REVERSED (least significant first, so each digit
+         depends only on already-seen carries) then EOS, as next-token prediction scored only
+         on the answer digits and EOS. a and b both have d digits, d uniform in
+         [1, max_digits]; difficulty = d. Next-token targets are in the inputs, so
+         causal_only=True.
+
+Both are pure functions of (seed, stream, index): training uses
+np.random.default_rng([seed, 0, step]) and evaluation a separate stream
+default_rng([seed, 1, i]), so eval batches are fixed and drawn independently of training.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from act_jax.data.corpus import BOS, EOS, PAD, Dataset, encode, pack_batch
+
+_TRAIN_STREAM, _EVAL_STREAM = 0, 1
+
+
+class _SyntheticDataset(Dataset):
+  """Shared plumbing: subclasses implement _batch(rng) for one global batch."""
+
+  def __init__(self, seq_len: int, batch_size: int, seed: int):
+    self._seq_len, self._batch_size, self._seed = seq_len, batch_size, seed
+
+  def _batch(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    raise NotImplementedError
+
+  def train_batch(self, step: int) -> dict[str, np.ndarray]:
+    return self._batch(np.random.default_rng([self._seed, _TRAIN_STREAM, int(step)]))
+
+  def eval_batches(self, num_batches: int) -> list[dict[str, np.ndarray]]:
+    return [self._batch(np.random.default_rng([self._seed, _EVAL_STREAM, i]))
+            for i in range(num_batches)]
+
+
+class ParityDataset(_SyntheticDataset):
+  name = 'parity'
+  domains = ('parity',)
+  causal_only = False
+
+  def __init__(self, num_bits: int, seq_len: int, batch_size: int, seed: int):
+    super().__init__(seq_len, batch_size, seed)
+    self.num_bits = num_bits
+    self.answer_pos = num_bits + 1  # index of '=' in inputs (after BOS and the bits)
+
+  def _batch(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    b, n, pos = self._batch_size, self.num_bits, self.answer_pos
+    d = rng.integers(1, n + 1, size=b)
+    # The d positions with the smallest random keys hold bits: d random places per row.
+    rank = np.argsort(np.argsort(rng.random((b, n)), axis=1), axis=1)
+    used = rank < d[:, None]
+    bits = rng.integers(0, 2, size=(b, n))
+    chars = np.where(used, np.where(bits == 1, ord('1'), ord('0')), ord('.'))
+    inputs = np.full((b, self._seq_len), PAD, dtype=np.int32)
+    inputs[:, 0] = BOS
+    inputs[:, 1:n + 1] = chars
+    inputs[:, pos] = ord('=')
+    targets = np.full((b, self._seq_len), PAD, dtype=np.int32)
+    targets[:, pos] = ord('0') + (bits * used).sum(axis=1) % 2
+    weights = np.zeros((b, self._seq_len), dtype=np.float32)
+    weights[:, pos] = 1.0
+    return {'inputs': inputs, 'targets': targets, 'weights': weights,
+            'domain': np.zeros(b, np.int32), 'difficulty': d.astype(np.int32)}
+
+
+class AdditionDataset(_SyntheticDataset):
+  name = 'addition'
+  domains = ('addition',)
+  causal_only = True
+
+  def __init__(self, max_digits: int, seq_len: int, batch_size: int, seed: int):
+    super().__init__(seq_len, batch_size, seed)
+    self.max_digits = max_digits
+
+  def _batch(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    seqs, answer_start, difficulty = [], [], []
+    for _ in range(self._batch_size):
+      d = int(rng.integers(1, self.max_digits + 1))
+      lo = 0 if d == 1 else 10 ** (d - 1)  # exactly d digits (0..9 for d=1)
+      a, b = (int(x) for x in rng.integers(lo, 10 ** d, size=2))
+      prompt = f'{a}+{b}='
+      seqs.append(np.concatenate([[BOS], encode(prompt), encode(str(a + b)[::-1]), [EOS]]))
+      # targets[t] = seq[t + 1]; the first answer digit is seq[1 + len(prompt)].
+      answer_start.append(len(prompt))
+      difficulty.append(d)
+    return pack_batch(seqs, self._seq_len, np.zeros(self._batch_size, np.int32),
+                      difficulty, answer_start)

@@ -1,0 +1,100 @@
+"""Multi-head attention with rotary position embeddings and an explicit KV cache.
+
+RoPE (Su et al. 2021): rotate each (even, odd) feature pair of q and k by angle
+pos * base^(-2i/Dh), so q·k depends only on the relative position.
+Causal attention masks key positions > query position; bidirectional (encoder) attends to
+all valid keys. The KV cache is an explicit array pair (not a hidden collection) so that
+early-exit decoding can write the entries of skipped layers itself (inference.py).
+
+Dims: B batch, L query length, T key length (cache size), H heads, K head dim, D d_model.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Cache = dict  # {'k': [B,T,H,K], 'v': [B,T,H,K]}
+
+
+def apply_rope(x_BLHK: jax.Array, positions_BL: jax.Array, base: float = 10000.0) -> jax.Array:
+  k = x_BLHK.shape[-1]
+  inv_freq = base ** (-jnp.arange(0, k, 2, dtype=jnp.float32) / k)
+  ang_BLk = positions_BL[..., None].astype(jnp.float32) * inv_freq
+  sin, cos = jnp.sin(ang_BLk)[:, :, None, :], jnp.cos(ang_BLk)[:, :, None, :]
+  x = x_BLHK.astype(jnp.float32)
+  x1, x2 = x[..., 0::2], x[..., 1::2]
+  out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+  return out.reshape(x.shape).astype(x_BLHK.dtype)
+
+
+def init_cache(batch: int, max_len: int, num_heads: int, head_dim: int,
+               dtype=jnp.float32) -> Cache:
+  z = jnp.zeros((batch, max_len, num_heads, head_dim), dtype)
+  return {'k': z, 'v': z}
+
+
+class Attention(nn.Module):
+  num_heads: int
+  head_dim: int
+  d_model: int
+  causal: bool = True
+  rope_base: float = 10000.0
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    init = nn.initializers.lecun_normal()
+    proj = lambda: nn.DenseGeneral(
+        (self.num_heads, self.head_dim), use_bias=False, dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=nn.with_logical_partitioning(init, ('embed', 'heads', 'kv')))
+    self.wq, self.wk, self.wv = proj(), proj(), proj()
+    self.wo = self.param('wo', nn.with_logical_partitioning(init, ('heads', 'kv', 'embed')),
+                         (self.num_heads, self.head_dim, self.d_model), self.param_dtype)
+
+  def kv(self, x_BLD: jax.Array, positions_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Keys (rotated) and values of x: what later tokens read from this layer."""
+    k_BLHK = apply_rope(self.wk(x_BLD), positions_BL, self.rope_base)
+    return k_BLHK, self.wv(x_BLD)
+
+  def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, cache: Optional[Cache] = None,
+               cache_index: Optional[jax.Array] = None, key_mask_BT: Optional[jax.Array] = None
+               ) -> tuple[jax.Array, Optional[Cache]]:
+    q_BLHK = apply_rope(self.wq(x_BLD), positions_BL, self.rope_base)
+    k_BLHK, v_BLHK = self.kv(x_BLD, positions_BL)
+    if cache is not None:
+      # Decoding: write this chunk's K/V at cache_index, attend over the filled buffer.
+      idx = jnp.asarray(cache_index, jnp.int32)
+      k_BTHK = jax.lax.dynamic_update_slice(cache['k'], k_BLHK.astype(cache['k'].dtype),
+                                            (0, idx, 0, 0))
+      v_BTHK = jax.lax.dynamic_update_slice(cache['v'], v_BLHK.astype(cache['v'].dtype),
+                                            (0, idx, 0, 0))
+      cache = {'k': k_BTHK, 'v': v_BTHK}
+      b, t = x_BLD.shape[0], k_BTHK.shape[1]
+      key_pos_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+      filled_BT = key_pos_BT < idx + x_BLD.shape[1]
+      key_mask_BT = filled_BT if key_mask_BT is None else key_mask_BT & filled_BT
+    else:
+      k_BTHK, v_BTHK, key_pos_BT = k_BLHK, v_BLHK, positions_BL
+    out_BLD = attend(q_BLHK, k_BTHK.astype(self.dtype), v_BTHK.astype(self.dtype), positions_BL,
+                     key_pos_BT, self.causal, key_mask_BT, self.wo.astype(self.dtype))
+    return out_BLD, cache
+
+
+def attend(q_BLHK, k_BTHK, v_BTHK, q_pos_BL, k_pos_BT, causal: bool, key_mask_BT, wo_HKD):
+  """Softmax attention in f32 followed by the output projection."""
+  scale = q_BLHK.shape[-1] ** -0.5
+  s_BHLT = jnp.einsum('blhk,bthk->bhlt', q_BLHK, k_BTHK,
+                      preferred_element_type=jnp.float32) * scale
+  mask_BLT = jnp.ones(s_BHLT.shape[:1] + s_BHLT.shape[2:], bool)
+  if causal:
+    mask_BLT = k_pos_BT[:, None, :] <= q_pos_BL[:, :, None]
+  if key_mask_BT is not None:
+    mask_BLT = mask_BLT & key_mask_BT[:, None, :]
+  s_BHLT = jnp.where(mask_BLT[:, None], s_BHLT, -1e30)
+  p_BHLT = jax.nn.softmax(s_BHLT, axis=-1).astype(v_BTHK.dtype)
+  o_BLHK = jnp.einsum('bhlt,bthk->blhk', p_BHLT, v_BTHK)
+  return jnp.einsum('blhk,hkd->bld', o_BLHK, wo_HKD)

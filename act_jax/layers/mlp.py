@@ -1,0 +1,29 @@
+"""Gated MLP (SwiGLU, Shazeer 2020): y = W_out (silu(x W_gate) * (x W_in)).
+
+Dims: B batch, L length, D d_model, F hidden.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class GatedMLP(nn.Module):
+  d_ff: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    d = x_BLD.shape[-1]
+    init = nn.initializers.lecun_normal()
+    w_in_DF = self.param('w_in', nn.with_logical_partitioning(init, ('embed', 'mlp')),
+                         (d, self.d_ff), self.param_dtype)
+    w_gate_DF = self.param('w_gate', nn.with_logical_partitioning(init, ('embed', 'mlp')),
+                           (d, self.d_ff), self.param_dtype)
+    w_out_FD = self.param('w_out', nn.with_logical_partitioning(init, ('mlp', 'embed')),
+                          (self.d_ff, d), self.param_dtype)
+    x = x_BLD.astype(self.dtype)
+    h_BLF = nn.silu(x @ w_gate_DF.astype(self.dtype)) * (x @ w_in_DF.astype(self.dtype))
+    return h_BLF @ w_out_FD.astype(self.dtype)

@@ -1,0 +1,257 @@
+"""AdaptiveTransformer: embed -> one masked scan over depth -> shared LM head.
+
+The layer stack is a single `nn.scan` over *steps*; a step is a group of layers (e.g.
+[dense, moe] for MoE every other layer) so that the scanned body is identical at every
+step. Parameters are stacked on a leading 'layers' axis (`share_weights=True` broadcasts one
+step's parameters instead: a Universal Transformer, Dehghani 2019).
+
+Dynamic depth is a *masked* scan: the halting policy (act_jax/halting) keeps a `running`
+mask in the carry; tokens that stopped keep their state (`where`), still cost compute in
+this training form (inference.py skips it for real), take no MoE capacity and are not
+counted as executed layers. Per step:
+    h_new = group(h_prev, running);  h_new = where(running, h_new, h_prev)
+    state, running' = policy.step(state, h_prev, h_new, signals(h_new), i, threshold)
+The forward returns (logits, aux); aux carries telemetry and loss inputs (never side effects).
+
+Dims: B batch, L length, D d_model, V vocab, N depth steps, H heads, K head dim.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from act_jax import config as config_lib
+from act_jax import halting as halting_lib
+from act_jax.data import PAD as PAD_ID
+from act_jax.layers import Attention, GatedMLP, RMSNorm, rms_norm
+from act_jax.moe import MoEFFN
+from act_jax.sharding import constrain
+
+_REMAT = {
+    'full': None,
+    'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def dtype_of(name: str) -> jnp.dtype:
+  return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[name]
+
+
+def head_logits(head: dict, h_BLD: jax.Array) -> jax.Array:
+  """Shared output head (final RMSNorm + unembedding) as a pure function, in f32.
+
+  Pure so that exit heads inside the depth scan (CALM) reuse exactly the final head.
+  """
+  x = rms_norm(h_BLD.astype(jnp.float32), head['norm_scale'])
+  return x @ head['unembed_DV'].astype(jnp.float32)
+
+
+class Layer(nn.Module):
+  """Pre-norm transformer layer: attention then a dense or MoE FFN (optionally MoD-gated)."""
+  config: Any
+  kind: str  # 'dense' | 'moe'
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, h_BLD, positions_BL, running_BL, token_ids_BL, key_mask_BT, cache,
+               cache_index):
+    m = self.config.model
+    dtype, pdtype = dtype_of(m.dtype), dtype_of(m.param_dtype)
+    head_dim = m.head_dim or m.d_model // m.num_heads
+    aux: dict[str, Any] = {}
+    mod = self.config.halting.name == 'mod'
+    active_BL = running_BL
+    if mod:
+      # Mixture-of-Depths (Raposo 2024): only the top-capacity tokens run this layer.
+      r_BL = nn.Dense(1, dtype=jnp.float32, param_dtype=pdtype, name='mod_router',
+                      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                               ('embed', None)))(
+                          h_BLD.astype(jnp.float32))[..., 0]
+      selected_BL, gate_BL = halting_lib.mod_route(r_BL, self.config.halting.mod_capacity,
+                                                   running_BL)
+      pred_BL = nn.Dense(1, dtype=jnp.float32, param_dtype=pdtype, name='mod_predictor',
+                         kernel_init=nn.with_logical_partitioning(
+                             nn.initializers.lecun_normal(), ('embed', None)))(
+                                 jax.lax.stop_gradient(h_BLD.astype(jnp.float32)))[..., 0]
+      aux['mod'] = {'selected': selected_BL, 'predictor_logit': pred_BL}
+      active_BL = selected_BL
+      km = selected_BL if cache is None else None  # decode: see inference.py
+      key_mask_BT = km if key_mask_BT is None or km is None else key_mask_BT & km
+    x = RMSNorm(param_dtype=pdtype, name='attn_norm')(h_BLD)
+    attn_BLD, cache = Attention(m.num_heads, head_dim, m.d_model, causal=m.causal,
+                                rope_base=m.rope_base, dtype=dtype, param_dtype=pdtype,
+                                name='attn')(x, positions_BL, cache, cache_index, key_mask_BT)
+    h1_BLD = h_BLD + attn_BLD.astype(h_BLD.dtype)
+    x = RMSNorm(param_dtype=pdtype, name='ffn_norm')(h1_BLD)
+    if self.kind == 'moe':
+      moe = self.config.moe
+      ffn_BLD, aux['moe'] = MoEFFN(moe, d_model=m.d_model, d_ff=moe.d_ff or m.d_ff,
+                                   causal=m.causal, dtype=dtype, param_dtype=pdtype,
+                                   name='moe')(x, active_BL, token_ids_BL, self.train)
+    else:
+      ffn_BLD = GatedMLP(m.d_ff, dtype=dtype, param_dtype=pdtype, name='mlp')(x)
+    out_BLD = h1_BLD + ffn_BLD.astype(h_BLD.dtype)
+    if mod:
+      delta_BLD = (out_BLD - h_BLD) * gate_BL[..., None].astype(h_BLD.dtype)
+      out_BLD = jnp.where(selected_BL[..., None], h_BLD + delta_BLD, h_BLD)
+    out_BLD = constrain(out_BLD, ('batch', 'length', 'embed'))
+    return out_BLD, cache, aux
+
+
+class DepthStep(nn.Module):
+  """One scan step: a group of layers, then the halting policy's step."""
+  config: Any
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, carry, xs, bcast):
+    kinds = config_lib.layer_kinds(self.config)
+    policy = halting_lib.make_policy(self.config.halting, config_lib.num_steps(self.config))
+    h_prev, running_BL = carry['h'], carry['running']
+    h = h_prev
+    caches, layer_aux = [], []
+    for j, kind in enumerate(kinds):
+      cache_j = None if xs is None else xs[j]
+      h, cache_j, aux_j = Layer(self.config, kind, self.train, name=f'layer_{j}')(
+          h, bcast['positions'], running_BL, bcast['tokens'], bcast['key_mask'], cache_j,
+          bcast['cache_index'])
+      caches.append(cache_j)
+      layer_aux.append(aux_j)
+    h_new = jnp.where(running_BL[..., None], h, h_prev)  # halted tokens stay frozen
+    signals = {}
+    pdtype = dtype_of(self.config.model.param_dtype)
+    if policy.needs_halt_unit:
+      signals['halt_logit'] = nn.Dense(
+          1, dtype=jnp.float32, param_dtype=pdtype, name='halt_unit',
+          kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                   ('embed', None)),
+          bias_init=nn.with_logical_partitioning(
+              nn.initializers.constant(self.config.halting.bias_init), (None,)))(
+                  h_new.astype(jnp.float32))[..., 0]
+    if policy.needs_exit_logits:
+      signals['exit_logits'] = head_logits(bcast['head'], h_new)
+    if policy.needs_exit_classifier:
+      x = jax.lax.stop_gradient(h_new.astype(jnp.float32))  # never trains the backbone
+      x = nn.gelu(nn.Dense(32, param_dtype=pdtype, name='exit_clf_hidden',
+                           kernel_init=nn.with_logical_partitioning(
+                               nn.initializers.lecun_normal(), ('embed', None)))(x))
+      signals['exit_classifier_logit'] = nn.Dense(
+          1, param_dtype=pdtype, name='exit_clf_out',
+          kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                   (None, None)))(x)[..., 0]
+    if self.config.halting.sample and not self.train:
+      signals['uniform'] = jax.random.uniform(self.make_rng('halting'), running_BL.shape)
+    state, running_next, step_out = policy.step(
+        carry['state'], h_prev, h_new, signals, carry['i'], bcast['threshold'], running_BL,
+        self.train)
+    new_carry = {'h': h_new, 'running': running_next & running_BL, 'state': state,
+                 'i': carry['i'] + 1}
+    ys = {'step': step_out, 'running': running_BL,
+          'layers': _layers_executed(layer_aux, running_BL),
+          'layer_aux': layer_aux}
+    if 'exit_logits' in signals:
+      ys['exit_logits'] = signals['exit_logits']
+    if xs is not None:
+      ys['cache'] = caches
+    return new_carry, ys
+
+
+def _layers_executed(layer_aux: list[dict], running_BL: jax.Array) -> jax.Array:
+  """Layers this step really ran per token (MoD counts only selected layers)."""
+  total = jnp.zeros(running_BL.shape, jnp.float32)
+  for a in layer_aux:
+    ran = a['mod']['selected'] if 'mod' in a else running_BL
+    total = total + (ran & running_BL).astype(jnp.float32)
+  return total
+
+
+class AdaptiveTransformer(nn.Module):
+  """Causal LM or bidirectional encoder with a halting policy over a scanned depth."""
+  config: Any  # ml_collections.FrozenConfigDict (hashable)
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, tokens_BL: jax.Array, threshold: Optional[jax.Array] = None,
+               positions_BL: Optional[jax.Array] = None, cache: Any = None,
+               cache_index: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
+    cfg, m = self.config, self.config.model
+    n_steps = config_lib.num_steps(cfg)
+    policy = halting_lib.make_policy(cfg.halting, n_steps)
+    pdtype, dtype = dtype_of(m.param_dtype), dtype_of(m.dtype)
+    b, l = tokens_BL.shape
+    if positions_BL is None:
+      start = 0 if cache_index is None else cache_index
+      positions_BL = jnp.broadcast_to(start + jnp.arange(l, dtype=jnp.int32), (b, l))
+    if threshold is None:
+      threshold = policy.default_threshold()
+    threshold = jnp.asarray(threshold, jnp.float32)
+    emb_VD = self.param('embedding', nn.with_logical_partitioning(
+        nn.initializers.normal(1.0), ('vocab', 'embed')), (m.vocab_size, m.d_model), pdtype)
+    norm_scale = self.param('final_norm_scale', nn.with_logical_partitioning(
+        nn.initializers.ones, ('embed',)), (m.d_model,), pdtype)
+    if m.tie_embeddings:
+      unembed_DV = emb_VD.T / jnp.sqrt(m.d_model).astype(pdtype)
+    else:
+      unembed_DV = self.param('unembed', nn.with_logical_partitioning(
+          nn.initializers.lecun_normal(), ('embed', 'vocab')), (m.d_model, m.vocab_size), pdtype)
+    head = {'norm_scale': norm_scale, 'unembed_DV': unembed_DV}
+    h_BLD = jnp.take(emb_VD, tokens_BL, axis=0).astype(dtype)
+    h_BLD = constrain(h_BLD, ('batch', 'length', 'embed'))
+    valid_BL = tokens_BL != PAD_ID
+    # Padding never runs (no capacity, no layer count); encoders also never attend to it.
+    key_mask = None if (m.causal or cache is not None) else valid_BL
+    bcast = {'positions': positions_BL, 'tokens': tokens_BL, 'key_mask': key_mask,
+             'cache_index': cache_index, 'head': head, 'threshold': threshold}
+    carry = {'h': h_BLD, 'running': valid_BL, 'state': policy.init(h_BLD),
+             'i': jnp.zeros((), jnp.int32)}
+    step_cls = DepthStep
+    if m.remat != 'none':
+      step_cls = nn.remat(DepthStep, policy=_REMAT[m.remat], prevent_cse=False)
+    if m.share_weights:
+      scan = nn.scan(step_cls, variable_broadcast=['params', 'moe_state'],
+                     split_rngs={'params': False, 'jitter': True, 'halting': True},
+                     in_axes=(0, nn.broadcast), length=n_steps)
+    else:
+      scan = nn.scan(step_cls, variable_axes={'params': 0, 'moe_state': 0},
+                     split_rngs={'params': True, 'jitter': True, 'halting': True},
+                     in_axes=(0, nn.broadcast), length=n_steps,
+                     metadata_params={nn.PARTITION_NAME: 'layers'})
+    carry, ys = scan(cfg, self.train, name='stack')(carry, cache, bcast)
+    h_out_BLD, aux = policy.finalize(carry['state'], carry['h'], ys['step'])
+    logits_BLV = head_logits(head, h_out_BLD)
+    aux = dict(aux)
+    aux['running'] = ys['running']                          # [N,B,L]
+    aux['layers'] = jnp.sum(ys['layers'], axis=0)           # [B,L] layers executed
+    aux['valid'] = valid_BL
+    if 'exit_logits' in ys:
+      aux['step_logits'] = ys['exit_logits']                # [N,B,L,V]
+    moe_aux = [a['moe'] for a in ys['layer_aux'] if 'moe' in a]
+    if moe_aux:  # [N, moe layers per step, ...] -> [moe layers, ...] in depth order
+      aux['moe'] = jax.tree.map(
+          lambda *xs: jnp.stack(xs, 1).reshape((-1,) + xs[0].shape[1:]), *moe_aux)
+    mod_aux = [a['mod'] for a in ys['layer_aux'] if 'mod' in a]
+    if mod_aux:
+      aux['mod'] = jax.tree.map(
+          lambda *xs: jnp.stack(xs, 1).reshape((-1,) + xs[0].shape[1:]), *mod_aux)
+    if cache is not None:
+      aux['cache'] = ys['cache']
+    return logits_BLV, aux
+
+
+def make_model(config: ml_collections.ConfigDict, train: bool = False) -> AdaptiveTransformer:
+  frozen = config if isinstance(config, ml_collections.FrozenConfigDict) else \
+      ml_collections.FrozenConfigDict(config)
+  return AdaptiveTransformer(frozen, train=train)
+
+
+def init_cache(config, batch: int, max_len: int) -> list:
+  """Stacked KV cache for decoding: one {'k','v'} per layer of the group, leading N axis."""
+  m = config.model
+  n = config_lib.num_steps(config)
+  hd = m.head_dim or m.d_model // m.num_heads
+  z = jnp.zeros((n, batch, max_len, m.num_heads, hd), dtype_of(m.dtype))
+  return [{'k': z, 'v': z} for _ in config_lib.layer_kinds(config)]

@@ -1,0 +1,100 @@
+"""Device mesh and logical-axis sharding rules.
+
+Every parameter and the main activations carry *logical* axis names; the single rule table
+below maps them to the physical mesh axes ('data', 'expert', 'model'). Changing how a model
+is laid out over devices means editing this table, not the model code.
+
+Logical names: batch, length, embed, mlp, heads, kv, vocab, layers, expert, expert_group.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from act_jax.errors import ConfigError
+
+MESH_AXES = ('data', 'expert', 'model')
+
+# logical axis -> mesh axis (None = replicated). One table for the whole library.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ('batch', 'data'),
+    ('expert_group', 'data'),
+    ('expert', 'expert'),
+    ('mlp', 'model'),
+    ('heads', 'model'),
+    ('vocab', 'model'),
+    ('embed', None),
+    ('kv', None),
+    ('length', None),
+    ('layers', None),
+)
+
+
+def mesh_shape(mesh_cfg: Any) -> tuple[int, int, int]:
+  """(data, expert, model) from config; data=-1 means 'all remaining devices'."""
+  n = jax.device_count()
+  data, expert, model = int(mesh_cfg.data), int(mesh_cfg.expert), int(mesh_cfg.model)
+  for name, v in (('expert', expert), ('model', model)):
+    if v < 1:
+      raise ConfigError(f'mesh.{name}={v}: must be a positive integer')
+  if data == -1:
+    if n % (expert * model):
+      raise ConfigError(
+          f'mesh.expert*mesh.model={expert * model} does not divide the device count {n}')
+    data = n // (expert * model)
+  if data < 1:
+    raise ConfigError(f'mesh.data={data}: must be a positive integer or -1 (all remaining)')
+  if data * expert * model != n:
+    raise ConfigError(
+        f'mesh (data={data}, expert={expert}, model={model}) multiplies to '
+        f'{data * expert * model}, but there are {n} devices; the product must equal '
+        f'the device count (use mesh.data=-1 to fill)')
+  return data, expert, model
+
+
+def make_mesh(mesh_cfg: Any = None, shape: Sequence[int] | None = None,
+              devices: Sequence[Any] | None = None) -> Mesh:
+  """Builds the ('data','expert','model') mesh from config or an explicit shape."""
+  if shape is None:
+    shape = mesh_shape(mesh_cfg)
+  devs = list(devices) if devices is not None else jax.devices()
+  n = int(np.prod(shape))
+  return Mesh(np.asarray(devs[:n]).reshape(tuple(shape)), MESH_AXES)
+
+
+@contextlib.contextmanager
+def rules_context() -> Iterator[None]:
+  """Activates LOGICAL_RULES for nn.with_logical_constraint inside traced code."""
+  with nn.logical_axis_rules(LOGICAL_RULES):
+    yield
+
+
+def logical_to_spec(names: Sequence[str | None]) -> P:
+  return nn.logical_to_mesh_axes(tuple(names), LOGICAL_RULES)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint by logical names; a no-op outside a mesh/rules context."""
+  return nn.with_logical_constraint(x, tuple(names))
+
+
+def params_shardings(abstract_boxed: Any, mesh: Mesh) -> Any:
+  """NamedShardings for a (boxed) param tree produced by nn.with_logical_partitioning."""
+  specs = nn.get_partition_spec(abstract_boxed)
+  specs = nn.logical_to_mesh(specs, LOGICAL_RULES)
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                      is_leaf=lambda s: isinstance(s, P))
+
+
+def data_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Batch-leading arrays are split over the 'data' axis."""
+  return NamedSharding(mesh, P('data', *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())

@@ -1,0 +1,379 @@
+"""Training and evaluation: train state, jitted steps over the mesh, the loss sum, the loop.
+
+`train_and_evaluate(config, workdir)` is what `experiments/train.py` and the notebooks call.
+The loss is assembled in ONE place, `total_loss`:
+    task cross-entropy (or the halting policy's replacement, e.g. PonderNet's Σ_n p_n L_n)
+  + halting terms (ponder cost, KL, exit-classifier BCE, MoD predictor BCE)
+  + MoE terms (Switch load balance · w_lb + router z-loss · w_z, summed over MoE layers).
+The batch of step s is a pure function of (seed, s) and the dropout-free model is
+deterministic, so a resumed run reproduces the uninterrupted one exactly.
+
+Dims: B batch, L length, V vocab, N depth steps, E experts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from act_jax import checkpointing
+from act_jax import config as config_lib
+from act_jax import data as data_lib
+from act_jax import halting as halting_lib
+from act_jax import moe as moe_lib
+from act_jax import sharding as sharding_lib
+from act_jax import telemetry
+from act_jax.model import make_model
+
+State = dict  # {'step', 'params', 'opt_state', 'moe_state'}
+
+
+# ----------------------------------------------------------------------------- optimiser
+def make_optimizer(tcfg) -> optax.GradientTransformation:
+  sched = optax.warmup_cosine_decay_schedule(
+      0.0, tcfg.lr, tcfg.warmup_steps, max(tcfg.steps, tcfg.warmup_steps + 1),
+      end_value=tcfg.lr * tcfg.min_lr_ratio)
+  # No weight decay on norm scales and biases.
+  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+      lambda p, _: not any(getattr(k, 'key', '') in ('scale', 'bias', 'final_norm_scale')
+                           for k in p), params)
+  return optax.chain(
+      optax.clip_by_global_norm(tcfg.clip_norm),
+      optax.adamw(sched, b1=tcfg.b1, b2=tcfg.b2, weight_decay=tcfg.weight_decay,
+                  mask=decay_mask))
+
+
+# ----------------------------------------------------------------------------- losses
+def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits_BLV.astype(jnp.float32), targets_BL)
+
+
+def total_loss(config, logits_BLV, aux, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The single place where task, halting and MoE losses are summed."""
+  targets, w_BL = batch['targets'], batch['weights']
+  denom = jnp.maximum(jnp.sum(w_BL), 1.0)
+  ce_BL = cross_entropy(logits_BLV, targets)
+  terms = {'ce': jnp.sum(ce_BL * w_BL) / denom}
+  policy = halting_lib.make_policy(config.halting, config_lib.num_steps(config))
+  task, extra = policy.loss_terms(aux, targets, w_BL)
+  terms['task'] = terms['ce'] if task is None else task
+  terms.update(extra)
+  if 'mod' in aux:
+    sel, pred = aux['mod']['selected'], aux['mod']['predictor_logit']
+    terms['mod_predictor'] = sum(
+        halting_lib.mod_predictor_loss(pred[i], sel[i], w_BL) for i in range(sel.shape[0]))
+  if 'moe' in aux:
+    m = config.moe
+    terms['lb_loss'] = m.lb_loss_weight * jnp.sum(aux['moe']['lb_loss'])
+    terms['z_loss'] = m.z_loss_weight * jnp.sum(aux['moe']['z_loss'])
+  loss = terms['task'] + sum(v for k, v in terms.items() if k not in ('ce', 'task'))
+  return loss, terms
+
+
+def step_metrics(config, logits_BLV, aux, batch) -> dict[str, jax.Array]:
+  """Scalar telemetry of one batch (all from aux: telemetry is an output)."""
+  w_BL = batch['weights']
+  denom = jnp.maximum(jnp.sum(w_BL), 1.0)
+  acc = jnp.sum((jnp.argmax(logits_BLV, -1) == batch['targets']) * w_BL) / denom
+  out = {'accuracy': acc, 'layers_mean': jnp.sum(aux['layers'] * w_BL) / denom}
+  if 'moe' in aux:
+    a = aux['moe']
+    out['moe/dropped_frac'] = jnp.mean(a['dropped_frac'])
+    out['moe/router_entropy'] = jnp.mean(a['router_entropy'])
+    out['moe/max_prob'] = jnp.mean(a['max_prob'])
+    load = a['load']  # [layers, E]
+    out['moe/load_imbalance'] = jnp.mean(
+        jnp.max(load, -1) / jnp.maximum(jnp.mean(load, -1), 1e-9))
+  return out
+
+
+# ----------------------------------------------------------------------------- state
+def _dummy_tokens(config) -> jax.Array:
+  return jnp.zeros((1, config.data.seq_len), jnp.int32)
+
+
+def init_state_boxed(config, rng: jax.Array) -> State:
+  """Params (with logical-axis boxes), optimiser and MoE bias state."""
+  model = make_model(config, train=False)
+  variables = model.init({'params': rng}, _dummy_tokens(config))
+  params = variables['params']
+  return {'step': jnp.zeros((), jnp.int32), 'params': params,
+          'opt_state': make_optimizer(config.train).init(params),
+          'moe_state': variables.get('moe_state', {})}
+
+
+def state_shardings(config, mesh) -> tuple[State, State]:
+  """(abstract unboxed state, NamedSharding tree) for the current mesh."""
+  boxed = jax.eval_shape(lambda r: init_state_boxed(config, r), jax.random.PRNGKey(0))
+  specs = nn.get_partition_spec(boxed)
+  specs = nn.logical_to_mesh(specs, sharding_lib.LOGICAL_RULES)
+  shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs,
+                           is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nn.unbox(boxed), shardings)
+  return abstract, shardings
+
+
+def init_state(config, mesh, shardings) -> State:
+  with mesh, sharding_lib.rules_context():
+    fn = jax.jit(lambda r: nn.unbox(init_state_boxed(config, r)), out_shardings=shardings)
+    return fn(jax.random.PRNGKey(config.seed))
+
+
+def _bias_update(config, moe_state, aux):
+  """DeepSeek-V3 aux-loss-free balancing: outside the optimiser, from this step's load."""
+  rate = config.moe.bias_rate
+  if rate <= 0 or not moe_state or 'moe' not in aux:
+    return moe_state
+  kinds = config_lib.layer_kinds(config)
+  moe_j = [j for j, k in enumerate(kinds) if k == 'moe']
+  n = config_lib.num_steps(config)
+  load = aux['moe']['load'].reshape(n, len(moe_j), -1)
+  new = jax.tree.map(lambda x: x, moe_state)  # fresh containers, same leaves
+  for k, j in enumerate(moe_j):
+    layer = new['stack'][f'layer_{j}']['moe']
+    if config.model.share_weights:  # one bias shared by every step: use the summed load
+      layer['bias'] = moe_lib.update_bias(layer['bias'], jnp.sum(load[:, k], 0), rate)
+    else:
+      layer['bias'] = jax.vmap(moe_lib.update_bias, in_axes=(0, 0, None))(
+          layer['bias'], load[:, k], rate)
+  return new
+
+
+def make_train_step(config) -> Callable:
+  model = make_model(config, train=True)
+  tx = make_optimizer(config.train)
+  skip_nonfinite = config.train.nonfinite == 'skip'
+
+  def train_step(state: State, batch: dict, rng: jax.Array):
+    def loss_fn(params):
+      logits, aux = model.apply({'params': params, 'moe_state': state['moe_state']},
+                                batch['inputs'], rngs={'jitter': rng, 'halting': rng})
+      loss, terms = total_loss(config, logits, aux, batch)
+      return loss, (terms, logits, aux)
+
+    (loss, (terms, logits, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state['params'])
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    moe_state = _bias_update(config, state['moe_state'], aux)
+    if skip_nonfinite:
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+      params, opt_state = keep(params, state['params']), keep(opt_state, state['opt_state'])
+      moe_state = keep(moe_state, state['moe_state'])
+    metrics = {'loss': loss, 'grad_norm': grad_norm, 'finite': finite, **terms,
+               **step_metrics(config, logits, aux, batch)}
+    return {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state,
+            'moe_state': moe_state}, metrics
+
+  return train_step
+
+
+def make_eval_step(config) -> Callable:
+  """Per-example sums so the host can aggregate by domain and difficulty."""
+  model = make_model(config, train=False)
+
+  def eval_step(state: State, batch: dict, threshold=None):
+    logits, aux = model.apply({'params': state['params'], 'moe_state': state['moe_state']},
+                              batch['inputs'], threshold=threshold)
+    w = batch['weights']
+    ce = cross_entropy(logits, batch['targets']) * w
+    correct = (jnp.argmax(logits, -1) == batch['targets']) * w
+    out = {'loss_sum': ce.sum(-1), 'weight_sum': w.sum(-1), 'correct_sum': correct.sum(-1),
+           'layers_sum': (aux['layers'] * w).sum(-1)}
+    if 'moe' in aux:
+      out['moe_load'] = aux['moe']['load']                # [layers, E]
+      out['moe_dropped'] = aux['moe']['dropped_frac']     # [layers]
+      out['top1_expert'] = aux['moe']['top1_expert']      # [layers, B, L]
+    return out
+
+  return eval_step
+
+
+def evaluate(config, state, eval_step, batches, domains, threshold=None) -> dict[str, float]:
+  """Held-out quality *and* compute: per domain and per difficulty."""
+  rows = {k: [] for k in ('loss_sum', 'weight_sum', 'correct_sum', 'layers_sum')}
+  dom, diff, load, dropped = [], [], [], []
+  for b in batches:
+    out = jax.device_get(eval_step(state, {k: jnp.asarray(v) for k, v in b.items()}, threshold))
+    for k in rows:
+      rows[k].append(np.asarray(out[k]))
+    dom.append(b['domain'])
+    diff.append(b['difficulty'])
+    if 'moe_load' in out:
+      load.append(out['moe_load'])
+      dropped.append(out['moe_dropped'])
+  r = {k: np.concatenate(v) for k, v in rows.items()}
+  dom, diff = np.concatenate(dom), np.concatenate(diff)
+  w = np.maximum(r['weight_sum'].sum(), 1.0)
+  res = {'loss': r['loss_sum'].sum() / w, 'accuracy': r['correct_sum'].sum() / w,
+         'layers_mean': r['layers_sum'].sum() / w,
+         'layers_full': float(config.model.num_layers)}
+  for i, name in enumerate(domains):
+    sel = dom == i
+    ws = r['weight_sum'][sel].sum()
+    if ws > 0:
+      res[f'{name}/loss'] = r['loss_sum'][sel].sum() / ws
+      res[f'{name}/accuracy'] = r['correct_sum'][sel].sum() / ws
+      res[f'{name}/layers_mean'] = r['layers_sum'][sel].sum() / ws
+  if np.any(diff > 0):
+    per_ex_layers = r['layers_sum'] / np.maximum(r['weight_sum'], 1.0)
+    for d, v in sorted(telemetry.mean_by_bucket(per_ex_layers, diff).items()):
+      res[f'difficulty_{int(d)}/layers_mean'] = v
+    for d, v in sorted(telemetry.mean_by_bucket(
+        r['correct_sum'] / np.maximum(r['weight_sum'], 1.0), diff).items()):
+      res[f'difficulty_{int(d)}/accuracy'] = v
+    res['spearman_layers_difficulty'] = telemetry.spearman(per_ex_layers, diff)
+  if load:
+    load_arr = np.sum(np.stack(load), 0)  # [layers, E]
+    res['moe/dropped_frac'] = float(np.mean(np.stack(dropped)))
+    res['moe/load_imbalance'] = float(np.mean(load_arr.max(-1) / np.maximum(load_arr.mean(-1), 1e-9)))
+    res['moe/unused_experts'] = float(np.sum(load_arr == 0))
+  return {k: float(v) for k, v in res.items()}
+
+
+# ----------------------------------------------------------------------------- the loop
+class _Preemption:
+  """SIGTERM -> finish the current step, save it, exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:  # not the main thread (e.g. some notebook runners)
+      self._old = None
+    return self
+
+  def _handler(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _host_batch(batch: dict, mesh) -> dict:
+  """This process's rows of the global batch, as global arrays sharded on 'data'."""
+  pc, pi = jax.process_count(), jax.process_index()
+  out = {}
+  for k, v in batch.items():
+    rows = v.shape[0] // pc
+    local = v[pi * rows:(pi + 1) * rows]
+    out[k] = jax.make_array_from_process_local_data(
+        sharding_lib.data_sharding(mesh, v.ndim), local, v.shape)
+  return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       log: Callable[[str], None] = print) -> dict[str, float]:
+  """Trains (resuming from workdir if it holds a checkpoint), evaluates, returns eval metrics."""
+  config_lib.validate(config)
+  if config.train.multihost:
+    jax.distributed.initialize()
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  mesh = sharding_lib.make_mesh(config.mesh)
+  dataset = data_lib.make_dataset(config.data, config.seed)
+  tcfg = config.train
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                    save_every=tcfg.checkpoint_every,
+                                    keep=tcfg.keep_checkpoints,
+                                    async_save=tcfg.async_checkpointing)
+  abstract, shardings = state_shardings(config, mesh)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state = ckpt.restore(latest, abstract)  # raises CheckpointError if incompatible
+    log(f'resumed from step {latest} in {workdir}')
+  else:
+    state = init_state(config, mesh, shardings)
+  if is_main:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json(indent=2))
+  start = int(jax.device_get(state['step']))
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract['params']))
+  log(f'model: {n_params:,} params, {config.model.num_layers} layers, halting='
+      f'{config.halting.name}, router={config.moe.router}; mesh {dict(mesh.shape)}; '
+      f'{jax.device_count()} {jax.devices()[0].platform} device(s)')
+  writer = telemetry.MetricsWriter(workdir, enabled=is_main)
+  batch_sh = {k: sharding_lib.data_sharding(mesh, 2 if k in ('inputs', 'targets', 'weights')
+                                            else 1)
+              for k in ('inputs', 'targets', 'weights', 'domain', 'difficulty')}
+  repl = sharding_lib.replicated(mesh)
+  donate = (0,) if jax.default_backend() != 'cpu' else ()
+  with mesh, sharding_lib.rules_context():
+    train_step = jax.jit(make_train_step(config), in_shardings=(shardings, batch_sh, repl),
+                         out_shardings=(shardings, repl), donate_argnums=donate)
+    eval_step = jax.jit(make_eval_step(config))
+  eval_batches = dataset.eval_batches(tcfg.eval_batches)
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  progress = telemetry.Progress(tcfg.steps, start=start)
+  t_start = time.time()
+  t_log, steps_since = time.time(), 0
+  eval_res: dict[str, float] = {}
+
+  def run_eval(step):
+    nonlocal eval_res
+    with mesh, sharding_lib.rules_context():
+      eval_res = evaluate(config, state, eval_step, eval_batches, dataset.domains)
+    writer.write_scalars(step, eval_res, split='eval')
+    log(f'eval step {step}: loss {eval_res["loss"]:.4f} acc {eval_res["accuracy"]:.4f} '
+        f'layers {eval_res["layers_mean"]:.2f}/{config.model.num_layers}')
+
+  step = start
+  with _Preemption() as pre:
+    while step < tcfg.steps:
+      batch = _host_batch(dataset.train_batch(step), mesh)
+      rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), step)
+      with mesh, sharding_lib.rules_context():
+        new_state, metrics = train_step(state, batch, rng)
+      metrics = jax.device_get(metrics)
+      if not metrics['finite'] and tcfg.nonfinite == 'abort':
+        ckpt.wait()
+        raise FloatingPointError(
+            f'non-finite loss/gradient at step {step} (loss={metrics["loss"]}); aborting '
+            f'without checkpointing this state (set train.nonfinite=skip to skip such '
+            f'updates). Last good checkpoint: step {ckpt.latest_step()}')
+      state = new_state
+      step += 1
+      steps_since += 1
+      if step % tcfg.log_every == 0 or step == tcfg.steps:
+        dt = time.time() - t_log
+        scal = {k: float(v) for k, v in metrics.items()}
+        scal['tokens_per_sec'] = steps_since * tokens_per_step / max(dt, 1e-9)
+        scal['step_time'] = dt / max(steps_since, 1)
+        writer.write_scalars(step, scal, split='train')
+        log(f'{progress.update(step)} loss {scal["loss"]:.4f} '
+            f'{scal["tokens_per_sec"]:,.0f} tok/s layers {scal["layers_mean"]:.2f}')
+        t_log, steps_since = time.time(), 0
+      stop = pre.requested or (tcfg.max_seconds and time.time() - t_start > tcfg.max_seconds)
+      ckpt.save(step, state, force=bool(stop) or step == tcfg.steps)
+      if step % tcfg.eval_every == 0 and step != tcfg.steps:
+        run_eval(step)
+        t_log = time.time()  # keep eval time out of tokens/s
+      if stop:
+        log(f'stopping at step {step} ({"SIGTERM" if pre.requested else "time budget"}); '
+            f'checkpoint saved')
+        break
+  ckpt.wait()
+  run_eval(step)
+  writer.flush()
+  writer.close()
+  ckpt.close()
+  eval_res['step'] = float(step)
+  eval_res['train_seconds'] = time.time() - t_start
+  return eval_res

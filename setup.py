@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name='act_jax',
+    version='0.1.0',
+    description='Adaptive Computation Transformers in JAX/Flax: dynamic depth and mixture '
+                'of experts, with inference that really skips compute.',
+    packages=find_packages(include=['act_jax', 'act_jax.*', 'experiments', 'experiments.*']),
+    python_requires='>=3.10',
+    install_requires=[
+        'jax>=0.4.35',
+        'flax>=0.10.0',
+        'optax>=0.2.3',
+        'orbax-checkpoint>=0.11.0',
+        'tensorstore>=0.1.65',
+        'chex>=0.1.87',
+        'absl-py>=2.1.0',
+        'ml-collections>=0.1.1',
+        'numpy>=1.26',
+        'tensorboardX>=2.6',
+        'matplotlib>=3.8',
+    ],
+    extras_require={
+        'test': ['pytest>=8.0', 'nbclient>=0.10', 'nbformat>=5.10', 'ipykernel>=6.29',
+                 'scipy>=1.11'],
+        'colab': ['treescope>=0.1.5', 'nbformat>=5.10'],
+    },
+)
