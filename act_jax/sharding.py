@@ -74,6 +74,14 @@ def rules_context() -> Iterator[None]:
     yield
 
 
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh) -> Iterator[None]:
+  """The mesh as ambient context plus the logical rules (jax.set_mesh where it exists)."""
+  ctx = jax.set_mesh(mesh) if hasattr(jax, 'set_mesh') else mesh
+  with ctx, rules_context():
+    yield
+
+
 def logical_to_spec(names: Sequence[str | None]) -> P:
   return nn.logical_to_mesh_axes(tuple(names), LOGICAL_RULES)
 

@@ -97,6 +97,10 @@ def step_metrics(config, logits_BLV, aux, batch) -> dict[str, jax.Array]:
   return out
 
 
+def _global_norm(tree) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
 # ----------------------------------------------------------------------------- state
 def _dummy_tokens(config) -> jax.Array:
   return jnp.zeros((1, config.data.seq_len), jnp.int32)
@@ -125,9 +129,11 @@ def state_shardings(config, mesh) -> tuple[State, State]:
 
 
 def init_state(config, mesh, shardings) -> State:
-  with mesh, sharding_lib.rules_context():
-    fn = jax.jit(lambda r: nn.unbox(init_state_boxed(config, r)), out_shardings=shardings)
-    return fn(jax.random.PRNGKey(config.seed))
+  # No ambient mesh here: flax's init-time constraints inside nn.scan see per-layer ranks;
+  # out_shardings alone lays the fresh state out over the mesh.
+  del mesh
+  fn = jax.jit(lambda r: nn.unbox(init_state_boxed(config, r)), out_shardings=shardings)
+  return fn(jax.random.PRNGKey(config.seed))
 
 
 def _bias_update(config, moe_state, aux):
@@ -166,8 +172,10 @@ def make_train_step(config) -> Callable:
         state['params'])
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    grad_norm = _global_norm(grads)
+    # The updated params too: a finite loss can still step into inf/nan (e.g. huge lr).
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+              & jnp.isfinite(_global_norm(params)))
     moe_state = _bias_update(config, state['moe_state'], aux)
     if skip_nonfinite:
       keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -315,7 +323,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               for k in ('inputs', 'targets', 'weights', 'domain', 'difficulty')}
   repl = sharding_lib.replicated(mesh)
   donate = (0,) if jax.default_backend() != 'cpu' else ()
-  with mesh, sharding_lib.rules_context():
+  with sharding_lib.mesh_context(mesh):
     train_step = jax.jit(make_train_step(config), in_shardings=(shardings, batch_sh, repl),
                          out_shardings=(shardings, repl), donate_argnums=donate)
     eval_step = jax.jit(make_eval_step(config))
@@ -328,7 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   def run_eval(step):
     nonlocal eval_res
-    with mesh, sharding_lib.rules_context():
+    with sharding_lib.mesh_context(mesh):
       eval_res = evaluate(config, state, eval_step, eval_batches, dataset.domains)
     writer.write_scalars(step, eval_res, split='eval')
     log(f'eval step {step}: loss {eval_res["loss"]:.4f} acc {eval_res["accuracy"]:.4f} '
@@ -339,7 +347,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     while step < tcfg.steps:
       batch = _host_batch(dataset.train_batch(step), mesh)
       rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), step)
-      with mesh, sharding_lib.rules_context():
+      with sharding_lib.mesh_context(mesh):
         new_state, metrics = train_step(state, batch, rng)
       metrics = jax.device_get(metrics)
       if not metrics['finite'] and tcfg.nonfinite == 'abort':

@@ -46,24 +46,34 @@ class Attention(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   def setup(self):
-    init = nn.initializers.lecun_normal()
-    proj = lambda: nn.DenseGeneral(
-        (self.num_heads, self.head_dim), use_bias=False, dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        kernel_init=nn.with_logical_partitioning(init, ('embed', 'heads', 'kv')))
-    self.wq, self.wk, self.wv = proj(), proj(), proj()
-    self.wo = self.param('wo', nn.with_logical_partitioning(init, ('heads', 'kv', 'embed')),
+    # fan-in scaled init; explicit params (not DenseGeneral) so the logical names match ranks.
+    init_in = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal', in_axis=0,
+                                               out_axis=(1, 2))
+    init_out = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal',
+                                                in_axis=(0, 1), out_axis=2)
+    shape_in = (self.d_model, self.num_heads, self.head_dim)
+    names_in = ('embed', 'heads', 'kv')
+    self.wq_DHK = self.param('wq', nn.with_logical_partitioning(init_in, names_in), shape_in,
+                             self.param_dtype)
+    self.wk_DHK = self.param('wk', nn.with_logical_partitioning(init_in, names_in), shape_in,
+                             self.param_dtype)
+    self.wv_DHK = self.param('wv', nn.with_logical_partitioning(init_in, names_in), shape_in,
+                             self.param_dtype)
+    self.wo = self.param('wo', nn.with_logical_partitioning(init_out, ('heads', 'kv', 'embed')),
                          (self.num_heads, self.head_dim, self.d_model), self.param_dtype)
+
+  def _proj(self, x_BLD, w_DHK):
+    return jnp.einsum('bld,dhk->blhk', x_BLD.astype(self.dtype), w_DHK.astype(self.dtype))
 
   def kv(self, x_BLD: jax.Array, positions_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Keys (rotated) and values of x: what later tokens read from this layer."""
-    k_BLHK = apply_rope(self.wk(x_BLD), positions_BL, self.rope_base)
-    return k_BLHK, self.wv(x_BLD)
+    k_BLHK = apply_rope(self._proj(x_BLD, self.wk_DHK), positions_BL, self.rope_base)
+    return k_BLHK, self._proj(x_BLD, self.wv_DHK)
 
   def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, cache: Optional[Cache] = None,
                cache_index: Optional[jax.Array] = None, key_mask_BT: Optional[jax.Array] = None
                ) -> tuple[jax.Array, Optional[Cache]]:
-    q_BLHK = apply_rope(self.wq(x_BLD), positions_BL, self.rope_base)
+    q_BLHK = apply_rope(self._proj(x_BLD, self.wq_DHK), positions_BL, self.rope_base)
     k_BLHK, v_BLHK = self.kv(x_BLD, positions_BL)
     if cache is not None:
       # Decoding: write this chunk's K/V at cache_index, attend over the filled buffer.

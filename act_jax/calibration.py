@@ -1,0 +1,318 @@
+"""Choosing an early-exit operating point with a finite-sample guarantee.
+
+Learn-then-Test (Angelopoulos, Bates, Candès, Jordan, Lei 2021, "Learn then Test:
+Calibrating Predictive Algorithms to Achieve Risk Control") as used for early exit by CALM
+(Schuster et al. 2022, "Confident Adaptive Language Modeling").
+
+A token leaves the network at the first exit n whose confidence conf[t, n] ≥ λ (else at the
+last exit). Candidate thresholds λ_1 > λ_2 > … run from conservative to aggressive. On n
+calibration tokens, the empirical risk of λ_i is
+
+  r̂_i = (1/n) Σ_t [pred at exit(t; λ_i) ≠ full-model pred_t]      (k_i = n·r̂_i errors).
+
+Each λ_i gets a p-value for the null hypothesis H_i: "true risk > tolerance δ_tol":
+
+  binomial   p_i = P(Binom(n, δ_tol) ≤ k_i) = Σ_{j≤k_i} C(n,j) δ_tol^j (1−δ_tol)^(n−j)
+  Hoeffding  p_i = exp(−2n (δ_tol − r̂_i)_+²)
+
+Fixed-sequence testing walks i = 1, 2, … and stops at the first p_i > risk_level (δ);
+every λ before it is valid and the last valid (most aggressive) one is chosen. With
+probability ≥ 1 − δ over the calibration draw, the chosen λ has risk ≤ δ_tol on new data
+from the same distribution. No ordering-free search is done: the guarantee needs the
+order fixed before looking at the data.
+
+Even zero errors only give p = (1−δ_tol)^n, so fewer than ⌈log δ / log(1−δ_tol)⌉ tokens
+can never certify anything; we refuse (InsufficientCalibrationData) rather than pretend.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+METHODS = ('binomial', 'hoeffding')
+
+
+class InsufficientCalibrationData(ValueError):
+  """Too few calibration tokens for any threshold to pass the test at this tolerance/risk."""
+
+
+def _check_unit(name: str, value: float) -> float:
+  value = float(value)
+  if not 0.0 < value < 1.0:
+    raise ValueError(f'{name}={value}: must lie strictly between 0 and 1')
+  return value
+
+
+def _check_method(method: str) -> None:
+  if method not in METHODS:
+    raise ValueError(f'method={method!r}: must be one of {METHODS}')
+
+
+def binomial_pvalue(n: int, num_errors: int, tolerance: float) -> float:
+  """P(Binom(n, tolerance) ≤ num_errors), summed exactly in log space."""
+  tolerance = _check_unit('tolerance', tolerance)
+  n, k = int(n), int(num_errors)
+  if n < 1:
+    raise ValueError(f'n={n}: must be a positive number of tokens')
+  if k < 0:
+    raise ValueError(f'num_errors={k}: must be >= 0')
+  if k >= n:
+    return 1.0
+  j = np.arange(k + 1, dtype=np.float64)
+  lgamma = np.frompyfunc(math.lgamma, 1, 1)
+  log_pmf = (math.lgamma(n + 1) - lgamma(j + 1).astype(np.float64)
+             - lgamma(n - j + 1).astype(np.float64)
+             + j * math.log(tolerance) + (n - j) * math.log1p(-tolerance))
+  top = float(log_pmf.max())  # log-sum-exp: the terms underflow individually for large n
+  return float(min(1.0, math.exp(top) * float(np.exp(log_pmf - top).sum())))
+
+
+def hoeffding_pvalue(n: int, risk_hat: float, tolerance: float) -> float:
+  """exp(−2n (tolerance − risk_hat)_+²): valid for any loss in [0, 1], looser than binomial."""
+  tolerance = _check_unit('tolerance', tolerance)
+  if int(n) < 1:
+    raise ValueError(f'n={n}: must be a positive number of tokens')
+  gap = max(tolerance - float(risk_hat), 0.0)
+  return float(math.exp(-2.0 * int(n) * gap * gap))
+
+
+def min_samples(tolerance: float, risk: float, method: str = 'binomial') -> int:
+  """Smallest n for which zero errors can still give p ≤ risk.
+
+  binomial: (1 − tolerance)^n ≤ risk;  hoeffding: exp(−2n tolerance²) ≤ risk.
+  """
+  tolerance = _check_unit('tolerance', tolerance)
+  risk = _check_unit('risk', risk)
+  _check_method(method)
+  if method == 'binomial':
+    log_p0 = lambda m: m * math.log1p(-tolerance)
+  else:
+    log_p0 = lambda m: -2.0 * m * tolerance * tolerance
+  per_token = -log_p0(1)
+  n = max(1, math.ceil(-math.log(risk) / per_token))
+  # The closed form can be off by one in floating point; settle it on the exact test.
+  while log_p0(n) > math.log(risk):
+    n += 1
+  while n > 1 and log_p0(n - 1) <= math.log(risk):
+    n -= 1
+  return n
+
+
+def _check_thresholds(thresholds: Any) -> np.ndarray:
+  thr = np.asarray(thresholds, np.float64).ravel()
+  if thr.size == 0:
+    raise ValueError('thresholds is empty: give at least one candidate threshold')
+  return thr
+
+
+def _check_order(thr: np.ndarray) -> None:
+  # Exit rule conf >= λ: a larger λ exits less, so conservative -> aggressive is decreasing.
+  if np.any(np.diff(thr) >= 0):
+    raise ValueError(f'thresholds={thr.tolist()}: must be strictly decreasing '
+                     '(conservative -> aggressive) for fixed-sequence testing')
+
+
+def sweep_thresholds(conf_TN: Any, pred_TN: Any, exit_layers_N: Any, thresholds: Any,
+                     full_pred_T: Any = None, correct_TN: Any = None) -> dict[str, np.ndarray]:
+  """Per threshold [K]: 'thresholds', 'mean_layers', 'risk', 'num_errors', ['accuracy'],
+  and 'exit_fraction' [K, N] (share of tokens leaving at each exit).
+
+  conf_TN [T, N] confidence of each token at each of N exits (nan = never exit there);
+  pred_TN [T, N] predictions; exit_layers_N [N] depth of each exit; full_pred_T [T] the
+  reference (default pred_TN[:, -1]); correct_TN [T, N] optional 0/1 correctness.
+  """
+  conf = np.asarray(conf_TN, np.float64)
+  pred = np.asarray(pred_TN)
+  layers = np.asarray(exit_layers_N, np.float64)
+  thr = _check_thresholds(thresholds)
+  if conf.ndim != 2 or conf.shape[0] < 1 or conf.shape[1] < 1:
+    raise ValueError(f'conf_TN shape {conf.shape}: must be [T, N] with T, N >= 1')
+  T, N = conf.shape
+  if pred.shape != conf.shape:
+    raise ValueError(f'pred_TN shape {pred.shape} != conf_TN shape {conf.shape}')
+  if layers.shape != (N,):
+    raise ValueError(f'exit_layers_N shape {layers.shape}: must be ({N},)')
+  full = pred[:, -1] if full_pred_T is None else np.asarray(full_pred_T)
+  if full.shape != (T,):
+    raise ValueError(f'full_pred_T shape {full.shape}: must be ({T},)')
+  # Running max makes "first exit with conf >= λ" = "number of exits whose running max < λ".
+  run_max = np.maximum.accumulate(np.where(np.isnan(conf), -np.inf, conf), axis=1)
+  exit_idx = np.zeros((thr.size, T), np.int64)
+  for n in range(N - 1):  # the last exit is taken regardless, so it is never counted
+    exit_idx += run_max[None, :, n] < thr[:, None]
+  tok = np.arange(T)[None, :]
+  errors = pred[tok, exit_idx] != full[None, :]
+  out = {
+      'thresholds': thr,
+      'mean_layers': layers[exit_idx].mean(1),
+      'risk': errors.mean(1),
+      'num_errors': errors.sum(1).astype(np.int64),
+      'exit_fraction': np.stack([(exit_idx == n).mean(1) for n in range(N)], axis=1),
+  }
+  if correct_TN is not None:
+    correct = np.asarray(correct_TN, np.float64)
+    if correct.shape != conf.shape:
+      raise ValueError(f'correct_TN shape {correct.shape} != conf_TN shape {conf.shape}')
+    out['accuracy'] = correct[tok, exit_idx].mean(1)
+  return out
+
+
+def _pvalues(num_errors: np.ndarray, n: int, tolerance: float, method: str) -> np.ndarray:
+  if method == 'binomial':
+    return np.array([binomial_pvalue(n, k, tolerance) for k in num_errors])
+  return np.array([hoeffding_pvalue(n, k / n, tolerance) for k in num_errors])
+
+
+def _fixed_sequence(pvalues: np.ndarray, risk_level: float) -> np.ndarray:
+  """valid[i] iff p_1..p_i are all <= risk_level: stop at the first failure."""
+  return np.cumprod(pvalues <= risk_level).astype(bool)
+
+
+def ltt_select(thresholds: Any, risks: Any, n: int, tolerance: float, risk_level: float,
+               method: str = 'binomial', *, num_errors: Any = None) -> dict[str, Any]:
+  """Learn-then-Test with fixed-sequence testing over thresholds (conservative first).
+
+  Give the empirical `risks` (fractions) or, exactly, `num_errors` (then risks=None).
+  Returns {'index', 'threshold', 'pvalues', 'valid'}; index/threshold are None when no
+  threshold is certified (use full depth). Raises InsufficientCalibrationData when n is
+  below min_samples(tolerance, risk_level, method).
+  """
+  thr = _check_thresholds(thresholds)
+  _check_order(thr)
+  tolerance = _check_unit('tolerance', tolerance)
+  risk_level = _check_unit('risk_level', risk_level)
+  _check_method(method)
+  n = int(n)
+  needed = min_samples(tolerance, risk_level, method)
+  if n < needed:
+    raise InsufficientCalibrationData(
+        f'{method} Learn-then-Test at tolerance={tolerance}, risk_level={risk_level} needs '
+        f'at least {needed} calibration tokens, but n={n} were given')
+  if (risks is None) == (num_errors is None):
+    raise ValueError('give exactly one of risks and num_errors')
+  if num_errors is None:
+    # Counts are integers; rounding undoes the float division that produced the risks.
+    errs = np.rint(np.asarray(risks, np.float64).ravel() * n).astype(np.int64)
+  else:
+    errs = np.asarray(num_errors).ravel().astype(np.int64)
+  if errs.shape != thr.shape:
+    raise ValueError(f'{errs.size} risks/num_errors for {thr.size} thresholds')
+  if np.any(errs < 0) or np.any(errs > n):
+    raise ValueError(f'risks/num_errors must lie in [0, n={n}] errors')
+  pvalues = _pvalues(errs, n, tolerance, method)
+  valid = _fixed_sequence(pvalues, risk_level)
+  index = int(np.flatnonzero(valid)[-1]) if valid.any() else None
+  return {'index': index, 'threshold': None if index is None else float(thr[index]),
+          'pvalues': pvalues, 'valid': valid}
+
+
+def budget_select(thresholds: Any, mean_layers: Any, budget_layers: float) -> float | None:
+  """The most conservative (largest) threshold whose mean_layers <= budget; None if none.
+
+  No risk guarantee: this answers "how good can we be at this compute budget?".
+  """
+  thr = _check_thresholds(thresholds)
+  ml = np.asarray(mean_layers, np.float64).ravel()
+  if ml.shape != thr.shape:
+    raise ValueError(f'{ml.size} mean_layers for {thr.size} thresholds')
+  ok = ml <= float(budget_layers)
+  return float(thr[ok].max()) if ok.any() else None
+
+
+def _jsonable(x: Any) -> Any:
+  """numpy -> lists/floats; nan/inf -> None so json.dumps(allow_nan=False) works."""
+  if isinstance(x, dict):
+    return {k: _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple, np.ndarray)):
+    return [_jsonable(v) for v in (x.tolist() if isinstance(x, np.ndarray) else x)]
+  if isinstance(x, (np.bool_, bool)):
+    return bool(x)
+  if isinstance(x, (np.integer, int)):
+    return int(x)
+  if isinstance(x, (np.floating, float)):
+    return float(x) if math.isfinite(x) else None
+  return x
+
+
+def _operating_point(sweep: dict, index: int | None, full_depth: dict) -> dict[str, Any]:
+  point = full_depth if index is None else {
+      k: sweep[k][index] for k in ('mean_layers', 'risk', 'num_errors', 'accuracy')
+      if k in sweep}
+  point = {'accuracy': None, **point}
+  point['consistency'] = 1.0 - float(point['risk'])
+  return point
+
+
+def calibrate(conf_TN: Any, pred_TN: Any, exit_layers_N: Any, thresholds: Sequence[float],
+              tolerance: float, risk_level: float, calib_fraction: float = 0.5,
+              seed: int = 0, method: str = 'binomial', budget_layers: float | None = None,
+              correct_TN: Any = None, full_pred_T: Any = None) -> dict[str, Any]:
+  """Split tokens, select a threshold on the calibration part, report on the test part.
+
+  Tokens are split by np.random.default_rng(seed).permutation(T): the first
+  round(calib_fraction·T) are calibration, the rest test. Selection is Learn-then-Test
+  (certified: risk ≤ tolerance w.p. ≥ 1 − risk_level) unless budget_layers is given, in
+  which case budget_select picks the threshold and 'certified' says whether LTT would also
+  have accepted it. With no selected threshold the operating point is full depth.
+  Thresholds must run conservative -> aggressive (strictly decreasing). The result is
+  JSON-serialisable: 'test' and 'calib' operating points and per-threshold 'frontier'.
+  """
+  thr = _check_thresholds(thresholds)
+  _check_order(thr)
+  tolerance = _check_unit('tolerance', tolerance)
+  risk_level = _check_unit('risk_level', risk_level)
+  calib_fraction = _check_unit('calib_fraction', calib_fraction)
+  _check_method(method)
+  conf = np.asarray(conf_TN, np.float64)
+  pred = np.asarray(pred_TN)
+  if conf.ndim != 2 or pred.shape != conf.shape:
+    raise ValueError(f'conf_TN {conf.shape} and pred_TN {pred.shape} must both be [T, N]')
+  T = conf.shape[0]
+  n_cal = int(round(calib_fraction * T))
+  if not 0 < n_cal < T:
+    raise ValueError(f'calib_fraction={calib_fraction} with T={T} tokens leaves an empty split')
+  perm = np.random.default_rng(seed).permutation(T)
+  parts = {'calib': perm[:n_cal], 'test': perm[n_cal:]}
+  full = pred[:, -1] if full_pred_T is None else np.asarray(full_pred_T)
+  if full.shape != (T,):
+    raise ValueError(f'full_pred_T shape {full.shape}: must be ({T},)')
+  layers = np.asarray(exit_layers_N, np.float64)
+  sweeps, full_depth = {}, {}
+  for name, idx in parts.items():
+    correct = None if correct_TN is None else np.asarray(correct_TN, np.float64)[idx]
+    sweeps[name] = sweep_thresholds(conf[idx], pred[idx], layers, thr, full[idx], correct)
+    # The fallback when nothing is selected: every token runs to the last exit.
+    wrong = pred[idx, -1] != full[idx]
+    full_depth[name] = {'mean_layers': float(layers[-1]), 'risk': float(wrong.mean()),
+                        'num_errors': int(wrong.sum())}
+    if correct is not None:
+      full_depth[name]['accuracy'] = float(correct[:, -1].mean())
+  cal = sweeps['calib']
+  if budget_layers is None:
+    sel = ltt_select(thr, None, n_cal, tolerance, risk_level, method,
+                     num_errors=cal['num_errors'])
+    index, pvalues, valid = sel['index'], sel['pvalues'], sel['valid']
+    certified = index is not None
+  else:
+    chosen = budget_select(thr, cal['mean_layers'], budget_layers)
+    index = None if chosen is None else int(np.flatnonzero(thr == chosen)[0])
+    pvalues = _pvalues(cal['num_errors'], n_cal, tolerance, method)
+    valid = _fixed_sequence(pvalues, risk_level)
+    enough = n_cal >= min_samples(tolerance, risk_level, method)
+    certified = bool(index is not None and enough and valid[index])
+  result = {
+      'mode': 'ltt' if budget_layers is None else 'budget',
+      'method': method, 'index': index,
+      'threshold': None if index is None else float(thr[index]),
+      'certified': certified, 'tolerance': tolerance, 'risk_level': risk_level,
+      'budget_layers': budget_layers, 'seed': seed, 'n_calib': n_cal, 'n_test': T - n_cal,
+      'full_layers': float(layers[-1]),
+      'test': _operating_point(sweeps['test'], index, full_depth['test']),
+      'calib': _operating_point(cal, index, full_depth['calib']),
+      'frontier': {'thresholds': thr, 'pvalues': pvalues, 'valid': valid,
+                   **{name: {k: v for k, v in s.items() if k != 'thresholds'}
+                      for name, s in sweeps.items()}},
+  }
+  return _jsonable(result)

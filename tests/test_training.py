@@ -1,0 +1,200 @@
+"""Training loop: learning, exact resume, kill -9, SIGTERM, non-finite, incompatible checkpoints."""
+import glob
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from act_jax import checkpointing, data, sharding, telemetry, training
+from act_jax.errors import CheckpointError
+from experiments.configs import lm
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(steps=8, **train):
+  c = lm.get_config('runlocal')
+  c.train.update({**dict(steps=steps, log_every=1, eval_every=1000, checkpoint_every=2,
+                         async_checkpointing=True), **train})
+  return c
+
+
+def final_params(config, workdir):
+  mesh = sharding.make_mesh(shape=(1, 1, 1))
+  abstract, _ = training.state_shardings(config, mesh)
+  ck = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
+  state = ck.restore(ck.latest_step(), abstract)
+  return ck.latest_step(), state
+
+
+def losses(workdir):
+  return {r['step']: r['loss'] for r in telemetry.read_metrics(workdir, split='train')}
+
+
+def test_runlocal_training_lowers_heldout_loss(tmp_path):
+  config = tiny(steps=60, lr=3e-3)
+  mesh = sharding.make_mesh(shape=(1, 1, 1))
+  _, sh = training.state_shardings(config, mesh)
+  ds = data.make_dataset(config.data, config.seed)
+  before = training.evaluate(config, training.init_state(config, mesh, sh),
+                             jax.jit(training.make_eval_step(config)),
+                             ds.eval_batches(config.train.eval_batches), ds.domains)
+  res = training.train_and_evaluate(config, str(tmp_path), log=lambda s: None)
+  # Stated margin: 60 tiny steps cut held-out loss by >= 1 nat/byte (measured ~5.9 -> ~4.1).
+  assert res['loss'] < before['loss'] - 1.0, (before['loss'], res['loss'])
+  assert res['code/loss'] > 0 and res['prose/loss'] > 0
+  assert os.path.exists(tmp_path / 'metrics.jsonl')
+  assert glob.glob(str(tmp_path / 'tb' / '*tfevents*'))
+  assert os.path.exists(tmp_path / 'config.json')
+
+
+def test_exact_resume_after_sigterm(tmp_path):
+  config = tiny(steps=8)
+  a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+  training.train_and_evaluate(config, a, log=lambda s: None)
+
+  def preempt_at_step_3(line):
+    if line.startswith('step 3/'):
+      os.kill(os.getpid(), signal.SIGTERM)  # the loop saves step 3 and returns
+
+  res = training.train_and_evaluate(config, b, log=preempt_at_step_3)
+  assert res['step'] == 3
+  assert checkpointing.Checkpointer(os.path.join(b, 'checkpoints'),
+                                    read_only=True).latest_step() == 3
+  training.train_and_evaluate(config, b, log=lambda s: None)
+  assert losses(a) == losses(b) and len(losses(a)) == 8
+  (sa, pa), (sb, pb) = final_params(config, a), final_params(config, b)
+  assert sa == sb == 8
+  jax.tree.map(np.testing.assert_array_equal, pa, pb)
+
+
+def _train_cmd(workdir, steps):
+  return [sys.executable, '-m', 'experiments.train',
+          '--config=experiments/configs/lm.py:runlocal', f'--workdir={workdir}',
+          f'--config.train.steps={steps}', '--config.train.checkpoint_every=2',
+          '--config.train.log_every=1', '--config.train.eval_every=1000']
+
+
+def test_kill_9_always_resumes_from_a_complete_checkpoint(tmp_path):
+  steps = 24
+  ref, run = str(tmp_path / 'ref'), str(tmp_path / 'run')
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  subprocess.run(_train_cmd(ref, steps), cwd=REPO, env=env, check=True, capture_output=True)
+  rng = random.Random(0)
+  ckdir = os.path.join(run, 'checkpoints')
+  for attempt in range(4):
+    proc = subprocess.Popen(_train_cmd(run, steps), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Wait until training is under way (a new checkpoint appears), then kill at random.
+    before = set(os.listdir(ckdir)) if os.path.isdir(ckdir) else set()
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+      now = set(os.listdir(ckdir)) if os.path.isdir(ckdir) else set()
+      if now - before:
+        break
+      time.sleep(0.05)
+    time.sleep(rng.uniform(0.0, 1.5))
+    if proc.poll() is None:
+      proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    latest = checkpointing.Checkpointer(ckdir, read_only=True).latest_step()
+    assert latest is not None  # a complete checkpoint survived every kill
+  subprocess.run(_train_cmd(run, steps), cwd=REPO, env=env, check=True, capture_output=True)
+  config = lm.get_config('runlocal')
+  config.train.steps = steps
+  (sa, pa), (sb, pb) = final_params(config, ref), final_params(config, run)
+  assert sa == sb == steps
+  jax.tree.map(np.testing.assert_array_equal, pa, pb)
+  assert losses(ref) == losses(run)
+
+
+def test_nonfinite_loss_aborts_and_is_never_checkpointed(tmp_path):
+  config = tiny(steps=6, lr=1e30, warmup_steps=0, checkpoint_every=1)
+  with pytest.raises(FloatingPointError, match='non-finite'):
+    training.train_and_evaluate(config, str(tmp_path), log=lambda s: None)
+  ck = checkpointing.Checkpointer(str(tmp_path / 'checkpoints'), read_only=True)
+  if ck.latest_step() is not None:
+    _, state = final_params(config, str(tmp_path))
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state['params']))
+
+
+def test_nonfinite_skip_keeps_training(tmp_path):
+  config = tiny(steps=3, lr=1e30, warmup_steps=0, nonfinite='skip')
+  training.train_and_evaluate(config, str(tmp_path), log=lambda s: None)
+  _, state = final_params(config, str(tmp_path))
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state['params']))
+
+
+def test_incompatible_checkpoint_is_reported_and_left_untouched(tmp_path):
+  training.train_and_evaluate(tiny(steps=2), str(tmp_path), log=lambda s: None)
+  snapshot = {p: os.stat(p).st_mtime_ns for p in glob.glob(str(tmp_path / 'checkpoints/**'),
+                                                           recursive=True)}
+  other = tiny(steps=4)
+  other.model.d_model = 48
+  with pytest.raises(CheckpointError) as e:
+    training.train_and_evaluate(other, str(tmp_path), log=lambda s: None)
+  msg = str(e.value)
+  assert 'incompatible checkpoint' in msg and 'embedding' in msg and '(260, 48)' in msg
+  after = {p: os.stat(p).st_mtime_ns for p in glob.glob(str(tmp_path / 'checkpoints/**'),
+                                                        recursive=True)}
+  assert after == snapshot
+
+
+def test_multidevice_train_step_matches_single_device(multidevice):
+  out = multidevice('''
+    import jax, numpy as np
+    from act_jax import sharding, training, data
+    from experiments.configs import lm
+    c = lm.get_config('runlocal')
+    c.data.batch_size = 8
+    batch = {k: jax.numpy.asarray(v) for k, v in
+             data.make_dataset(c.data, 0).train_batch(0).items()}
+    def one_step(shape):
+      mesh = sharding.make_mesh(shape=shape)
+      abstract, sh = training.state_shardings(c, mesh)
+      state = training.init_state(c, mesh, sh)
+      with sharding.mesh_context(mesh):
+        bs = {k: jax.device_put(v, sharding.data_sharding(mesh, v.ndim)) for k, v in batch.items()}
+        step = jax.jit(training.make_train_step(c), in_shardings=(sh, None, None),
+                       out_shardings=(sh, None))
+        new, m = step(state, bs, jax.random.PRNGKey(0))
+      return float(m['loss']), jax.device_get(new['params'])
+    l1, p1 = one_step((1, 1, 1))
+    for shape in [(8, 1, 1), (2, 4, 1)]:
+      l, p = one_step(shape)
+      assert abs(l - l1) < 1e-5, (shape, l, l1)
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), p, p1)
+    print('OK', l1)
+  ''')
+  assert 'OK' in out
+
+
+def test_reshard_restore_is_bitwise(multidevice, tmp_path):
+  out = multidevice(f'''
+    import jax, numpy as np
+    from act_jax import sharding, training, checkpointing
+    from experiments.configs import lm
+    c = lm.get_config('runlocal')
+    c.model.num_heads = 4   # shardable heads on the 'model' axis too
+    mesh8 = sharding.make_mesh(shape=(8, 1, 1))
+    _, sh8 = training.state_shardings(c, mesh8)
+    state = training.init_state(c, mesh8, sh8)
+    ck = checkpointing.Checkpointer({str(tmp_path)!r} + '/ck', async_save=False)
+    ck.save(1, state); ck.wait()
+    ref = jax.device_get(state)
+    for shape in [(2, 4, 1), (1, 1, 1), (2, 2, 2)]:
+      mesh = sharding.make_mesh(shape=shape)
+      abstract, sh = training.state_shardings(c, mesh)
+      got = ck.restore(1, abstract)
+      leaf = jax.tree.leaves(got['params'])[0]
+      assert leaf.sharding.mesh.shape == mesh.shape
+      jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), ref)
+    print('OK')
+  ''')
+  assert 'OK' in out
