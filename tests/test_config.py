@@ -1,0 +1,77 @@
+"""validate(config): every impossible value fails before compiling, naming the field."""
+import pytest
+
+from act_jax import config as config_lib
+from act_jax.errors import ConfigError
+from experiments.configs import lm, synthetic
+
+BAD = [
+    ('model.d_model', 0, 'model.d_model'),
+    ('model.num_heads', 5, 'model.num_heads'),            # does not divide d_model=128
+    ('model.num_layers', -2, 'model.num_layers'),
+    ('model.d_ff', 0, 'model.d_ff'),
+    ('model.vocab_size', 100, 'model.vocab_size'),        # smaller than the byte vocab
+    ('model.dtype', 'float8', 'model.dtype'),
+    ('model.remat', 'sometimes', 'model.remat'),
+    ('model.head_dim', 7, 'model.head_dim'),              # RoPE needs even
+    ('model.max_len', 8, 'model.max_len'),                # shorter than data.seq_len
+    ('model.causal', False, 'model.causal'),              # LM data needs a causal model
+    ('data.seq_len', 0, 'data.seq_len'),
+    ('data.batch_size', -1, 'data.batch_size'),
+    ('data.name', 'imagenet', 'data.name'),
+    ('data.heldout_fraction', 1.5, 'data.heldout_fraction'),
+    ('train.lr', 0.0, 'train.lr'),
+    ('train.steps', 0, 'train.steps'),
+    ('train.warmup_steps', 5000, 'train.warmup_steps'),
+    ('train.nonfinite', 'ignore', 'train.nonfinite'),
+    ('train.clip_norm', -1.0, 'train.clip_norm'),
+    ('mesh.expert', 3, 'mesh'),                           # 1 device: 1*3*1 != 1
+    ('mesh.data', 4, 'mesh'),
+    ('mesh.model', 0, 'mesh.model'),
+    ('halting.name', 'sometimes', 'halting.name'),
+    ('moe.router', 'random', 'moe.router'),
+]
+
+
+def _set(config, field, value):
+  node = config
+  *path, last = field.split('.')
+  for p in path:
+    node = node[p]
+  node[last] = value
+
+
+@pytest.mark.parametrize('field,value,named', BAD, ids=[b[0] + '=' + str(b[1]) for b in BAD])
+def test_bad_config_names_the_field(field, value, named):
+  config = lm.get_config()
+  _set(config, field, value)
+  with pytest.raises(ConfigError, match=named.replace('.', r'\.')):
+    config_lib.validate(config, device_count=1)
+
+
+def test_unknown_names_list_the_known_ones():
+  config = lm.get_config()
+  config.halting.name = 'sometimes'
+  with pytest.raises(ConfigError) as e:
+    config_lib.validate(config, device_count=1)
+  for known in ('act', 'pondernet', 'confidence', 'learned_exit', 'mod', 'none'):
+    assert known in str(e.value)
+
+
+def test_layers_must_divide_into_scan_groups():
+  config = lm.get_config('router=top_k')
+  config.model.num_layers = 5  # MoE every 2 layers: groups of 2
+  with pytest.raises(ConfigError, match='model.num_layers'):
+    config_lib.validate(config, device_count=1)
+
+
+def test_shipped_configs_are_valid():
+  for cfg in (lm.get_config(), lm.get_config('runlocal'), lm.get_config('halting=act'),
+              synthetic.get_config('task=parity'), synthetic.get_config('task=addition')):
+    config_lib.validate(cfg, device_count=1)
+  config_lib.validate(lm.get_config(), device_count=8)  # mesh.data=-1 fills the devices
+
+
+def test_unknown_config_arg_is_rejected():
+  with pytest.raises(ConfigError, match='unknown config arg'):
+    lm.get_config('runlocall')
