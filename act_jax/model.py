@@ -71,12 +71,18 @@ class Layer(nn.Module):
                       kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
                                                                ('embed', None)))(
                           h_BLD.astype(jnp.float32))[..., 0]
-      selected_BL, gate_BL = halting_lib.mod_route(r_BL, self.config.halting.mod_capacity,
-                                                   running_BL)
       pred_BL = nn.Dense(1, dtype=jnp.float32, param_dtype=pdtype, name='mod_predictor',
                          kernel_init=nn.with_logical_partitioning(
                              nn.initializers.lecun_normal(), ('embed', None)))(
                                  jax.lax.stop_gradient(h_BLD.astype(jnp.float32)))[..., 0]
+      if cache is None:
+        selected_BL, gate_BL = halting_lib.mod_route(r_BL, self.config.halting.mod_capacity,
+                                                     running_BL)
+      else:
+        # Decoding: top-k over the sequence would read the future; the causal predictor
+        # (trained to imitate the top-k choice) decides per token instead.
+        selected_BL = halting_lib.mod_decode_select(pred_BL, running_BL)
+        gate_BL = jax.nn.sigmoid(r_BL)
       aux['mod'] = {'selected': selected_BL, 'predictor_logit': pred_BL}
       active_BL = selected_BL
       km = selected_BL if cache is None else None  # decode: see inference.py
@@ -119,9 +125,12 @@ class DepthStep(nn.Module):
       h, cache_j, aux_j = Layer(self.config, kind, self.train, name=f'layer_{j}')(
           h, bcast['positions'], running_BL, bcast['tokens'], bcast['key_mask'], cache_j,
           bcast['cache_index'])
+      # Halted tokens stay frozen at every layer, so each layer's K/V of a halted token is
+      # the projection of its exit state (CALM's KV propagation, same as inference.py).
+      h = jnp.where(running_BL[..., None], h, h_prev)
       caches.append(cache_j)
       layer_aux.append(aux_j)
-    h_new = jnp.where(running_BL[..., None], h, h_prev)  # halted tokens stay frozen
+    h_new = h
     signals = {}
     pdtype = dtype_of(self.config.model.param_dtype)
     if policy.needs_halt_unit:
@@ -180,34 +189,16 @@ class AdaptiveTransformer(nn.Module):
                cache_index: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
     cfg, m = self.config, self.config.model
     n_steps = config_lib.num_steps(cfg)
-    policy = halting_lib.make_policy(cfg.halting, n_steps)
-    pdtype, dtype = dtype_of(m.param_dtype), dtype_of(m.dtype)
-    b, l = tokens_BL.shape
-    if positions_BL is None:
-      start = 0 if cache_index is None else cache_index
-      positions_BL = jnp.broadcast_to(start + jnp.arange(l, dtype=jnp.int32), (b, l))
-    if threshold is None:
-      threshold = policy.default_threshold()
-    threshold = jnp.asarray(threshold, jnp.float32)
-    emb_VD = self.param('embedding', nn.with_logical_partitioning(
-        nn.initializers.normal(1.0), ('vocab', 'embed')), (m.vocab_size, m.d_model), pdtype)
-    norm_scale = self.param('final_norm_scale', nn.with_logical_partitioning(
-        nn.initializers.ones, ('embed',)), (m.d_model,), pdtype)
-    if m.tie_embeddings:
-      unembed_DV = emb_VD.T / jnp.sqrt(m.d_model).astype(pdtype)
-    else:
-      unembed_DV = self.param('unembed', nn.with_logical_partitioning(
+    pdtype = dtype_of(m.param_dtype)
+    top = {'embedding': self.param('embedding', nn.with_logical_partitioning(
+        nn.initializers.normal(1.0), ('vocab', 'embed')), (m.vocab_size, m.d_model), pdtype),
+           'final_norm_scale': self.param('final_norm_scale', nn.with_logical_partitioning(
+               nn.initializers.ones, ('embed',)), (m.d_model,), pdtype)}
+    if not m.tie_embeddings:
+      top['unembed'] = self.param('unembed', nn.with_logical_partitioning(
           nn.initializers.lecun_normal(), ('embed', 'vocab')), (m.d_model, m.vocab_size), pdtype)
-    head = {'norm_scale': norm_scale, 'unembed_DV': unembed_DV}
-    h_BLD = jnp.take(emb_VD, tokens_BL, axis=0).astype(dtype)
-    h_BLD = constrain(h_BLD, ('batch', 'length', 'embed'))
-    valid_BL = tokens_BL != PAD_ID
-    # Padding never runs (no capacity, no layer count); encoders also never attend to it.
-    key_mask = None if (m.causal or cache is not None) else valid_BL
-    bcast = {'positions': positions_BL, 'tokens': tokens_BL, 'key_mask': key_mask,
-             'cache_index': cache_index, 'head': head, 'threshold': threshold}
-    carry = {'h': h_BLD, 'running': valid_BL, 'state': policy.init(h_BLD),
-             'i': jnp.zeros((), jnp.int32)}
+    carry, bcast = prepare_inputs(cfg, top, tokens_BL, threshold, positions_BL, cache_index,
+                                  decoding=cache is not None)
     step_cls = DepthStep
     if m.remat != 'none':
       step_cls = nn.remat(DepthStep, policy=_REMAT[m.remat], prevent_cse=False)
@@ -221,25 +212,67 @@ class AdaptiveTransformer(nn.Module):
                      in_axes=(0, nn.broadcast), length=n_steps,
                      metadata_params={nn.PARTITION_NAME: 'layers'})
     carry, ys = scan(cfg, self.train, name='stack')(carry, cache, bcast)
-    h_out_BLD, aux = policy.finalize(carry['state'], carry['h'], ys['step'])
-    logits_BLV = head_logits(head, h_out_BLD)
-    aux = dict(aux)
-    aux['running'] = ys['running']                          # [N,B,L]
-    aux['layers'] = jnp.sum(ys['layers'], axis=0)           # [B,L] layers executed
-    aux['valid'] = valid_BL
-    if 'exit_logits' in ys:
-      aux['step_logits'] = ys['exit_logits']                # [N,B,L,V]
-    moe_aux = [a['moe'] for a in ys['layer_aux'] if 'moe' in a]
-    if moe_aux:  # [N, moe layers per step, ...] -> [moe layers, ...] in depth order
-      aux['moe'] = jax.tree.map(
-          lambda *xs: jnp.stack(xs, 1).reshape((-1,) + xs[0].shape[1:]), *moe_aux)
-    mod_aux = [a['mod'] for a in ys['layer_aux'] if 'mod' in a]
-    if mod_aux:
-      aux['mod'] = jax.tree.map(
-          lambda *xs: jnp.stack(xs, 1).reshape((-1,) + xs[0].shape[1:]), *mod_aux)
-    if cache is not None:
-      aux['cache'] = ys['cache']
-    return logits_BLV, aux
+    return finish_outputs(cfg, carry, ys, bcast['head'], tokens_BL)
+
+
+def finish_outputs(config, carry: dict, ys: dict, head: dict, tokens_BL) -> tuple[jax.Array, dict]:
+  """Policy finalize, the LM head and aux assembly from the depth loop's outputs (ys stacked
+  on a leading N axis). Shared by the masked scan and inference.py's while loops."""
+  policy = halting_lib.make_policy(config.halting, config_lib.num_steps(config))
+  h_out_BLD, aux = policy.finalize(carry['state'], carry['h'], ys['step'])
+  logits_BLV = head_logits(head, h_out_BLD)
+  aux = dict(aux)
+  aux['running'] = ys['running']                          # [N,B,L]
+  aux['layers'] = jnp.sum(ys['layers'], axis=0)           # [B,L] layers executed
+  aux['valid'] = tokens_BL != PAD_ID
+  if 'exit_logits' in ys:
+    aux['step_logits'] = ys['exit_logits']                # [N,B,L,V]
+  stack_layers = lambda *xs: jnp.stack(xs, 1).reshape((-1,) + xs[0].shape[1:])
+  moe_aux = [a['moe'] for a in ys['layer_aux'] if 'moe' in a]
+  if moe_aux:  # [N, moe layers per step, ...] -> [moe layers, ...] in depth order
+    aux['moe'] = jax.tree.map(stack_layers, *moe_aux)
+  mod_aux = [a['mod'] for a in ys['layer_aux'] if 'mod' in a]
+  if mod_aux:  # the MoD policy's loss reads these names
+    mod = jax.tree.map(stack_layers, *mod_aux)
+    aux['mod_selected'], aux['mod_pred_logit'] = mod['selected'], mod['predictor_logit']
+  if 'cache' in ys:
+    aux['cache'] = ys['cache']
+  return logits_BLV, aux
+
+
+def head_params(config, top_params: dict) -> dict:
+  """The shared output head's arrays from the model's top-level params."""
+  m = config.model
+  if m.tie_embeddings:
+    emb_VD = top_params['embedding']
+    unembed_DV = emb_VD.T / jnp.sqrt(jnp.asarray(m.d_model, emb_VD.dtype))
+  else:
+    unembed_DV = top_params['unembed']
+  return {'norm_scale': top_params['final_norm_scale'], 'unembed_DV': unembed_DV}
+
+
+def prepare_inputs(config, top_params: dict, tokens_BL, threshold=None, positions_BL=None,
+                   cache_index=None, decoding: bool = False) -> tuple[dict, dict]:
+  """Embedding, initial carry and the scan's broadcast inputs (shared with inference.py)."""
+  m = config.model
+  policy = halting_lib.make_policy(config.halting, config_lib.num_steps(config))
+  b, l = tokens_BL.shape
+  if positions_BL is None:
+    start = 0 if cache_index is None else cache_index
+    positions_BL = jnp.broadcast_to(start + jnp.arange(l, dtype=jnp.int32), (b, l))
+  if threshold is None:
+    threshold = policy.default_threshold()
+  h_BLD = jnp.take(top_params['embedding'], tokens_BL, axis=0).astype(dtype_of(m.dtype))
+  h_BLD = constrain(h_BLD, ('batch', 'length', 'embed'))
+  valid_BL = tokens_BL != PAD_ID
+  # Padding never runs (no capacity, no layer count); encoders also never attend to it.
+  key_mask = None if (m.causal or decoding) else valid_BL
+  bcast = {'positions': positions_BL, 'tokens': tokens_BL, 'key_mask': key_mask,
+           'cache_index': cache_index, 'head': head_params(config, top_params),
+           'threshold': jnp.asarray(threshold, jnp.float32)}
+  carry = {'h': h_BLD, 'running': valid_BL, 'state': policy.init(h_BLD),
+           'i': jnp.zeros((), jnp.int32)}
+  return carry, bcast
 
 
 def make_model(config: ml_collections.ConfigDict, train: bool = False) -> AdaptiveTransformer:

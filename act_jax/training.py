@@ -68,10 +68,6 @@ def total_loss(config, logits_BLV, aux, batch) -> tuple[jax.Array, dict[str, jax
   task, extra = policy.loss_terms(aux, targets, w_BL)
   terms['task'] = terms['ce'] if task is None else task
   terms.update(extra)
-  if 'mod' in aux:
-    sel, pred = aux['mod']['selected'], aux['mod']['predictor_logit']
-    terms['mod_predictor'] = sum(
-        halting_lib.mod_predictor_loss(pred[i], sel[i], w_BL) for i in range(sel.shape[0]))
   if 'moe' in aux:
     m = config.moe
     terms['lb_loss'] = m.lb_loss_weight * jnp.sum(aux['moe']['lb_loss'])

@@ -1,0 +1,290 @@
+"""The halting-policy interface, shared helpers and a reference driver of the model's depth loop.
+
+Dims: B batch, L length, D d_model, V vocab, N depth steps (scan steps).
+
+A halting policy is a set of PURE functions: the model owns every parameter (the halting unit,
+the shared LM head, the exit classifier) and hands the policy the resulting signals each step.
+The model's loop, which `drive` below reproduces for tests, is
+
+    state = policy.init(h0)
+    for i in range(N):                                   # a lax.scan in the model
+      h_new = block(h_prev)
+      h_new = where(running, h_new, h_prev)              # frozen tokens keep their state
+      state, running_next, out_i = policy.step(state, h_prev, h_new, signals(h_new), i,
+                                               threshold, running, train)
+      running = running & running_next
+    h_out, aux = policy.finalize(state, h_last, stack(out_0..out_{N-1}))
+    task_loss, extra = policy.loss_terms(aux (+ 'step_logits'), targets, weights)
+
+Contract: a policy never changes its state for tokens whose `running_BL` is False; at the last
+step (i == N-1) every token stops; `i` and `threshold` are traced (no recompiles when the
+threshold changes); `train` is static.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+State = dict[str, jax.Array]
+StepOut = dict[str, jax.Array]
+Aux = dict[str, jax.Array]
+
+# The defaults the lead's config.halting uses; read as a fallback when a field is missing.
+HALTING_DEFAULTS: dict[str, Any] = {
+    'name': 'none',
+    'threshold': 0.9,
+    'eps': 0.01,
+    'bias_init': -2.0,  # negative: with b >= 0 ACT halts every token after ~2 steps at init
+    'ponder_cost': 0.01,
+    'beta': 0.01,
+    'lambda_p': 0.2,
+    'exit_every': 1,
+    'exit_weights': 'linear',
+    'criterion': 'softmax',
+    'per_sequence': False,
+    'mod_capacity': 0.5,
+    'classifier_loss_weight': 1.0,
+    'sample': False,
+}
+
+
+def cfg_get(cfg: Any, key: str) -> Any:
+  """Field `key` of a ConfigDict / dict / attribute object, else the library default."""
+  if cfg is None:
+    return HALTING_DEFAULTS[key]
+  if isinstance(cfg, Mapping) or hasattr(cfg, 'get'):
+    try:
+      value = cfg.get(key, None)
+    except TypeError:  # an object whose .get has another signature
+      value = getattr(cfg, key, None)
+  else:
+    value = getattr(cfg, key, None)
+  return HALTING_DEFAULTS[key] if value is None else value
+
+
+class HaltingPolicy:
+  """Base class: one subclass per policy file, registered by `name` in halting.POLICIES."""
+
+  name: ClassVar[str] = ''
+  needs_halt_unit: ClassVar[bool] = False  # signals['halt_logit'] f32 [B,L] each step
+  needs_exit_logits: ClassVar[bool] = False  # signals['exit_logits'] [B,L,V]; aux['step_logits']
+  needs_exit_classifier: ClassVar[bool] = False  # signals['exit_classifier_logit'] f32 [B,L]
+  uses_mod_blocks: ClassVar[bool] = False  # the model routes tokens with halting.mod
+
+  def __init__(self, cfg: Any, num_steps: int):
+    self.cfg = cfg
+    self.num_steps = int(num_steps)
+    self.per_sequence = bool(cfg_get(cfg, 'per_sequence'))
+
+  # ---- static description ----
+  def default_threshold(self) -> float:
+    return float(cfg_get(self.cfg, 'threshold'))
+
+  def exit_steps(self) -> tuple[int, ...]:
+    return tuple(range(self.num_steps))
+
+  # ---- the loop ----
+  def init(self, h_BLD: jax.Array) -> State:
+    B, L = h_BLD.shape[:2]
+    return {'exit_step': jnp.zeros((B, L), jnp.int32)}
+
+  def step(self, state: State, h_prev_BLD: jax.Array, h_new_BLD: jax.Array,
+           signals: Mapping[str, jax.Array], i: jax.Array, threshold: jax.Array,
+           running_BL: jax.Array, train: bool) -> tuple[State, jax.Array, StepOut]:
+    raise NotImplementedError
+
+  def finalize(self, state: State, h_last_BLD: jax.Array,
+               step_outs: Mapping[str, jax.Array]) -> tuple[jax.Array, Aux]:
+    return h_last_BLD, {'exit_step': state['exit_step']}
+
+  def loss_terms(self, aux: Mapping[str, jax.Array], targets_BL: jax.Array,
+                 weights_BL: jax.Array) -> tuple[jax.Array | None, dict[str, jax.Array]]:
+    return None, {}
+
+  # ---- helpers for subclasses ----
+  def is_last(self, i: jax.Array) -> jax.Array:
+    return i >= self.num_steps - 1
+
+  def exit_mask_N(self) -> jax.Array:
+    """bool [N]: True at exit steps; indexed with the traced step counter."""
+    mask = np.zeros((self.num_steps,), bool)
+    mask[list(self.exit_steps())] = True
+    return jnp.asarray(mask)
+
+
+# ---------------------------------------------------------------- shared pure helpers
+
+def record_exit(exit_step_BL: jax.Array, running_BL: jax.Array, running_next_BL: jax.Array,
+                i: jax.Array) -> jax.Array:
+  """exit_step := i for tokens that ran this step and stop now; others unchanged."""
+  stops_BL = running_BL & ~running_next_BL
+  return jnp.where(stops_BL, jnp.asarray(i, jnp.int32), exit_step_BL)
+
+
+def pool_mean_over_row(x_BL: jax.Array, running_BL: jax.Array) -> jax.Array:
+  """Mean of x over a row's running tokens, broadcast back to [B,L] (per-sequence halting)."""
+  m_BL = running_BL.astype(x_BL.dtype)
+  mean_B1 = (x_BL * m_BL).sum(-1, keepdims=True) / jnp.maximum(m_BL.sum(-1, keepdims=True), 1.0)
+  return jnp.broadcast_to(mean_B1, x_BL.shape)
+
+
+def pool_min_over_row(x_BL: jax.Array, running_BL: jax.Array) -> jax.Array:
+  """Min of x over a row's running tokens, broadcast to [B,L]: a row exits when ALL are sure."""
+  big = jnp.asarray(jnp.finfo(x_BL.dtype).max, x_BL.dtype)
+  min_B1 = jnp.where(running_BL, x_BL, big).min(-1, keepdims=True)
+  return jnp.broadcast_to(min_B1, x_BL.shape)
+
+
+def masked_mean(x_BL: jax.Array, weights_BL: jax.Array) -> jax.Array:
+  """Token mean weighted by weights_BL (0 for padding); 0 when all weights are 0."""
+  w_BL = weights_BL.astype(jnp.float32)
+  return (x_BL.astype(jnp.float32) * w_BL).sum() / jnp.maximum(w_BL.sum(), 1e-8)
+
+
+def per_step_ce(step_logits_NBLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
+  """Cross-entropy of every step's logits, f32 [N,B,L]."""
+  logits = step_logits_NBLV.astype(jnp.float32)
+  targets_NBL = jnp.broadcast_to(targets_BL, logits.shape[:-1])
+  return optax.softmax_cross_entropy_with_integer_labels(logits, targets_NBL)
+
+
+def exit_loss_weights(exit_steps: tuple[int, ...], kind: str) -> np.ndarray:
+  """Normalised weights ω over the exit steps: ω_l ∝ l (1-based, 'linear') or 1 ('uniform')."""
+  if kind == 'linear':
+    w = np.asarray([s + 1 for s in exit_steps], np.float64)  # 1-based so step 0 keeps weight
+  elif kind == 'uniform':
+    w = np.ones((len(exit_steps),), np.float64)
+  else:
+    raise ValueError(f'exit_weights={kind!r}')
+  return (w / w.sum()).astype(np.float32)
+
+
+def weighted_exit_ce(step_logits_NBLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array,
+                     exit_steps: tuple[int, ...], kind: str) -> jax.Array:
+  """CALM loss Σ_l ω_l L_l / Σ_l ω_l over the exit steps l (L_l: weighted token-mean CE)."""
+  ce_NBL = per_step_ce(step_logits_NBLV[np.asarray(exit_steps)], targets_BL)
+  w_BL = weights_BL.astype(jnp.float32)
+  ce_N = (ce_NBL * w_BL).sum((1, 2)) / jnp.maximum(w_BL.sum(), 1e-8)
+  return (jnp.asarray(exit_loss_weights(exit_steps, kind)) * ce_N).sum()
+
+
+# ---------------------------------------------------------------- reference driver
+
+BlockFn = Callable[[jax.Array, jax.Array], jax.Array]  # (h_BLD, i) -> h_BLD
+SignalFn = Callable[[jax.Array, jax.Array], dict]  # (h_new_BLD, i) -> signals
+
+
+def drive(policy: HaltingPolicy, h0_BLD: jax.Array, block_fn: BlockFn, signal_fn: SignalFn,
+          threshold: float | jax.Array | None = None, train: bool = False,
+          running_BL: jax.Array | None = None) -> tuple[jax.Array, Aux]:
+  """The model's depth loop as a lax.scan (reference for tests; the model has its own).
+
+  block_fn(h_BLD, i) -> h_BLD is the shared block; signal_fn(h_new_BLD, i) -> dict supplies
+  what the policy needs ('halt_logit', 'exit_logits', 'exit_classifier_logit', 'uniform').
+  running_BL: initial running mask (False for padding), default all True.
+  Returns (h_out_BLD, aux) with the policy's aux plus 'num_layers' int32 [B,L] (steps a token
+  ran) and, when the policy needs exit logits, 'step_logits' [N,B,L,V].
+  """
+  B, L = h0_BLD.shape[:2]
+  thr = policy.default_threshold() if threshold is None else threshold
+  thr = jnp.asarray(thr, jnp.float32)
+  run0_BL = jnp.ones((B, L), bool) if running_BL is None else jnp.asarray(running_BL, bool)
+
+  def body(carry, i):
+    state, h_prev, running, layers = carry
+    h_new = block_fn(h_prev, i)
+    h_new = jnp.where(running[..., None], h_new, h_prev)  # freeze stopped tokens
+    signals = signal_fn(h_new, i)
+    state, run_next, out = policy.step(state, h_prev, h_new, signals, i, thr, running, train)
+    layers = layers + running.astype(jnp.int32)
+    logits = signals.get('exit_logits') if policy.needs_exit_logits else None
+    return (state, h_new, running & run_next, layers), (out, logits)
+
+  carry0 = (policy.init(h0_BLD), h0_BLD, run0_BL, jnp.zeros((B, L), jnp.int32))
+  steps = jnp.arange(policy.num_steps, dtype=jnp.int32)
+  (state, h_last, _, layers), (outs, logits) = jax.lax.scan(body, carry0, steps)
+  h_out, aux = policy.finalize(state, h_last, outs)
+  aux = dict(aux)
+  aux['num_layers'] = layers
+  if logits is not None:
+    aux['step_logits'] = logits
+  return h_out, aux
+
+
+# ---------------------------------------------------------------- early-exit family
+
+class EarlyExitPolicy(HaltingPolicy):
+  """Shared logic of confidence (CALM) and learned_exit: exit at the first exit step whose
+  per-token score ≥ threshold; training runs all steps and uses the weighted per-exit CE.
+
+  Subclasses define `score_key` and `score(...) -> (score_BL f32, extra step outputs)`.
+  aux: 'exit_step', 'criterion_step' (first exit step meeting the criterion, else N−1; in
+  training, where every step runs, this is the depth the token WOULD have used), score_key [N,B,L].
+  """
+
+  needs_exit_logits = True  # the weighted per-exit CE needs every step's logits
+  score_key: ClassVar[str] = 'score'
+
+  def __init__(self, cfg: Any, num_steps: int):
+    super().__init__(cfg, num_steps)
+    self.exit_every = int(cfg_get(cfg, 'exit_every'))
+    self.exit_weights = str(cfg_get(cfg, 'exit_weights'))
+
+  def exit_steps(self) -> tuple[int, ...]:
+    """0-based steps i with (i+1) % exit_every == 0, plus the last step (always an exit)."""
+    k = max(self.exit_every, 1)
+    steps = {i for i in range(self.num_steps) if (i + 1) % k == 0}
+    steps.add(self.num_steps - 1)
+    return tuple(sorted(steps))
+
+  def score(self, h_prev_BLD: jax.Array, h_new_BLD: jax.Array,
+            signals: Mapping[str, jax.Array]) -> tuple[jax.Array, StepOut]:
+    raise NotImplementedError
+
+  def init(self, h_BLD: jax.Array) -> State:
+    B, L = h_BLD.shape[:2]
+    return {
+        'exit_step': jnp.zeros((B, L), jnp.int32),
+        'criterion_step': jnp.full((B, L), self.num_steps - 1, jnp.int32),
+        'met': jnp.zeros((B, L), bool),
+    }
+
+  def step(self, state: State, h_prev_BLD: jax.Array, h_new_BLD: jax.Array,
+           signals: Mapping[str, jax.Array], i: jax.Array, threshold: jax.Array,
+           running_BL: jax.Array, train: bool) -> tuple[State, jax.Array, StepOut]:
+    score_BL, extra = self.score(h_prev_BLD, h_new_BLD, signals)
+    score_BL = jax.lax.stop_gradient(score_BL.astype(jnp.float32))  # a decision, not a loss
+    if self.per_sequence:
+      score_BL = pool_min_over_row(score_BL, running_BL)
+    crit_BL = self.exit_mask_N()[i] & (score_BL >= jnp.asarray(threshold, jnp.float32))
+    last = self.is_last(i)
+    if train:
+      halt_BL = running_BL & last  # every exit's loss is needed
+    else:
+      halt_BL = running_BL & (crit_BL | last)
+    running_next_BL = running_BL & ~halt_BL
+    first_BL = running_BL & crit_BL & ~state['met']
+    new_state = {
+        'exit_step': record_exit(state['exit_step'], running_BL, running_next_BL, i),
+        'criterion_step': jnp.where(first_BL, jnp.asarray(i, jnp.int32), state['criterion_step']),
+        'met': state['met'] | (running_BL & crit_BL),
+    }
+    out = {self.score_key: jnp.where(running_BL, score_BL, 0.0)}
+    out.update({k: jnp.where(running_BL, v, 0.0) for k, v in extra.items()})
+    return new_state, running_next_BL, out
+
+  def finalize(self, state: State, h_last_BLD: jax.Array,
+               step_outs: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
+    aux = {'exit_step': state['exit_step'], 'criterion_step': state['criterion_step']}
+    aux.update(step_outs)
+    return h_last_BLD, aux
+
+  def loss_terms(self, aux: Mapping[str, jax.Array], targets_BL: jax.Array,
+                 weights_BL: jax.Array) -> tuple[jax.Array | None, dict[str, jax.Array]]:
+    task = weighted_exit_ce(aux['step_logits'], targets_BL, weights_BL, self.exit_steps(),
+                            self.exit_weights)
+    return task, {}

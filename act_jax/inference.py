@@ -1,0 +1,279 @@
+"""Inference that really skips compute: while-loops over the stacked layer parameters.
+
+Training runs the depth loop as a masked `nn.scan` (static shapes; halted tokens are frozen
+but still computed). Here the same DepthStep module is applied to the parameters of step i,
+picked with a dynamic index from the scan-stacked pytree, inside a `lax.while_loop` that
+stops as soon as no token is running — layers after that are never executed.
+
+* `forward_while`: a whole batch; same math as the masked scan (tests pin outputs and exit
+  steps). `forward_compact` additionally does not wait for the slowest rows: when at most
+  half of the rows still run, they are gathered into a bucket of half the size and the loop
+  continues on that (B, B/2, B/4, ... static buckets).
+* `decode_step` / `generate`: early-exit decoding with a KV cache (CALM, Schuster 2022).
+  A token that exits after step e has no keys/values at deeper layers, yet later tokens
+  attend there. kv_fill='project' computes them from the EXIT state:
+  K_j = RoPE(W_K^j · norm_j(h^{e})), V_j = W_V^j · norm_j(h^{e}) for every layer j past e
+  (the public t5x code propagates the first segment's state instead — a known bug);
+  kv_fill='copy' copies the exit layer's own K/V into the deeper layers.
+The threshold is a traced argument of every jitted function: changing the operating point
+never recompiles.
+
+Dims: B batch, L length, T cache length, D d_model, V vocab, N depth steps, G layers/step.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from act_jax import config as config_lib
+from act_jax.errors import CheckpointError, ConfigError
+from act_jax.layers import Attention, rms_norm
+from act_jax.model import (DepthStep, dtype_of, finish_outputs, init_cache, make_model,
+                           prepare_inputs)
+
+NEVER_EXIT = 2.0  # above any probability: runs every layer through the same code path
+KV_FILL = ('project', 'copy')
+
+
+# ----------------------------------------------------------------------------- loading
+def load_run(workdir: str, step: Optional[int] = None) -> tuple[ml_collections.ConfigDict, dict]:
+  """(config, {'params', 'moe_state'}) from a training workdir, on the current device(s)."""
+  from act_jax import checkpointing, sharding, training  # training imports this module's deps
+  if not os.path.isdir(workdir):
+    raise CheckpointError(f'workdir {workdir!r} does not exist')
+  cfg_path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(cfg_path):
+    raise CheckpointError(f'{cfg_path} is missing: {workdir!r} is not a training workdir')
+  with open(cfg_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  config.mesh.update(data=1, expert=1, model=1)
+  ck = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
+  step = ck.latest_step() if step is None else step
+  if step is None:
+    raise CheckpointError(f'no complete checkpoint in {workdir}/checkpoints')
+  mesh = sharding.make_mesh(shape=(1, 1, 1))
+  abstract, _ = training.state_shardings(config, mesh)
+  state = ck.restore(step, abstract)
+  return config, {'params': state['params'], 'moe_state': state['moe_state'], 'step': step}
+
+
+def check_threshold(threshold: float, name: str = 'threshold') -> None:
+  if not (0.0 < float(threshold) <= 1.0):
+    raise ConfigError(f'{name}={threshold}: must be in (0, 1]')
+
+
+# ----------------------------------------------------------------------------- depth loop
+def _frozen(config):
+  return config if isinstance(config, ml_collections.FrozenConfigDict) else \
+      ml_collections.FrozenConfigDict(config)
+
+
+def _index(tree, i):
+  return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False), tree)
+
+
+def _step_variables(config, variables: dict, i) -> dict:
+  """Variables of scan step i: a dynamic slice of the stacked 'stack' subtree."""
+  stack_p = variables['params']['stack']
+  stack_m = (variables.get('moe_state') or {}).get('stack', {})
+  if config.model.share_weights:
+    return {'params': stack_p, 'moe_state': stack_m}
+  return {'params': _index(stack_p, i), 'moe_state': _index(stack_m, i)}
+
+
+def _top(variables: dict) -> dict:
+  return {k: v for k, v in variables['params'].items() if k != 'stack'}
+
+
+def _depth_while(config, variables, carry, bcast, cache=None, keep_layer_aux=True,
+                 row_bucket: Optional[int] = None, bufs=None):
+  """Runs DepthStep i = carry['i'] .. while any token runs (and, with row_bucket, while
+  more than row_bucket rows run). Returns (carry, ys stacked [N, ...], cache)."""
+  n = config_lib.num_steps(config)
+  step = DepthStep(_frozen(config), train=False)
+
+  def apply(c, i, cache_i):
+    new_c, ys = step.apply(_step_variables(config, variables, i), c, cache_i, bcast)
+    if not keep_layer_aux:
+      ys = {k: v for k, v in ys.items() if k != 'layer_aux'}
+    return new_c, ys
+
+  cache0 = None if cache is None else _index(cache, 0)
+  ys_shape = jax.eval_shape(lambda c: apply(c, jnp.int32(0), cache0)[1], carry)
+  ys_shape = {k: v for k, v in ys_shape.items() if k != 'cache'}
+  if bufs is None:
+    bufs = jax.tree.map(lambda s: jnp.zeros((n,) + s.shape, s.dtype), ys_shape)
+
+  def cond(st):
+    c = st[0]
+    go = (c['i'] < n) & jnp.any(c['running'])
+    if row_bucket is not None:
+      go = go & (jnp.sum(jnp.any(c['running'], axis=-1)) > row_bucket)
+    return go
+
+  def body(st):
+    c, b, kv = st
+    i = c['i']
+    new_c, ys = apply(c, i, None if kv is None else _index(kv, i))
+    if kv is not None:
+      kv = jax.tree.map(lambda full, new: jax.lax.dynamic_update_index_in_dim(full, new, i, 0),
+                        kv, ys.pop('cache'))
+    b = jax.tree.map(lambda full, new: jax.lax.dynamic_update_index_in_dim(full, new, i, 0),
+                     b, ys)
+    return new_c, b, kv
+
+  return jax.lax.while_loop(cond, body, (carry, bufs, cache))
+
+
+def forward_while(config, variables: dict, tokens_BL: jax.Array,
+                  threshold: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
+  """Batch forward that stops the depth loop once every token has exited."""
+  carry, bcast = prepare_inputs(config, _top(variables), tokens_BL, threshold)
+  carry, ys, _ = _depth_while(config, variables, carry, bcast)
+  return finish_outputs(config, carry, ys, bcast['head'], tokens_BL)
+
+
+def forward_compact(config, variables: dict, tokens_BL: jax.Array,
+                    threshold: Optional[jax.Array] = None, min_rows: int = 1
+                    ) -> tuple[jax.Array, dict]:
+  """Like forward_while, but rows still running are compacted into buckets B, B/2, ...
+
+  A row (sequence) runs while any of its tokens runs. Once at most half the bucket runs, the
+  running rows are gathered into the next, half-size bucket so exited rows cost nothing.
+  Returns (logits, aux) with aux['layers'] and aux['exit_step'] (MoE telemetry is dropped).
+  """
+  b = tokens_BL.shape[0]
+  carry, bcast = prepare_inputs(config, _top(variables), tokens_BL, threshold)
+  sizes = [b]
+  while sizes[-1] // 2 >= max(min_rows, 1) and sizes[-1] % 2 == 0:
+    sizes.append(sizes[-1] // 2)
+  rows = jnp.arange(b)
+  full_carry, full_ys, ys = None, None, None
+  row_keys = ('positions', 'tokens', 'key_mask')
+  for s, size in enumerate(sizes):
+    nxt = sizes[s + 1] if s + 1 < len(sizes) else None
+    carry, ys, _ = _depth_while(config, variables, carry, bcast, keep_layer_aux=False,
+                                row_bucket=nxt, bufs=ys)
+    if full_carry is None:
+      full_carry, full_ys = carry, ys
+    else:  # scatter this bucket's rows back into the full-size results
+      full_carry = {k: (v if k == 'i' else jax.tree.map(lambda f, x: f.at[rows].set(x), v,
+                                                        carry[k]))
+                    for k, v in full_carry.items()}
+      full_ys = jax.tree.map(lambda f, x: f.at[:, rows].set(x), full_ys, ys)
+    if nxt is None:
+      break
+    row_running = jnp.any(carry['running'], axis=-1)
+    keep = jnp.argsort(~row_running, stable=True)[:nxt]  # running rows first
+    rows = rows[keep]
+    carry = {k: (v if k == 'i' else jax.tree.map(lambda x: x[keep], v)) for k, v in carry.items()}
+    bcast = {k: (jax.tree.map(lambda x: x[keep], v) if k in row_keys and v is not None else v)
+             for k, v in bcast.items()}
+    ys = jax.tree.map(lambda x: x[:, keep], ys)  # the bucket carries its earlier steps
+  full_carry['i'] = carry['i']
+  full_ys = dict(full_ys)
+  full_ys['layer_aux'] = []
+  return finish_outputs(config, full_carry, full_ys, bcast['head'], tokens_BL)
+
+
+# ----------------------------------------------------------------------------- decoding
+def _fill_skipped_kv(config, variables, cache, h_BLD, exit_step_BL, executed, index,
+                     positions_BL, kv_fill: str):
+  """Writes K/V at `index` for every layer past each token's exit step (see module doc)."""
+  n = config_lib.num_steps(config)
+  kinds = config_lib.layer_kinds(config)
+  m = config.model
+  hd = m.head_dim or m.d_model // m.num_heads
+  attn = Attention(m.num_heads, hd, m.d_model, causal=m.causal, rope_base=m.rope_base,
+                   dtype=dtype_of(m.dtype), param_dtype=dtype_of(m.param_dtype))
+  e_B = exit_step_BL[:, -1]
+  if kv_fill == 'project':
+    start = executed  # steps before this ran with the frozen exit state: already projected
+  else:
+    start = jnp.min(e_B) + 1
+    last = len(kinds) - 1  # the exit layer: last layer of the exit step
+    k_exit = jnp.take_along_axis(cache[last]['k'], e_B[None, :, None, None, None], 0)[0]
+    v_exit = jnp.take_along_axis(cache[last]['v'], e_B[None, :, None, None, None], 0)[0]
+    k_exit = jax.lax.dynamic_slice_in_dim(k_exit, index, 1, axis=1)
+    v_exit = jax.lax.dynamic_slice_in_dim(v_exit, index, 1, axis=1)
+
+  def body(j, kv):
+    p_j = _step_variables(config, variables, j)['params']
+    skipped_B = j > e_B
+    new = []
+    for g in range(len(kinds)):
+      if kv_fill == 'project':
+        x = rms_norm(h_BLD, p_j[f'layer_{g}']['attn_norm']['scale'])
+        k, v = attn.apply({'params': p_j[f'layer_{g}']['attn']}, x, positions_BL,
+                          method=Attention.kv)
+      else:
+        k, v = k_exit, v_exit
+      entry = {}
+      for name, val in (('k', k), ('v', v)):
+        full = kv[g][name]                                    # [N,B,T,H,K]
+        old = jax.lax.dynamic_slice_in_dim(full[j], index, 1, axis=1)
+        val = jnp.where(skipped_B[:, None, None, None], val.astype(full.dtype), old)
+        row = jax.lax.dynamic_update_slice_in_dim(full[j], val, index, axis=1)
+        entry[name] = jax.lax.dynamic_update_index_in_dim(full, row, j, 0)
+      new.append(entry)
+    return new
+
+  return jax.lax.fori_loop(start, n, body, cache)
+
+
+def decode_step(config, variables: dict, cache: list, token_B1: jax.Array, index: jax.Array,
+                threshold: jax.Array, kv_fill: str = 'project') -> tuple[jax.Array, dict]:
+  """One early-exit decoding step for a batch of single tokens at position `index`."""
+  carry, bcast = prepare_inputs(config, _top(variables), token_B1, threshold,
+                                cache_index=index, decoding=True)
+  carry, ys, cache = _depth_while(config, variables, carry, bcast, cache)
+  logits, aux = finish_outputs(config, carry, ys, bcast['head'], token_B1)
+  aux['cache'] = _fill_skipped_kv(config, variables, cache, carry['h'], aux['exit_step'],
+                                  carry['i'], index, bcast['positions'], kv_fill)
+  return logits, aux
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 5))
+def _generate(config, variables, prompt_BP, max_new: int, threshold, kv_fill: str):
+  b, p = prompt_BP.shape
+  cache = init_cache(config, b, p + max_new)
+  model = make_model(config)
+  logits, aux = model.apply(variables, prompt_BP, threshold=threshold, cache=cache,
+                            cache_index=0)
+  first = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
+
+  def body(c, t):
+    cache, tok = c
+    lg, a = decode_step(config, variables, cache, tok[:, None], p + t, threshold, kv_fill)
+    nxt = jnp.argmax(lg[:, -1], -1).astype(jnp.int32)
+    return (a['cache'], nxt), (tok, a['layers'][:, -1])
+
+  (_, last), (toks, layers) = jax.lax.scan(body, (aux['cache'], first),
+                                           jnp.arange(max_new - 1, dtype=jnp.int32))
+  tokens = jnp.concatenate([toks.T, last[:, None]], 1)
+  # layers of generated token t are those of the step that consumed it (t < max_new - 1)
+  return {'tokens': tokens, 'layers': layers.T, 'prompt_layers': aux['layers']}
+
+
+def generate(config, variables: dict, prompt_BP, max_new: int, threshold: float,
+             kv_fill: str = 'project') -> dict:
+  """Greedy early-exit decoding; returns tokens [B, max_new] and the layers each consumed
+  token ran ([B, max_new-1]: the last generated token is never fed back)."""
+  if kv_fill not in KV_FILL:
+    raise ConfigError(f'kv_fill={kv_fill!r}: allowed: {", ".join(KV_FILL)}')
+  limit = config.model.max_len or config.data.seq_len
+  if prompt_BP.shape[1] + max_new > limit:
+    raise ConfigError(
+        f'prompt length {prompt_BP.shape[1]} + max_new {max_new} exceeds the model max length '
+        f'{limit} (model.max_len, else data.seq_len); shorten the prompt or generate fewer')
+  if config.halting.name == 'mod':
+    pass  # decode uses the MoD predictor (model.Layer), not the non-causal top-k
+  return _generate(_frozen(config), variables, jnp.asarray(prompt_BP, jnp.int32), max_new,
+                   jnp.asarray(threshold, jnp.float32), kv_fill)
