@@ -196,7 +196,7 @@ def make_eval_step(config) -> Callable:
     ce = cross_entropy(logits, batch['targets']) * w
     correct = (jnp.argmax(logits, -1) == batch['targets']) * w
     out = {'loss_sum': ce.sum(-1), 'weight_sum': w.sum(-1), 'correct_sum': correct.sum(-1),
-           'layers_sum': (aux['layers'] * w).sum(-1)}
+           'layers_sum': (aux['layers'] * w).sum(-1), 'layers': aux['layers']}
     if 'moe' in aux:
       out['moe_load'] = aux['moe']['load']                # [layers, E]
       out['moe_dropped'] = aux['moe']['dropped_frac']     # [layers]
@@ -209,11 +209,13 @@ def make_eval_step(config) -> Callable:
 def evaluate(config, state, eval_step, batches, domains, threshold=None) -> dict[str, float]:
   """Held-out quality *and* compute: per domain and per difficulty."""
   rows = {k: [] for k in ('loss_sum', 'weight_sum', 'correct_sum', 'layers_sum')}
-  dom, diff, load, dropped = [], [], [], []
+  dom, diff, load, dropped, tok_layers, tok_w = [], [], [], [], [], []
   for b in batches:
     out = jax.device_get(eval_step(state, {k: jnp.asarray(v) for k, v in b.items()}, threshold))
     for k in rows:
       rows[k].append(np.asarray(out[k]))
+    tok_layers.append(np.asarray(out['layers']).ravel())
+    tok_w.append(np.asarray(b['weights']).ravel())
     dom.append(b['domain'])
     diff.append(b['difficulty'])
     if 'moe_load' in out:
@@ -225,6 +227,12 @@ def evaluate(config, state, eval_step, batches, domains, threshold=None) -> dict
   res = {'loss': r['loss_sum'].sum() / w, 'accuracy': r['correct_sum'].sum() / w,
          'layers_mean': r['layers_sum'].sum() / w,
          'layers_full': float(config.model.num_layers)}
+  # Exit-depth histogram: fraction of scored tokens that ran k layers.
+  tl, tw = np.concatenate(tok_layers), np.concatenate(tok_w)
+  for k in range(config.model.num_layers + 1):
+    frac = tw[np.round(tl) == k].sum() / max(tw.sum(), 1e-9)
+    if frac > 0:
+      res[f'layers_hist/{k}'] = frac
   for i, name in enumerate(domains):
     sel = dom == i
     ws = r['weight_sum'][sel].sum()
@@ -335,8 +343,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     with sharding_lib.mesh_context(mesh):
       eval_res = evaluate(config, state, eval_step, eval_batches, dataset.domains)
     writer.write_scalars(step, eval_res, split='eval')
+    hist = ' '.join(f'{k.split("/")[1]}:{v:.0%}' for k, v in eval_res.items()
+                    if k.startswith('layers_hist/'))
     log(f'eval step {step}: loss {eval_res["loss"]:.4f} acc {eval_res["accuracy"]:.4f} '
-        f'layers {eval_res["layers_mean"]:.2f}/{config.model.num_layers}')
+        f'layers {eval_res["layers_mean"]:.2f}/{config.model.num_layers} [exit depth {hist}]')
 
   step = start
   with _Preemption() as pre:
