@@ -93,9 +93,12 @@ def _top(variables: dict) -> dict:
 
 
 def _depth_while(config, variables, carry, bcast, cache=None, keep_layer_aux=True,
-                 row_bucket: Optional[int] = None, bufs=None):
+                 row_bucket: Optional[int] = None, bufs=None, rows=None):
   """Runs DepthStep i = carry['i'] .. while any token runs (and, with row_bucket, while
-  more than row_bucket rows run). Returns (carry, ys stacked [N, ...], cache)."""
+  more than row_bucket rows run). Returns (carry, ys stacked [N, ...], cache).
+
+  cache (decoding): the FULL-batch stacked cache; `rows` says which of its rows this
+  (possibly compacted) batch holds. Only position cache_index is written back."""
   n = config_lib.num_steps(config)
   step = DepthStep(_frozen(config), train=False)
 
@@ -105,7 +108,11 @@ def _depth_while(config, variables, carry, bcast, cache=None, keep_layer_aux=Tru
       ys = {k: v for k, v in ys.items() if k != 'layer_aux'}
     return new_c, ys
 
-  cache0 = None if cache is None else _index(cache, 0)
+  def cache_rows(kv, i):
+    kv_i = _index(kv, i)
+    return kv_i if rows is None else jax.tree.map(lambda x: x[rows], kv_i)
+
+  cache0 = None if cache is None else cache_rows(cache, 0)
   ys_shape = jax.eval_shape(lambda c: apply(c, jnp.int32(0), cache0)[1], carry)
   ys_shape = {k: v for k, v in ys_shape.items() if k != 'cache'}
   if bufs is None:
@@ -121,15 +128,28 @@ def _depth_while(config, variables, carry, bcast, cache=None, keep_layer_aux=Tru
   def body(st):
     c, b, kv = st
     i = c['i']
-    new_c, ys = apply(c, i, None if kv is None else _index(kv, i))
+    new_c, ys = apply(c, i, None if kv is None else cache_rows(kv, i))
     if kv is not None:
-      kv = jax.tree.map(lambda full, new: jax.lax.dynamic_update_index_in_dim(full, new, i, 0),
+      kv = jax.tree.map(lambda full, new: _write_position(full, new, i, bcast['cache_index'],
+                                                          new_c['h'].shape[1], rows),
                         kv, ys.pop('cache'))
     b = jax.tree.map(lambda full, new: jax.lax.dynamic_update_index_in_dim(full, new, i, 0),
                      b, ys)
     return new_c, b, kv
 
   return jax.lax.while_loop(cond, body, (carry, bufs, cache))
+
+
+def _write_position(full_NBTHK, new_BTHK, i, index, length, rows):
+  """full[i, rows, index:index+length] = new[:, index:index+length]."""
+  chunk = jax.lax.dynamic_slice_in_dim(new_BTHK, index, length, axis=1)
+  layer = full_NBTHK[i]
+  if rows is None:
+    layer = jax.lax.dynamic_update_slice_in_dim(layer, chunk, index, axis=1)
+  else:
+    pos = index + jnp.arange(length)
+    layer = layer.at[rows[:, None], pos[None, :]].set(chunk)
+  return jax.lax.dynamic_update_index_in_dim(full_NBTHK, layer, i, 0)
 
 
 def forward_while(config, variables: dict, tokens_BL: jax.Array,
@@ -140,17 +160,10 @@ def forward_while(config, variables: dict, tokens_BL: jax.Array,
   return finish_outputs(config, carry, ys, bcast['head'], tokens_BL)
 
 
-def forward_compact(config, variables: dict, tokens_BL: jax.Array,
-                    threshold: Optional[jax.Array] = None, min_rows: int = 1
-                    ) -> tuple[jax.Array, dict]:
-  """Like forward_while, but rows still running are compacted into buckets B, B/2, ...
-
-  A row (sequence) runs while any of its tokens runs. Once at most half the bucket runs, the
-  running rows are gathered into the next, half-size bucket so exited rows cost nothing.
-  Returns (logits, aux) with aux['layers'] and aux['exit_step'] (MoE telemetry is dropped).
-  """
-  b = tokens_BL.shape[0]
-  carry, bcast = prepare_inputs(config, _top(variables), tokens_BL, threshold)
+def _run_compacted(config, variables, carry, bcast, cache=None, min_rows: int = 1):
+  """Depth loop over buckets B, B/2, ...: when at most half of a bucket's rows still run,
+  those rows are gathered into the next bucket (exited rows stop costing compute)."""
+  b = carry['h'].shape[0]
   sizes = [b]
   while sizes[-1] // 2 >= max(min_rows, 1) and sizes[-1] % 2 == 0:
     sizes.append(sizes[-1] // 2)
@@ -159,8 +172,9 @@ def forward_compact(config, variables: dict, tokens_BL: jax.Array,
   row_keys = ('positions', 'tokens', 'key_mask')
   for s, size in enumerate(sizes):
     nxt = sizes[s + 1] if s + 1 < len(sizes) else None
-    carry, ys, _ = _depth_while(config, variables, carry, bcast, keep_layer_aux=False,
-                                row_bucket=nxt, bufs=ys)
+    carry, ys, cache = _depth_while(config, variables, carry, bcast, cache,
+                                    keep_layer_aux=False, row_bucket=nxt, bufs=ys,
+                                    rows=None if s == 0 else rows)
     if full_carry is None:
       full_carry, full_ys = carry, ys
     else:  # scatter this bucket's rows back into the full-size results
@@ -170,8 +184,7 @@ def forward_compact(config, variables: dict, tokens_BL: jax.Array,
       full_ys = jax.tree.map(lambda f, x: f.at[:, rows].set(x), full_ys, ys)
     if nxt is None:
       break
-    row_running = jnp.any(carry['running'], axis=-1)
-    keep = jnp.argsort(~row_running, stable=True)[:nxt]  # running rows first
+    keep = jnp.argsort(~jnp.any(carry['running'], axis=-1), stable=True)[:nxt]  # running first
     rows = rows[keep]
     carry = {k: (v if k == 'i' else jax.tree.map(lambda x: x[keep], v)) for k, v in carry.items()}
     bcast = {k: (jax.tree.map(lambda x: x[keep], v) if k in row_keys and v is not None else v)
@@ -179,8 +192,21 @@ def forward_compact(config, variables: dict, tokens_BL: jax.Array,
     ys = jax.tree.map(lambda x: x[:, keep], ys)  # the bucket carries its earlier steps
   full_carry['i'] = carry['i']
   full_ys = dict(full_ys)
-  full_ys['layer_aux'] = []
-  return finish_outputs(config, full_carry, full_ys, bcast['head'], tokens_BL)
+  full_ys['layer_aux'] = []  # per-layer MoE telemetry is not tracked across buckets
+  return full_carry, full_ys, cache
+
+
+def forward_compact(config, variables: dict, tokens_BL: jax.Array,
+                    threshold: Optional[jax.Array] = None, min_rows: int = 1
+                    ) -> tuple[jax.Array, dict]:
+  """forward_while that does not wait for the slowest rows (see _run_compacted).
+
+  A row (sequence) runs while any of its tokens runs. Returns (logits, aux) with
+  aux['layers'] and aux['exit_step'] equal to the masked scan's (MoE telemetry dropped).
+  """
+  carry, bcast = prepare_inputs(config, _top(variables), tokens_BL, threshold)
+  carry, ys, _ = _run_compacted(config, variables, carry, bcast, None, min_rows)
+  return finish_outputs(config, carry, ys, bcast['head'], tokens_BL)
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -229,19 +255,27 @@ def _fill_skipped_kv(config, variables, cache, h_BLD, exit_step_BL, executed, in
 
 
 def decode_step(config, variables: dict, cache: list, token_B1: jax.Array, index: jax.Array,
-                threshold: jax.Array, kv_fill: str = 'project') -> tuple[jax.Array, dict]:
-  """One early-exit decoding step for a batch of single tokens at position `index`."""
+                threshold: jax.Array, kv_fill: str = 'project', compact: bool = False
+                ) -> tuple[jax.Array, dict]:
+  """One early-exit decoding step for a batch of single tokens at position `index`.
+
+  compact=True: rows that exited stop costing compute (buckets B, B/2, ...), instead of the
+  batch waiting for its slowest row."""
   carry, bcast = prepare_inputs(config, _top(variables), token_B1, threshold,
                                 cache_index=index, decoding=True)
-  carry, ys, cache = _depth_while(config, variables, carry, bcast, cache)
+  if compact:
+    carry, ys, cache = _run_compacted(config, variables, carry, bcast, cache)
+  else:
+    carry, ys, cache = _depth_while(config, variables, carry, bcast, cache)
   logits, aux = finish_outputs(config, carry, ys, bcast['head'], token_B1)
   aux['cache'] = _fill_skipped_kv(config, variables, cache, carry['h'], aux['exit_step'],
                                   carry['i'], index, bcast['positions'], kv_fill)
   return logits, aux
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 5))
-def _generate(config, variables, prompt_BP, max_new: int, threshold, kv_fill: str):
+@functools.partial(jax.jit, static_argnums=(0, 3, 5, 6))
+def _generate(config, variables, prompt_BP, max_new: int, threshold, kv_fill: str,
+              compact: bool):
   b, p = prompt_BP.shape
   cache = init_cache(config, b, p + max_new)
   model = make_model(config)
@@ -251,7 +285,8 @@ def _generate(config, variables, prompt_BP, max_new: int, threshold, kv_fill: st
 
   def body(c, t):
     cache, tok = c
-    lg, a = decode_step(config, variables, cache, tok[:, None], p + t, threshold, kv_fill)
+    lg, a = decode_step(config, variables, cache, tok[:, None], p + t, threshold, kv_fill,
+                        compact)
     nxt = jnp.argmax(lg[:, -1], -1).astype(jnp.int32)
     return (a['cache'], nxt), (tok, a['layers'][:, -1])
 
@@ -263,7 +298,7 @@ def _generate(config, variables, prompt_BP, max_new: int, threshold, kv_fill: st
 
 
 def generate(config, variables: dict, prompt_BP, max_new: int, threshold: float,
-             kv_fill: str = 'project') -> dict:
+             kv_fill: str = 'project', compact: bool = False) -> dict:
   """Greedy early-exit decoding; returns tokens [B, max_new] and the layers each consumed
   token ran ([B, max_new-1]: the last generated token is never fed back)."""
   if kv_fill not in KV_FILL:
@@ -273,7 +308,5 @@ def generate(config, variables: dict, prompt_BP, max_new: int, threshold: float,
     raise ConfigError(
         f'prompt length {prompt_BP.shape[1]} + max_new {max_new} exceeds the model max length '
         f'{limit} (model.max_len, else data.seq_len); shorten the prompt or generate fewer')
-  if config.halting.name == 'mod':
-    pass  # decode uses the MoD predictor (model.Layer), not the non-causal top-k
   return _generate(_frozen(config), variables, jnp.asarray(prompt_BP, jnp.int32), max_new,
-                   jnp.asarray(threshold, jnp.float32), kv_fill)
+                   jnp.asarray(threshold, jnp.float32), kv_fill, bool(compact))
