@@ -5,6 +5,8 @@ r"""Trains an adaptive-computation transformer; resumes when --workdir holds a c
       --workdir=/tmp/lm --config.model.num_layers=4
 """
 from absl import app, flags
+
+from experiments import quiet_logs
 from ml_collections import config_flags
 
 from act_jax import training
@@ -17,6 +19,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   del argv
+  quiet_logs()
   training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -1,0 +1,286 @@
+"""Operating points of a trained run: sweep thresholds, calibrate with a guarantee, time it.
+
+What the `calibrate`, `generate` and `benchmark_inference` binaries (and notebook 3) call.
+- `sweep`: for each candidate threshold, the held-out mean layers executed, accuracy, and the
+  consistency with the full-depth model (fraction of tokens whose prediction is unchanged),
+  run with inference.forward_while — the loop that really stops.
+- `calibrate_run`: Learn-then-Test (act_jax.calibration) on a calibration half of the
+  held-out batches, reported on the other half; or the threshold that meets a mean-layers
+  budget. Writes RUN/calibration.json and RUN/calibration.png.
+- `time_decode` / `benchmark_rows`: wall-clock decoding per threshold vs full depth, measured
+  side by side in one process.
+
+Dims: B batch, L length.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from act_jax import calibration, inference
+from act_jax import data as data_lib
+from act_jax.errors import ConfigError
+
+EXIT_POLICIES = ('act', 'pondernet', 'confidence', 'learned_exit')
+# Conservative -> aggressive (a token exits when its score >= threshold).
+DEFAULT_THRESHOLDS = (1.0, 0.995, 0.99, 0.98, 0.97, 0.95, 0.93, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6,
+                      0.5, 0.4, 0.3, 0.2, 0.1)
+
+
+def require_exits(config) -> None:
+  name = config.halting.name
+  if name not in EXIT_POLICIES:
+    raise ConfigError(
+        f'halting.name={name!r} has no inference-time exit to calibrate; calibration needs '
+        f'one of: {", ".join(EXIT_POLICIES)} (mod routes tokens per block with a fixed '
+        f'capacity, none always runs every layer)')
+
+
+def sweep(config, variables: dict, batches: Sequence[dict], thresholds: Sequence[float],
+          log: Callable[[str], None] = lambda s: None) -> dict:
+  """Per threshold: mean layers, accuracy, errors vs full depth over scored tokens."""
+  fwd = jax.jit(lambda v, t, th: inference.forward_while(config, v, t, th))
+  full = []
+  for b in batches:
+    logits, _ = fwd(variables, jnp.asarray(b['inputs']), inference.NEVER_EXIT)
+    full.append(np.asarray(jnp.argmax(logits, -1)))
+  w = [np.asarray(b['weights']) > 0 for b in batches]
+  n = int(sum(x.sum() for x in w))
+  full_acc = sum(((f == b['targets']) & m).sum() for f, b, m in zip(full, batches, w)) / max(n, 1)
+  out = {k: [] for k in ('mean_layers', 'accuracy', 'num_errors', 'consistency')}
+  t0 = time.time()
+  for k, thr in enumerate(thresholds):
+    layers = correct = errors = 0.0
+    for b, f, m in zip(batches, full, w):
+      logits, aux = fwd(variables, jnp.asarray(b['inputs']), jnp.float32(thr))
+      pred = np.asarray(jnp.argmax(logits, -1))
+      layers += float((np.asarray(aux['layers']) * m).sum())
+      correct += float(((pred == b['targets']) & m).sum())
+      errors += float(((pred != f) & m).sum())
+    out['mean_layers'].append(layers / n)
+    out['accuracy'].append(correct / n)
+    out['num_errors'].append(int(errors))
+    out['consistency'].append(1.0 - errors / n)
+    done = k + 1
+    eta = (time.time() - t0) / done * (len(thresholds) - done)
+    log(f'  threshold {thr:<6g} layers {layers / n:5.2f} acc {correct / n:.4f} '
+        f'consistency {1 - errors / n:.4f}  [{done}/{len(thresholds)}, ETA {eta:.0f}s]')
+  out.update(thresholds=[float(t) for t in thresholds], n=n, full_accuracy=float(full_acc),
+             full_layers=float(config.model.num_layers))
+  return out
+
+
+def time_decode(config, variables: dict, prompt_BP: np.ndarray, thresholds: Sequence[float],
+                new_tokens: int, repeats: int = 3, compact: bool = False) -> dict:
+  """Median seconds per generated token and mean layers, per threshold (one compile)."""
+  ms, layers = [], []
+  run = lambda thr: inference.generate(config, variables, prompt_BP, new_tokens, thr,
+                                       compact=compact)
+  jax.block_until_ready(run(float(thresholds[0])))  # compile once: thresholds are traced
+  for thr in thresholds:
+    times = []
+    for _ in range(repeats):
+      t = time.perf_counter()
+      out = jax.block_until_ready(run(float(thr)))
+      times.append(time.perf_counter() - t)
+    ms.append(1e3 * float(np.median(times)) / (new_tokens * prompt_BP.shape[0]))
+    layers.append(float(np.mean(out['layers'])))
+  return {'thresholds': [float(t) for t in thresholds], 'ms_per_token': ms,
+          'mean_layers': layers}
+
+
+def eval_prompts(config, batch: int, length: int) -> np.ndarray:
+  """Held-out prompts (alternating code / prose rows) for timing."""
+  ds = data_lib.make_dataset(config.data, config.seed)
+  rows = np.concatenate([b['inputs'] for b in ds.eval_batches(max(1, -(-batch // config.data.batch_size)))])
+  return rows[:batch, :length]
+
+
+def calibrate_run(workdir: str, tolerance: float = 0.01, risk: float = 0.05,
+                  budget_layers: Optional[float] = None,
+                  thresholds: Sequence[float] = DEFAULT_THRESHOLDS, num_batches: int = 16,
+                  method: str = 'binomial', time_tokens: int = 32,
+                  log: Callable[[str], None] = print) -> dict:
+  """Picks the operating point on half the held-out batches, reports it on the other half."""
+  config, state = inference.load_run(workdir)
+  require_exits(config)
+  for name, v in (('tolerance', tolerance), ('risk', risk)):
+    if not 0 < v < 1:
+      raise ConfigError(f'--{name}={v}: must be in (0, 1)')
+  if budget_layers is not None and not 0 < budget_layers <= config.model.num_layers:
+    raise ConfigError(f'--budget_layers={budget_layers}: must be in (0, '
+                      f'{config.model.num_layers}] (the model depth)')
+  variables = {'params': state['params'], 'moe_state': state['moe_state']}
+  ds = data_lib.make_dataset(config.data, config.seed)
+  batches = ds.eval_batches(num_batches)
+  calib, test = batches[0::2], batches[1::2]
+  if not test:
+    raise ConfigError(f'--num_batches={num_batches}: need at least 2 (calibration + test)')
+  log(f'calibration split ({len(calib)} batches):')
+  cal = sweep(config, variables, calib, thresholds, log)
+  log(f'test split ({len(test)} batches):')
+  tst = sweep(config, variables, test, thresholds, log)
+  if budget_layers is not None:
+    chosen = calibration.budget_select(thresholds, cal['mean_layers'], budget_layers)
+    index = None if chosen is None else list(thresholds).index(chosen)
+    mode, pvalues = 'budget', None
+  else:
+    sel = calibration.ltt_select(thresholds, None, cal['n'], tolerance, risk, method,
+                                 num_errors=cal['num_errors'])  # refuses too little data
+    index, chosen, mode = sel['index'], sel['threshold'], 'ltt'
+    pvalues = [float(p) for p in sel['pvalues']]
+  limit = config.model.max_len or config.data.seq_len
+  time_tokens = min(time_tokens, limit // 2)
+  log(f'timing decode (batch 1, {time_tokens} tokens) per threshold ...')
+  prompt = eval_prompts(config, 1, min(16, limit - time_tokens))
+  timing = time_decode(config, variables, prompt, thresholds, time_tokens, repeats=1)
+  full_ms = time_decode(config, variables, prompt, [inference.NEVER_EXIT], time_tokens,
+                        repeats=1)['ms_per_token'][0]
+  pick = (lambda sw: {k: sw[k][index] for k in ('mean_layers', 'accuracy', 'consistency')}
+          if index is not None else {'mean_layers': sw['full_layers'],
+                                     'accuracy': sw['full_accuracy'], 'consistency': 1.0})
+  result = {
+      'workdir': os.path.abspath(workdir), 'step': int(state['step']),
+      'policy': config.halting.name, 'mode': mode, 'method': method,
+      'tolerance': tolerance, 'risk': risk, 'budget_layers': budget_layers,
+      'chosen_threshold': chosen, 'full_layers': float(config.model.num_layers),
+      'n_calib_tokens': cal['n'], 'n_test_tokens': tst['n'],
+      'full_depth': {'accuracy': tst['full_accuracy'], 'ms_per_token': full_ms},
+      'calib': pick(cal), 'test': pick(tst),
+      'frontier': {'thresholds': list(map(float, thresholds)), 'pvalues': pvalues,
+                   'mean_layers': tst['mean_layers'], 'accuracy': tst['accuracy'],
+                   'consistency': tst['consistency'], 'ms_per_token': timing['ms_per_token'],
+                   'calib_mean_layers': cal['mean_layers'],
+                   'calib_consistency': cal['consistency']},
+  }
+  if index is not None:
+    result['test']['ms_per_token'] = timing['ms_per_token'][index]
+    result['test']['speedup_layers'] = config.model.num_layers / result['test']['mean_layers']
+    result['test']['speedup_wall'] = full_ms / timing['ms_per_token'][index]
+  with open(os.path.join(workdir, 'calibration.json'), 'w') as f:
+    json.dump(result, f, indent=2)
+  plot_frontier(result, os.path.join(workdir, 'calibration.png'))
+  return result
+
+
+def plot_frontier(result: dict, path: str) -> str:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fr = result['frontier']
+  fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+  sc = a1.scatter(fr['mean_layers'], fr['accuracy'], c=fr['ms_per_token'], cmap='viridis')
+  fig.colorbar(sc, ax=a1, label='ms / token (batch 1 decode)')
+  for t, x, y in zip(fr['thresholds'], fr['mean_layers'], fr['accuracy']):
+    a1.annotate(f'{t:g}', (x, y), fontsize=7, xytext=(3, 3), textcoords='offset points')
+  a1.axhline(result['full_depth']['accuracy'], color='gray', ls='--', label='full depth')
+  if result['chosen_threshold'] is not None:
+    a1.scatter([result['test']['mean_layers']], [result['test']['accuracy']], s=160,
+               facecolors='none', edgecolors='red', label=f'chosen {result["chosen_threshold"]:g}')
+  a1.set(xlabel='mean layers executed / token', ylabel='held-out next-token accuracy',
+         title=f'{result["policy"]}: quality vs compute (test split)')
+  a1.legend(fontsize=8)
+  a2.plot(fr['mean_layers'], fr['ms_per_token'], 'o-')
+  a2.axhline(result['full_depth']['ms_per_token'], color='gray', ls='--', label='full depth')
+  a2.set(xlabel='mean layers executed / token', ylabel='ms / token',
+         title='measured decode latency')
+  a2.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def benchmark_rows(workdir: str, thresholds: Sequence[float], batch_sizes: Sequence[int] = (1, 8),
+                   prompt_len: int = 16, new_tokens: int = 64, repeats: int = 3,
+                   log: Callable[[str], None] = print) -> list[dict]:
+  """Decode speed per threshold against full depth, side by side in one process."""
+  config, state = inference.load_run(workdir)
+  variables = {'params': state['params'], 'moe_state': state['moe_state']}
+  limit = config.model.max_len or config.data.seq_len
+  new_tokens = min(new_tokens, limit - prompt_len)
+  rows = []
+  full_layers = config.model.num_layers
+  for b in batch_sizes:
+    prompt = eval_prompts(config, b, prompt_len)
+    for compact in ((False, True) if b > 1 else (False,)):
+      log(f'batch {b} compact={compact}: timing {len(thresholds) + 1} operating points ...')
+      t = time_decode(config, variables, prompt, [inference.NEVER_EXIT] + list(thresholds),
+                      new_tokens, repeats, compact)
+      full_ms = t['ms_per_token'][0]
+      for thr, ms, layers in zip(t['thresholds'][1:], t['ms_per_token'][1:], t['mean_layers'][1:]):
+        ideal = full_layers / max(layers, 1e-9)
+        rows.append({'batch': b, 'compact': compact, 'threshold': thr, 'mean_layers': layers,
+                     'ms_per_token': ms, 'tokens_per_sec': 1e3 / ms, 'full_ms': full_ms,
+                     'speedup': full_ms / ms, 'ideal': ideal,
+                     'efficiency': (full_ms / ms) / ideal})
+  return rows
+
+
+def format_table(rows: list[dict]) -> str:
+  head = (f'{"batch":>5} {"compact":>7} {"thresh":>7} {"layers":>7} {"tok/s":>9} '
+          f'{"ms/tok":>8} {"full ms":>8} {"speedup":>8} {"L/mean":>7} {"eff":>5}')
+  lines = [head, '-' * len(head)]
+  for r in rows:
+    lines.append(f'{r["batch"]:>5} {str(r["compact"]):>7} {r["threshold"]:>7g} '
+                 f'{r["mean_layers"]:>7.2f} {r["tokens_per_sec"]:>9.1f} {r["ms_per_token"]:>8.3f} '
+                 f'{r["full_ms"]:>8.3f} {r["speedup"]:>7.2f}x {r["ideal"]:>6.2f}x '
+                 f'{r["efficiency"]:>5.2f}')
+  return '\n'.join(lines)
+
+
+_LAYER_CHARS = '0123456789abcdefghijklmnopqrstuvwxyz'
+
+
+def generate_listing(workdir: str, prompt: str, threshold: Optional[float] = None,
+                     max_new: int = 64, kv_fill: str = 'project') -> str:
+  """Greedy continuation + a per-byte line of exit layers (1-9, a=10, b=11, ...)."""
+  config, state = inference.load_run(workdir)
+  variables = {'params': state['params'], 'moe_state': state['moe_state']}
+  if threshold is None:
+    cal = os.path.join(workdir, 'calibration.json')
+    if os.path.exists(cal):
+      with open(cal) as f:
+        threshold = json.load(f).get('chosen_threshold')
+  if threshold is None:
+    threshold = float(config.halting.threshold)
+  inference.check_threshold(threshold, '--threshold')
+  ids = np.concatenate([[data_lib.BOS], data_lib.encode(prompt)])[None].astype(np.int32)
+  limit = config.model.max_len or config.data.seq_len
+  if ids.shape[1] >= limit:
+    raise ConfigError(f'--prompt is {ids.shape[1]} tokens (with BOS); the model max length is '
+                      f'{limit}: shorten the prompt')
+  max_new = min(max_new, limit - ids.shape[1])
+  run = lambda: jax.block_until_ready(inference.generate(config, variables, ids, max_new,
+                                                         threshold, kv_fill))
+  run()  # compile
+  t = time.perf_counter()
+  out = run()
+  dt = time.perf_counter() - t
+  toks = np.asarray(out['tokens'][0])
+  layers = np.concatenate([np.asarray(out['layers'][0]), [np.nan]])
+  text_chars, layer_chars = [], []
+  for tok, l in zip(toks, layers):
+    ch = data_lib.decode([tok]) if tok < 256 else '·'
+    ch = {'\n': '⏎', '\t': '⇥'}.get(ch, ch if ch.isprintable() and len(ch) == 1 else '·')
+    text_chars.append(ch)
+    layer_chars.append('?' if np.isnan(l) else _LAYER_CHARS[int(l)])
+  lines = [f'policy={config.halting.name} threshold={threshold:g} kv_fill={kv_fill} '
+           f'(checkpoint step {state["step"]}, {config.model.num_layers} layers)',
+           f'prompt: {prompt!r}']
+  width = 64
+  for i in range(0, len(text_chars), width):
+    lines.append('text   ' + ''.join(text_chars[i:i + width]))
+    lines.append('layers ' + ''.join(layer_chars[i:i + width]))
+  mean_layers = float(np.nanmean(layers))
+  lines.append(f'{max_new} bytes in {dt * 1e3:.1f} ms ({max_new / dt:.1f} tokens/s); mean layers '
+               f'{mean_layers:.2f} / {config.model.num_layers} '
+               f'({config.model.num_layers / mean_layers:.2f}x fewer)  '
+               '[layers: exit layer of the step that consumed each byte; ? = last byte]')
+  return '\n'.join(lines)

@@ -1,0 +1,36 @@
+r"""Picks an early-exit operating point on held-out data (Learn-then-Test) or by budget.
+
+  python -m experiments.calibrate --workdir=RUN --tolerance=0.01 --risk=0.05
+  python -m experiments.calibrate --workdir=RUN --budget_layers=4
+Writes RUN/calibration.json (the frontier + the chosen threshold) and RUN/calibration.png.
+"""
+import json
+
+from absl import app, flags
+
+from experiments import quiet_logs
+
+from act_jax import operating_point
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir (config.json + checkpoints).')
+_TOL = flags.DEFINE_float('tolerance', 0.01, 'Max fraction of tokens whose prediction may '
+                          'differ from the full-depth model.')
+_RISK = flags.DEFINE_float('risk', 0.05, 'Probability that the guarantee fails (delta).')
+_BUDGET = flags.DEFINE_float('budget_layers', None, 'Instead: meet this mean-layers budget.')
+_METHOD = flags.DEFINE_enum('method', 'binomial', ['binomial', 'hoeffding'], 'p-value.')
+_BATCHES = flags.DEFINE_integer('num_batches', 16, 'Held-out batches (half calibrate, half test).')
+flags.mark_flag_as_required('workdir')
+
+
+def main(argv):
+  del argv
+  quiet_logs()
+  r = operating_point.calibrate_run(_WORKDIR.value, _TOL.value, _RISK.value, _BUDGET.value,
+                                    num_batches=_BATCHES.value, method=_METHOD.value)
+  print(json.dumps({k: r[k] for k in ('policy', 'mode', 'chosen_threshold', 'full_depth',
+                                      'test', 'n_calib_tokens', 'n_test_tokens')}, indent=2))
+  print(f'wrote {_WORKDIR.value}/calibration.json and calibration.png')
+
+
+if __name__ == '__main__':
+  app.run(main)
