@@ -1,0 +1,88 @@
+"""calibrate / generate / benchmark on a tiny trained run, and their bad inputs."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from act_jax import calibration, inference, operating_point, training
+from act_jax.errors import CheckpointError, ConfigError
+from experiments.configs import lm
+
+
+def _train(path, policy):
+  c = lm.get_config(f'halting={policy},runlocal')
+  c.model.num_layers = 3
+  c.train.update(steps=6, eval_every=1000)
+  training.train_and_evaluate(c, str(path), log=lambda s: None)
+  return str(path)
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  return _train(tmp_path_factory.mktemp('conf'), 'confidence')
+
+
+def test_calibrate_writes_frontier_and_plot(run):
+  r = operating_point.calibrate_run(run, tolerance=0.2, risk=0.1, num_batches=8,
+                                    log=lambda s: None)
+  saved = json.load(open(os.path.join(run, 'calibration.json')))
+  assert saved['chosen_threshold'] == r['chosen_threshold']
+  fr = saved['frontier']
+  assert len(fr['thresholds']) == len(fr['mean_layers']) == len(fr['ms_per_token'])
+  assert all(1.0 <= m <= 3.0 for m in fr['mean_layers'])
+  # Thresholds go conservative -> aggressive: layers never increase along the frontier.
+  assert np.all(np.diff(fr['mean_layers']) <= 1e-9)
+  with open(os.path.join(run, 'calibration.png'), 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_budget_mode_meets_the_budget(run):
+  r = operating_point.calibrate_run(run, budget_layers=2.0, num_batches=4, log=lambda s: None)
+  if r['chosen_threshold'] is not None:
+    assert r['calib']['mean_layers'] <= 2.0
+
+
+def test_too_little_calibration_data_is_refused(run):
+  with pytest.raises(calibration.InsufficientCalibrationData):
+    operating_point.calibrate_run(run, tolerance=0.001, risk=0.01, num_batches=2,
+                                  log=lambda s: None)
+
+
+def test_generate_listing_and_bad_inputs(run):
+  out = operating_point.generate_listing(run, 'def f(', 0.5, max_new=8)
+  assert 'layers ' in out and 'tokens/s' in out
+  with pytest.raises(ConfigError, match='threshold'):
+    operating_point.generate_listing(run, 'x', 1.5)
+  with pytest.raises(ConfigError, match='prompt'):
+    operating_point.generate_listing(run, 'x' * 100, 0.5)
+
+
+def test_policies_without_exits_are_refused(tmp_path):
+  with pytest.raises(ConfigError, match='no inference-time exit'):
+    operating_point.calibrate_run(_train(tmp_path, 'mod'), log=lambda s: None)
+
+
+def test_missing_and_mismatched_checkpoints(run, tmp_path):
+  with pytest.raises(CheckpointError, match='does not exist'):
+    operating_point.calibrate_run(str(tmp_path / 'nope'))
+  os.makedirs(tmp_path / 'empty')
+  with pytest.raises(CheckpointError, match='config.json'):
+    inference.load_run(str(tmp_path / 'empty'))
+  # A config.json of another model next to this checkpoint: named mismatch, not garbage.
+  import shutil
+  other = tmp_path / 'other'
+  shutil.copytree(run, other)
+  cfg = json.load(open(other / 'config.json'))
+  cfg['model']['d_model'] = 48
+  json.dump(cfg, open(other / 'config.json', 'w'))
+  with pytest.raises(CheckpointError, match='incompatible checkpoint'):
+    inference.load_run(str(other))
+
+
+def test_benchmark_table(run):
+  rows = operating_point.benchmark_rows(run, [0.5], batch_sizes=[1, 2], new_tokens=4,
+                                        repeats=1, log=lambda s: None)
+  assert {(r['batch'], r['compact']) for r in rows} == {(1, False), (2, False), (2, True)}
+  table = operating_point.format_table(rows)
+  assert 'speedup' in table and all(r['ms_per_token'] > 0 for r in rows)
