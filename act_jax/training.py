@@ -206,10 +206,13 @@ def make_eval_step(config) -> Callable:
   return eval_step
 
 
-def evaluate(config, state, eval_step, batches, domains, threshold=None) -> dict[str, float]:
-  """Held-out quality *and* compute: per domain and per difficulty."""
+def evaluate(config, state, eval_step, batches, domains, threshold=None,
+             histograms: dict | None = None) -> dict[str, float]:
+  """Held-out quality *and* compute: per domain and per difficulty.
+
+  If `histograms` is a dict, it is filled with per-token arrays for TensorBoard."""
   rows = {k: [] for k in ('loss_sum', 'weight_sum', 'correct_sum', 'layers_sum')}
-  dom, diff, load, dropped, tok_layers, tok_w = [], [], [], [], [], []
+  dom, diff, load, dropped, tok_layers, tok_w, top1 = [], [], [], [], [], [], []
   for b in batches:
     out = jax.device_get(eval_step(state, {k: jnp.asarray(v) for k, v in b.items()}, threshold))
     for k in rows:
@@ -221,7 +224,9 @@ def evaluate(config, state, eval_step, batches, domains, threshold=None) -> dict
     if 'moe_load' in out:
       load.append(out['moe_load'])
       dropped.append(out['moe_dropped'])
+      top1.append(np.asarray(out['top1_expert']).reshape(out['top1_expert'].shape[0], -1))
   r = {k: np.concatenate(v) for k, v in rows.items()}
+  top1_all = np.concatenate(top1, axis=1) if top1 else None  # [layers, tokens]
   dom, diff = np.concatenate(dom), np.concatenate(diff)
   w = np.maximum(r['weight_sum'].sum(), 1.0)
   res = {'loss': r['loss_sum'].sum() / w, 'accuracy': r['correct_sum'].sum() / w,
@@ -229,6 +234,12 @@ def evaluate(config, state, eval_step, batches, domains, threshold=None) -> dict
          'layers_full': float(config.model.num_layers)}
   # Exit-depth histogram: fraction of scored tokens that ran k layers.
   tl, tw = np.concatenate(tok_layers), np.concatenate(tok_w)
+  if histograms is not None:
+    histograms['eval/layers_executed'] = tl[tw > 0]
+    if load:
+      histograms.update(telemetry.aux_histograms(
+          {'layers': tl[None], 'moe': {'top1_expert': top1_all, 'load': np.sum(np.stack(load), 0)}},
+          weights=tw[None], prefix='eval/'))
   for k in range(config.model.num_layers + 1):
     frac = tw[np.round(tl) == k].sum() / max(tw.sum(), 1e-9)
     if frac > 0:
@@ -340,9 +351,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   def run_eval(step):
     nonlocal eval_res
+    hists: dict = {}
     with sharding_lib.mesh_context(mesh):
-      eval_res = evaluate(config, state, eval_step, eval_batches, dataset.domains)
+      eval_res = evaluate(config, state, eval_step, eval_batches, dataset.domains,
+                          histograms=hists)
     writer.write_scalars(step, eval_res, split='eval')
+    writer.write_histograms(step, hists)
     hist = ' '.join(f'{k.split("/")[1]}:{v:.0%}' for k, v in eval_res.items()
                     if k.startswith('layers_hist/'))
     log(f'eval step {step}: loss {eval_res["loss"]:.4f} acc {eval_res["accuracy"]:.4f} '
@@ -390,4 +404,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   ckpt.close()
   eval_res['step'] = float(step)
   eval_res['train_seconds'] = time.time() - t_start
+  log(summary(config, eval_res, dataset.domains, workdir))
   return eval_res
+
+
+def summary(config, res: dict[str, float], domains, workdir: str) -> str:
+  """The end-of-run block: quality, compute vs full depth, MoE balance, where to look."""
+  full = config.model.num_layers
+  lines = [f'== summary ({int(res["step"])} steps, {res["train_seconds"] / 60:.1f} min) ==',
+           f'held-out loss {res["loss"]:.4f} nats/token, accuracy {res["accuracy"]:.4f}',
+           f'mean layers executed {res["layers_mean"]:.2f} of {full} '
+           f'({full / max(res["layers_mean"], 1e-9):.2f}x fewer than full depth)']
+  for d in domains:
+    if f'{d}/loss' in res:
+      lines.append(f'  {d:>8}: loss {res[f"{d}/loss"]:.4f} acc {res[f"{d}/accuracy"]:.4f} '
+                   f'layers {res[f"{d}/layers_mean"]:.2f}/{full}')
+  if 'spearman_layers_difficulty' in res:
+    lines.append(f'Spearman(layers, difficulty) = {res["spearman_layers_difficulty"]:.3f}')
+  if 'moe/load_imbalance' in res:
+    lines.append(f'experts: load max/mean {res["moe/load_imbalance"]:.2f}, dropped '
+                 f'{res["moe/dropped_frac"]:.2%}, unused {int(res["moe/unused_experts"])}')
+  lines.append(f'metrics: {workdir}/metrics.jsonl, TensorBoard: {workdir}/tb; plots: '
+               f'python -m experiments.report --workdir={workdir}')
+  return '\n'.join(lines)
