@@ -168,6 +168,69 @@ def mean_by_bucket(values: Any, buckets: Any, mask: Any = None) -> dict[int, flo
   return out
 
 
+def depth_histogram(layers: Any, num_layers: int, mask: Any = None) -> np.ndarray:
+  """[num_layers + 1] fraction of (valid) tokens that executed exactly 0, 1, ..., num_layers
+  layers (sums to 1; all zeros when no token is valid). Values are rounded to integers."""
+  v = np.rint(np.asarray(layers, np.float64)).astype(np.int64)
+  w = _weights(mask, v.shape)
+  if v.size and (v.min() < 0 or v.max() > num_layers):
+    raise ValueError(f'layers hold values outside [0, {num_layers}]')
+  counts = np.bincount(v[w != 0].ravel(), weights=w[w != 0].ravel(), minlength=num_layers + 1)
+  total = counts.sum()
+  return counts / total if total > 0 else counts
+
+
+def routing_stability_per_layer(top1_a: Any, top1_b: Any, mask: Any = None) -> np.ndarray:
+  """[layers] routing_stability of each MoE layer for top1 [layers, B, L].
+
+  Only tokens routed in BOTH checkpoints (expert >= 0) count: a token that halted before a
+  layer in one checkpoint has no expert there, which is a depth change, not a routing change.
+  """
+  a, b = np.asarray(top1_a), np.asarray(top1_b)
+  if a.shape != b.shape or a.ndim < 2:
+    raise ValueError(f'top1_a {a.shape} and top1_b {b.shape}: need equal [layers, ...] shapes')
+  w = _weights(mask, a.shape[1:])
+  return np.array([routing_stability(a[i], b[i], w * ((a[i] >= 0) & (b[i] >= 0)))
+                   for i in range(a.shape[0])], np.float64)
+
+
+def aux_histograms(aux: Mapping[str, Any], weights: Any = None,
+                   prefix: str = '') -> dict[str, np.ndarray]:
+  """Per-token value arrays for `MetricsWriter.write_histograms`, from a model aux (numpy or
+  device arrays; call jax.device_get first inside a jit-free host loop).
+
+  Reads aux['layers'] [B,L], optionally aux['exit_step'] [B,L] and aux['moe'] with
+  'top1_expert' [layers,B,L] and 'load' [layers,E] (tokens may also come flattened:
+  layers [1,T] or [T] with top1_expert [layers,T]). Tokens with weight 0 (default:
+  ~aux['valid'] when present) are left out. Returns {prefix + name: 1-D array}:
+    layers_executed             layers each valid token ran
+    exit_step                   0-based depth step at which each valid token stopped
+    moe/top1_expert/layer_{i}   expert id of each routed token in MoE layer i
+    moe/load_share              per-(layer, expert) share of that layer's routed load
+  """
+  layers = np.asarray(aux['layers'], np.float64)
+  if weights is None and 'valid' in aux:
+    weights = np.asarray(aux['valid'])
+  keep = _weights(weights, layers.shape) > 0
+  out = {f'{prefix}layers_executed': layers[keep]}
+  if 'exit_step' in aux:
+    out[f'{prefix}exit_step'] = np.asarray(aux['exit_step'], np.float64)[keep]
+  moe = aux.get('moe')
+  if moe:
+    top1 = np.asarray(moe['top1_expert'])
+    for i in range(top1.shape[0]):
+      t = top1[i]
+      if t.size != keep.size:
+        raise ValueError(f'top1_expert[{i}] has {t.size} tokens, layers has {keep.size}')
+      k = keep.reshape(t.shape)  # [B, L] vs flattened [T] token layouts both work
+      out[f'{prefix}moe/top1_expert/layer_{i}'] = t[k & (t >= 0)].astype(np.float64)
+    load = np.asarray(moe['load'], np.float64)
+    rows = load.sum(-1, keepdims=True)
+    out[f'{prefix}moe/load_share'] = np.divide(load, rows, out=np.full_like(load, np.nan),
+                                               where=rows > 0).ravel()
+  return out
+
+
 def _as_scalar(v: Any) -> float | None:
   if isinstance(v, (bool, int, float, np.integer, np.floating, np.bool_)):
     return float(v)

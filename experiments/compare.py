@@ -7,12 +7,15 @@ full depth, tokens/s, dropped fraction, load imbalance ('-' where a run has no s
 """
 from absl import app, flags
 
+from experiments import quiet_logs
+
 from act_jax import compare
 
 _OUT = flags.DEFINE_string('out', 'compare.png', 'Where to write the comparison PNG.')
 
 
 def main(argv):
+  quiet_logs()
   runs = argv[1:]
   if not runs:
     raise app.UsageError('give one or more run directories: python -m experiments.compare '

@@ -8,6 +8,8 @@ when RUN/calibration.json exists (see act_jax/report.py).
 """
 from absl import app, flags
 
+from experiments import quiet_logs
+
 from act_jax import report
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (holds metrics.jsonl).')
@@ -18,6 +20,7 @@ flags.mark_flags_as_required(['workdir'])
 
 
 def main(argv):
+  quiet_logs()
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:
