@@ -102,7 +102,6 @@ def validate(config, device_count: int | None = None) -> None:
   from act_jax import data as data_lib  # lazy: data has no jax dependency
   from act_jax import halting as halting_lib
   from act_jax import moe as moe_lib
-  from act_jax import sharding as sharding_lib
   m, t = config.model, config.train
   for f in ('model.d_model', 'model.num_heads', 'model.d_ff', 'model.num_layers',
             'model.vocab_size', 'train.steps', 'train.log_every', 'train.eval_every',
@@ -159,11 +158,16 @@ def validate(config, device_count: int | None = None) -> None:
            f'(moe.every / model.group_size)')
   # Mesh before MoE: MoE checks divisibility by the expert axis.
   n = device_count if device_count is not None else _device_count()
-  mesh = _mesh_shape(config.mesh, n)
-  _require(config.data.batch_size % mesh[0] == 0, 'data.batch_size', config.data.batch_size,
-           f'must be divisible by the mesh data axis ({mesh[0]})')
+  mesh = mesh_shape(config.mesh, n)
+  _require(config.data.batch_size % (mesh[0] * mesh[1]) == 0, 'data.batch_size',
+           config.data.batch_size,
+           f'must be divisible by mesh.data*mesh.expert ({mesh[0] * mesh[1]}): the batch is '
+           f'split over both')
   if config.moe.router != 'none':
     moe_lib.validate_moe(config.moe, d_model=m.d_model, causal=m.causal, mesh_expert=mesh[1])
+    _require(not (m.causal and config.moe.priority == 'probability'), 'moe.priority',
+             config.moe.priority, "'probability' ranks tokens by the whole group's router "
+             "scores, which leaks future tokens in a causal model; use 'position'")
   halting_lib.validate_halting(config.halting, num_steps(config))
   if config.halting.name == 'mod' and config.moe.router != 'none':
     pass  # MoD gates whole blocks; MoE inside a routed-out block is skipped with it.
@@ -174,7 +178,8 @@ def _device_count() -> int:
   return jax.device_count()
 
 
-def _mesh_shape(mesh_cfg, n: int) -> tuple[int, int, int]:
+def mesh_shape(mesh_cfg, n: int) -> tuple[int, int, int]:
+  """(data, expert, model) for n devices; mesh.data=-1 takes all remaining devices."""
   data, expert, model = mesh_cfg.data, mesh_cfg.expert, mesh_cfg.model
   for name, v in (('mesh.expert', expert), ('mesh.model', model)):
     _require(isinstance(v, int) and v >= 1, name, v, 'must be a positive integer')

@@ -16,13 +16,14 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from act_jax.errors import ConfigError
 
 MESH_AXES = ('data', 'expert', 'model')
 
 # logical axis -> mesh axis (None = replicated). One table for the whole library.
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
-    ('batch', 'data'),
+    # Expert-parallel devices are data-parallel elsewhere, so moving tokens to their
+    # experts is a true all-to-all instead of a broadcast + slice.
+    ('batch', ('data', 'expert')),
     ('expert_group', 'data'),
     ('expert', 'expert'),
     ('mlp', 'model'),
@@ -35,33 +36,12 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def mesh_shape(mesh_cfg: Any) -> tuple[int, int, int]:
-  """(data, expert, model) from config; data=-1 means 'all remaining devices'."""
-  n = jax.device_count()
-  data, expert, model = int(mesh_cfg.data), int(mesh_cfg.expert), int(mesh_cfg.model)
-  for name, v in (('expert', expert), ('model', model)):
-    if v < 1:
-      raise ConfigError(f'mesh.{name}={v}: must be a positive integer')
-  if data == -1:
-    if n % (expert * model):
-      raise ConfigError(
-          f'mesh.expert*mesh.model={expert * model} does not divide the device count {n}')
-    data = n // (expert * model)
-  if data < 1:
-    raise ConfigError(f'mesh.data={data}: must be a positive integer or -1 (all remaining)')
-  if data * expert * model != n:
-    raise ConfigError(
-        f'mesh (data={data}, expert={expert}, model={model}) multiplies to '
-        f'{data * expert * model}, but there are {n} devices; the product must equal '
-        f'the device count (use mesh.data=-1 to fill)')
-  return data, expert, model
-
-
 def make_mesh(mesh_cfg: Any = None, shape: Sequence[int] | None = None,
               devices: Sequence[Any] | None = None) -> Mesh:
   """Builds the ('data','expert','model') mesh from config or an explicit shape."""
   if shape is None:
-    shape = mesh_shape(mesh_cfg)
+    from act_jax.config import mesh_shape  # one definition, with field-naming errors
+    shape = mesh_shape(mesh_cfg, jax.device_count())
   devs = list(devices) if devices is not None else jax.devices()
   n = int(np.prod(shape))
   return Mesh(np.asarray(devs[:n]).reshape(tuple(shape)), MESH_AXES)
@@ -100,8 +80,8 @@ def params_shardings(abstract_boxed: Any, mesh: Mesh) -> Any:
 
 
 def data_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-  """Batch-leading arrays are split over the 'data' axis."""
-  return NamedSharding(mesh, P('data', *([None] * (ndim - 1))))
+  """Batch-leading arrays are split over the 'data' and 'expert' axes (see LOGICAL_RULES)."""
+  return NamedSharding(mesh, P(('data', 'expert'), *([None] * (ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

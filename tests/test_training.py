@@ -146,12 +146,15 @@ def test_incompatible_checkpoint_is_reported_and_left_untouched(tmp_path):
   assert after == snapshot
 
 
-def test_multidevice_train_step_matches_single_device(multidevice):
+@pytest.mark.parametrize('variant', ['runlocal', 'router=top_k,halting=act,runlocal'])
+def test_multidevice_train_step_matches_single_device(multidevice, variant):
   out = multidevice('''
     import jax, numpy as np
     from act_jax import sharding, training, data
     from experiments.configs import lm
-    c = lm.get_config('runlocal')
+    c = lm.get_config(VARIANT)
+    c.model.num_layers = 4
+    c.moe.num_experts = 8  # divisible by the expert axis of every mesh below
     c.data.batch_size = 8
     batch = {k: jax.numpy.asarray(v) for k, v in
              data.make_dataset(c.data, 0).train_batch(0).items()}
@@ -164,14 +167,17 @@ def test_multidevice_train_step_matches_single_device(multidevice):
         step = jax.jit(training.make_train_step(c), in_shardings=(sh, None, None),
                        out_shardings=(sh, None))
         new, m = step(state, bs, jax.random.PRNGKey(0))
-      return float(m['loss']), jax.device_get(new['params'])
-    l1, p1 = one_step((1, 1, 1))
-    for shape in [(8, 1, 1), (2, 4, 1)]:
-      l, p = one_step(shape)
+        hlo = step.lower(state, bs, jax.random.PRNGKey(0)).compile().as_text()
+      return float(m['loss']), jax.device_get(new['params']), hlo
+    l1, p1, _ = one_step((1, 1, 1))
+    for shape in [(8, 1, 1), (2, 4, 1), (1, 8, 1)]:
+      l, p, hlo = one_step(shape)
       assert abs(l - l1) < 1e-5, (shape, l, l1)
       jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), p, p1)
+      if 'top_k' in VARIANT and shape[1] > 1:
+        assert 'all-to-all' in hlo, 'tokens should move to their experts by all-to-all'
     print('OK', l1)
-  ''')
+  '''.replace('VARIANT', repr(variant)))
   assert 'OK' in out
 
 
