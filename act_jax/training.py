@@ -420,6 +420,11 @@ def summary(config, res: dict[str, float], domains, workdir: str) -> str:
       lines.append(f'  {d:>8}: loss {res[f"{d}/loss"]:.4f} acc {res[f"{d}/accuracy"]:.4f} '
                    f'layers {res[f"{d}/layers_mean"]:.2f}/{full}')
   if 'spearman_layers_difficulty' in res:
+    diffs = sorted(int(k.split('/')[0].split('_')[1]) for k in res
+                   if k.startswith('difficulty_') and k.endswith('/layers_mean'))
+    lines.append('difficulty -> mean layers (accuracy): ' + ' '.join(
+        f'{d}:{res[f"difficulty_{d}/layers_mean"]:.2f}({res[f"difficulty_{d}/accuracy"]:.2f})'
+        for d in diffs))
     lines.append(f'Spearman(layers, difficulty) = {res["spearman_layers_difficulty"]:.3f}')
   if 'moe/load_imbalance' in res:
     lines.append(f'experts: load max/mean {res["moe/load_imbalance"]:.2f}, dropped '
