@@ -201,11 +201,11 @@ def apply_common_args(config, args: dict[str, Any]) -> ml_collections.ConfigDict
   if 'router' in args:
     config.moe.router = args.pop('router')
   if args.pop('runlocal', False):
-    config.model.update(d_model=32, num_heads=2, d_ff=64, num_layers=2)
+    config.model.update(d_model=32, num_heads=2, d_ff=64, num_layers=4)
     config.data.update(seq_len=32, batch_size=4, max_bytes=200_000)
     config.train.update(steps=20, warmup_steps=2, log_every=5, eval_every=10, eval_batches=2,
                         checkpoint_every=10)
-    config.moe.update(num_experts=4)
+    config.moe.update(num_experts=4, d_ff=32 if config.moe.d_ff else 0)
   if args:
     raise ConfigError(f'unknown config arg(s) {sorted(args)}; known: halting=, router=, runlocal')
   return config

@@ -13,12 +13,12 @@ from experiments.configs import lm, synthetic
 @pytest.mark.parametrize('policy', ['act', 'pondernet', 'confidence', 'learned_exit', 'mod'])
 def test_each_policy_trains_by_flag(policy, tmp_path):
   config = lm.get_config(f'halting={policy},runlocal')
-  config.model.num_layers = 3
+  config.model.num_layers = 4
   config.train.update(steps=4, eval_every=1000, log_every=2)
   lines = []
   res = training.train_and_evaluate(config, str(tmp_path), log=lines.append)
   assert np.isfinite(res['loss'])
-  assert 1.0 <= res['layers_mean'] <= 3.0
+  assert 1.0 <= res['layers_mean'] <= 4.0
   assert any('exit depth' in l for l in lines)  # the histogram is in the log
   expected_term = {'act': 'ponder', 'pondernet': 'kl', 'learned_exit': 'exit_bce',
                    'mod': 'mod_predictor', 'confidence': 'task'}[policy]

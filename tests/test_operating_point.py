@@ -12,7 +12,7 @@ from experiments.configs import lm
 
 def _train(path, policy):
   c = lm.get_config(f'halting={policy},runlocal')
-  c.model.num_layers = 3
+  c.model.num_layers = 4
   c.train.update(steps=6, eval_every=1000)
   training.train_and_evaluate(c, str(path), log=lambda s: None)
   return str(path)
@@ -30,7 +30,7 @@ def test_calibrate_writes_frontier_and_plot(run):
   assert saved['chosen_threshold'] == r['chosen_threshold']
   fr = saved['frontier']
   assert len(fr['thresholds']) == len(fr['mean_layers']) == len(fr['ms_per_token'])
-  assert all(1.0 <= m <= 3.0 for m in fr['mean_layers'])
+  assert all(1.0 <= m <= 4.0 for m in fr['mean_layers'])
   # Thresholds go conservative -> aggressive: layers never increase along the frontier.
   assert np.all(np.diff(fr['mean_layers']) <= 1e-9)
   with open(os.path.join(run, 'calibration.png'), 'rb') as f:

@@ -146,7 +146,8 @@ def test_incompatible_checkpoint_is_reported_and_left_untouched(tmp_path):
   assert after == snapshot
 
 
-@pytest.mark.parametrize('variant', ['runlocal', 'router=top_k,halting=act,runlocal'])
+@pytest.mark.parametrize('variant', ['halting=none,router=none,runlocal',
+                                     'router=top_k,halting=act,runlocal'])
 def test_multidevice_train_step_matches_single_device(multidevice, variant):
   out = multidevice('''
     import jax, numpy as np
