@@ -26,7 +26,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.data = ml_collections.ConfigDict(dict(
       name='stdlib', files='', seq_len=128, batch_size=16, heldout_fraction=0.1,
-      max_bytes=4_000_000, code_fraction=0.5, num_bits=16, max_digits=6))
+      max_bytes=4_000_000, code_fraction=0.5, num_bits=16, max_digits=6, num_nodes=8,
+      max_hops=6))
   c.model = ml_collections.ConfigDict(dict(
       vocab_size=260, d_model=128, num_heads=4, head_dim=0, d_ff=384, num_layers=6,
       causal=True, share_weights=False, tie_embeddings=True, max_len=0, rope_base=10000.0,

@@ -239,3 +239,21 @@ def test_boundary_seq_lens_work():
   b = make_dataset(cfg(name='addition', max_digits=6, seq_len=22, batch_size=256),
                    seed=0).train_batch(0)
   assert (b['targets'] == EOS).sum(axis=1).tolist() == [1] * 256  # no answer cut off
+
+
+def test_hops_target_follows_the_listed_edges_k_times():
+  from act_jax.data import make_dataset, decode
+  ds = make_dataset({'name': 'hops', 'seq_len': 20, 'batch_size': 64, 'num_nodes': 8,
+                     'max_hops': 6}, seed=3)
+  b = ds.train_batch(7)
+  for row, tgt, k in zip(b['inputs'], b['targets'], b['difficulty']):
+    text = decode(row)
+    edges = dict(text[i:i + 2] for i in range(0, 16, 2))
+    assert sorted(edges) == sorted(edges.values()) == list('abcdefgh')  # a permutation
+    node = text[16]
+    assert int(text[17]) == k and text[18] == '='
+    for _ in range(k):
+      node = edges[node]
+    assert decode([tgt[ds.answer_pos]]) == node
+    assert b['weights'][0].sum() == 1
+  assert set(b['difficulty']) <= set(range(1, 7)) and len(set(b['difficulty'])) > 3

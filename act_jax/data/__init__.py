@@ -7,6 +7,7 @@ whose eval_batches(n) is a fixed held-out set. Datasets:
   files     causal LM on files matching data.files ('.py' -> code, others -> prose)
   parity    ACT parity task, difficulty = number of bits (works for bidirectional models)
   addition  multi-digit addition with reversed answers, difficulty = number of digits
+  hops      pointer chasing through a random permutation, difficulty = number of hops
 Everything is numpy; device placement and sharding happen in the trainer.
 """
 from __future__ import annotations
@@ -19,13 +20,13 @@ import numpy as np
 
 from act_jax.data.corpus import (BOS, EOS, PAD, SEP, VOCAB_SIZE, Dataset, TextDataset,
                                  build_splits, decode, encode, file_documents, stdlib_corpus)
-from act_jax.data.synthetic import AdditionDataset, ParityDataset
+from act_jax.data.synthetic import AdditionDataset, HopsDataset, ParityDataset
 from act_jax.errors import ConfigError
 
 __all__ = ['BOS', 'EOS', 'PAD', 'SEP', 'VOCAB_SIZE', 'DEFAULTS', 'Dataset', 'decode',
            'default_config', 'encode', 'make_dataset', 'validate', 'KNOWN_NAMES', 'CAUSAL_ONLY']
 
-KNOWN_NAMES = ('stdlib', 'files', 'parity', 'addition')
+KNOWN_NAMES = ('stdlib', 'files', 'parity', 'addition', 'hops')
 # Tasks whose targets are only valid for a causal model (teacher forcing / next token).
 CAUSAL_ONLY = ('stdlib', 'files', 'addition')
 
@@ -39,6 +40,8 @@ DEFAULTS: dict[str, Any] = {
     'code_fraction': 0.5,
     'num_bits': 16,
     'max_digits': 6,
+    'num_nodes': 8,
+    'max_hops': 6,
 }
 
 
@@ -65,7 +68,8 @@ def validate(data_cfg: Any) -> None:
   name = _get(data_cfg, 'name')
   if name not in KNOWN_NAMES:
     raise ConfigError(f'data.name={name!r}: unknown; known: {", ".join(KNOWN_NAMES)}')
-  for key in ('seq_len', 'batch_size', 'max_bytes', 'num_bits', 'max_digits'):
+  for key in ('seq_len', 'batch_size', 'max_bytes', 'num_bits', 'max_digits', 'num_nodes',
+              'max_hops'):
     v = _get(data_cfg, key)
     if not _is_int(v) or v < 1:
       raise ConfigError(f'data.{key}={v!r}: must be a positive integer')
@@ -85,6 +89,15 @@ def validate(data_cfg: Any) -> None:
     if seq_len < bits + 2:  # BOS + bits + '='
       raise ConfigError(f'data.seq_len={seq_len}: parity with data.num_bits={bits} needs '
                         f'seq_len >= num_bits + 2 = {bits + 2}')
+  elif name == 'hops':
+    nodes, hops = _get(data_cfg, 'num_nodes'), _get(data_cfg, 'max_hops')
+    if nodes > 26:
+      raise ConfigError(f'data.num_nodes={nodes}: must be at most 26 (letters a-z)')
+    if hops > 9:
+      raise ConfigError(f'data.max_hops={hops}: must be at most 9 (one digit)')
+    if seq_len < 2 * nodes + 4:
+      raise ConfigError(f'data.seq_len={seq_len}: hops with data.num_nodes={nodes} needs '
+                        f'seq_len >= 2 * num_nodes + 4 = {2 * nodes + 4}')
   elif name == 'addition':
     digits = _get(data_cfg, 'max_digits')
     if digits > 18:  # operands are drawn as int64
@@ -104,6 +117,9 @@ def make_dataset(data_cfg: Any, seed: int) -> Dataset:
   seed = int(seed)
   if name == 'parity':
     return ParityDataset(int(_get(data_cfg, 'num_bits')), seq_len, batch_size, seed)
+  if name == 'hops':
+    return HopsDataset(int(_get(data_cfg, 'num_nodes')), int(_get(data_cfg, 'max_hops')),
+                       seq_len, batch_size, seed)
   if name == 'addition':
     return AdditionDataset(int(_get(data_cfg, 'max_digits')), seq_len, batch_size, seed)
   max_bytes = int(_get(data_cfg, 'max_bytes'))

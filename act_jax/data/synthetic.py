@@ -11,7 +11,13 @@ addition BOS "a+b=" then the digits of a+b REVERSED (least significant first, so
          [1, max_digits]; difficulty = d. Next-token targets are in the inputs, so
          causal_only=True.
 
-Both are pure functions of (seed, stream, index): training uses
+hops     pointer chasing: BOS, the edges of a random permutation f of num_nodes letters written
+         as 'xy' pairs (x -> y) in random order, then a start letter s, the hop count k as a
+         digit, then '='. The scored target at '=' is f^k(s). Every hop is one more lookup,
+         so depth really is needed in proportion to k; difficulty = k (uniform in
+         [1, max_hops]). causal_only=False.
+
+All are pure functions of (seed, stream, index): training uses
 np.random.default_rng([seed, 0, step]) and evaluation a separate stream
 default_rng([seed, 1, i]), so eval batches are fixed and drawn independently of training.
 """
@@ -93,3 +99,38 @@ class AdditionDataset(_SyntheticDataset):
       difficulty.append(d)
     return pack_batch(seqs, self._seq_len, np.zeros(self._batch_size, np.int32),
                       difficulty, answer_start)
+
+
+class HopsDataset(_SyntheticDataset):
+  name = 'hops'
+  domains = ('hops',)
+  causal_only = False
+
+  def __init__(self, num_nodes: int, max_hops: int, seq_len: int, batch_size: int, seed: int):
+    super().__init__(seq_len, batch_size, seed)
+    self.num_nodes, self.max_hops = num_nodes, max_hops
+    self.answer_pos = 2 * num_nodes + 3  # BOS, edges, start, k, then '='
+
+  def _batch(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    b, n = self._batch_size, self.num_nodes
+    f = np.argsort(rng.random((b, n)), axis=1)        # a random permutation per row
+    order = np.argsort(rng.random((b, n)), axis=1)    # the order edges are listed in
+    start = rng.integers(0, n, size=b)
+    k = rng.integers(1, self.max_hops + 1, size=b)
+    node = start.copy()
+    for hop in range(self.max_hops):                  # node <- f(node) while hop < k
+      node = np.where(hop < k, f[np.arange(b), node], node)
+    letters = ord('a') + np.arange(n)
+    src, dst = letters[order], letters[np.take_along_axis(f, order, axis=1)]
+    inputs = np.full((b, self._seq_len), PAD, dtype=np.int32)
+    inputs[:, 0] = BOS
+    inputs[:, 1:2 * n + 1:2], inputs[:, 2:2 * n + 2:2] = src, dst
+    inputs[:, 2 * n + 1] = letters[start]
+    inputs[:, 2 * n + 2] = ord('0') + k
+    inputs[:, self.answer_pos] = ord('=')
+    targets = np.full((b, self._seq_len), PAD, dtype=np.int32)
+    targets[:, self.answer_pos] = letters[node]
+    weights = np.zeros((b, self._seq_len), dtype=np.float32)
+    weights[:, self.answer_pos] = 1.0
+    return {'inputs': inputs, 'targets': targets, 'weights': weights,
+            'domain': np.zeros(b, np.int32), 'difficulty': k.astype(np.int32)}

@@ -1,6 +1,6 @@
 r"""Synthetic tasks with a known difficulty per example: parity and addition.
 
-Variants: task=parity|addition (default parity), halting=<policy>, router=<router>, runlocal.
+Variants: task=parity|addition|hops (default parity), halting=<policy>, router=<router>, runlocal.
 
   python -m experiments.train \
       --config=experiments/configs/synthetic.py:task=parity,halting=act --workdir=runs/parity_act
@@ -22,6 +22,9 @@ def get_config(arg: str | None = None):
   if task == 'parity':
     config.model.causal = False
     config.data.seq_len = 20
+  elif task == 'hops':
+    config.model.causal = False
+    config.data.seq_len = 2 * config.data.num_nodes + 4
   else:
     config.data.seq_len = 20
   return config_lib.apply_common_args(config, args)
