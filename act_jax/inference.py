@@ -103,7 +103,8 @@ def _depth_while(config, variables, carry, bcast, cache=None, keep_layer_aux=Tru
   step = DepthStep(_frozen(config), train=False)
 
   def apply(c, i, cache_i):
-    new_c, ys = step.apply(_step_variables(config, variables, i), c, cache_i, bcast)
+    new_c, ys = step.apply(_step_variables(config, variables, i), c, cache_i, bcast,
+                           rngs={'halting': jax.random.fold_in(jax.random.PRNGKey(0), i)})
     if not keep_layer_aux:
       ys = {k: v for k, v in ys.items() if k != 'layer_aux'}
     return new_c, ys

@@ -85,7 +85,9 @@ class Layer(nn.Module):
         gate_BL = jax.nn.sigmoid(r_BL)
       aux['mod'] = {'selected': selected_BL, 'predictor_logit': pred_BL}
       active_BL = selected_BL
-      km = selected_BL if cache is None else None  # decode: see inference.py
+      # Training: unselected tokens are invisible as keys (they skipped the block). Decoding
+      # keeps every cached position visible: the cache holds no per-layer selection history.
+      km = selected_BL if cache is None else None
       key_mask_BT = km if key_mask_BT is None or km is None else key_mask_BT & km
     x = RMSNorm(param_dtype=pdtype, name='attn_norm')(h_BLD)
     attn_BLD, cache = Attention(m.num_heads, head_dim, m.d_model, causal=m.causal,

@@ -191,7 +191,8 @@ def make_eval_step(config) -> Callable:
 
   def eval_step(state: State, batch: dict, threshold=None):
     logits, aux = model.apply({'params': state['params'], 'moe_state': state['moe_state']},
-                              batch['inputs'], threshold=threshold)
+                              batch['inputs'], threshold=threshold,
+                              rngs={'halting': jax.random.PRNGKey(0)})  # halting.sample
     w = batch['weights']
     ce = cross_entropy(logits, batch['targets']) * w
     correct = (jnp.argmax(logits, -1) == batch['targets']) * w
