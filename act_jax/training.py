@@ -207,15 +207,24 @@ def make_eval_step(config) -> Callable:
   return eval_step
 
 
+def _fetch(tree):
+  """Device -> host; on multi-host, gathers the rows every process holds."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
+
+
 def evaluate(config, state, eval_step, batches, domains, threshold=None,
-             histograms: dict | None = None) -> dict[str, float]:
+             histograms: dict | None = None, put: Callable | None = None) -> dict[str, float]:
   """Held-out quality *and* compute: per domain and per difficulty.
 
   If `histograms` is a dict, it is filled with per-token arrays for TensorBoard."""
   rows = {k: [] for k in ('loss_sum', 'weight_sum', 'correct_sum', 'layers_sum')}
   dom, diff, load, dropped, tok_layers, tok_w, top1 = [], [], [], [], [], [], []
   for b in batches:
-    out = jax.device_get(eval_step(state, {k: jnp.asarray(v) for k, v in b.items()}, threshold))
+    dev = put(b) if put is not None else {k: jnp.asarray(v) for k, v in b.items()}
+    out = _fetch(eval_step(state, dev, threshold))
     for k in rows:
       rows[k].append(np.asarray(out[k]))
     tok_layers.append(np.asarray(out['layers']).ravel())
@@ -355,7 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     hists: dict = {}
     with sharding_lib.mesh_context(mesh):
       eval_res = evaluate(config, state, eval_step, eval_batches, dataset.domains,
-                          histograms=hists)
+                          histograms=hists, put=lambda b: _host_batch(b, mesh))
     writer.write_scalars(step, eval_res, split='eval')
     writer.write_histograms(step, hists)
     hist = ' '.join(f'{k.split("/")[1]}:{v:.0%}' for k, v in eval_res.items()
@@ -370,7 +379,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), step)
       with sharding_lib.mesh_context(mesh):
         new_state, metrics = train_step(state, batch, rng)
-      metrics = jax.device_get(metrics)
+      metrics = _fetch(metrics)
       if not metrics['finite'] and tcfg.nonfinite == 'abort':
         ckpt.wait()
         raise FloatingPointError(
