@@ -284,3 +284,26 @@ def generate_listing(workdir: str, prompt: str, threshold: Optional[float] = Non
                f'({config.model.num_layers / mean_layers:.2f}x fewer)  '
                '[layers: exit layer of the step that consumed each byte; ? = last byte]')
   return '\n'.join(lines)
+
+
+def evaluate_run(workdir: str, thresholds: Sequence[Optional[float]] = (None,),
+                 num_batches: Optional[int] = None,
+                 log: Callable[[str], None] = print) -> list[dict]:
+  """Held-out quality and compute of a trained run at one or more thresholds (None = the
+  policy default): per domain, per difficulty bucket, and Spearman(layers, difficulty)."""
+  from act_jax import training  # heavy import only when used
+  config, state = inference.load_run(workdir)
+  ds = data_lib.make_dataset(config.data, config.seed)
+  batches = ds.eval_batches(num_batches or config.train.eval_batches)
+  eval_step = jax.jit(training.make_eval_step(config))
+  rows = []
+  for thr in thresholds:
+    if thr is not None:
+      inference.check_threshold(thr)
+    res = training.evaluate(config, state, eval_step, batches, ds.domains,
+                            threshold=None if thr is None else jnp.float32(thr))
+    res.update(step=float(state['step']), train_seconds=0.0)
+    log(f'--- threshold {"default" if thr is None else thr}')
+    log(training.summary(config, res, ds.domains, workdir))
+    rows.append({'threshold': thr, **res})
+  return rows

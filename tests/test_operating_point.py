@@ -86,3 +86,9 @@ def test_benchmark_table(run):
   assert {(r['batch'], r['compact']) for r in rows} == {(1, False), (2, False), (2, True)}
   table = operating_point.format_table(rows)
   assert 'speedup' in table and all(r['ms_per_token'] > 0 for r in rows)
+
+
+def test_evaluate_run_reports_each_threshold(run):
+  rows = operating_point.evaluate_run(run, [None, 0.5], num_batches=2, log=lambda s: None)
+  assert [r['threshold'] for r in rows] == [None, 0.5]
+  assert all('code/layers_mean' in r and 1.0 <= r['layers_mean'] <= 4.0 for r in rows)
