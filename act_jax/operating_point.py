@@ -77,11 +77,12 @@ def sweep(config, variables: dict, batches: Sequence[dict], thresholds: Sequence
 
 
 def time_decode(config, variables: dict, prompt_BP: np.ndarray, thresholds: Sequence[float],
-                new_tokens: int, repeats: int = 3, compact: bool = False) -> dict:
+                new_tokens: int, repeats: int = 3, compact: bool = False,
+                kv_fill: str = 'project') -> dict:
   """Median seconds per generated token and mean layers, per threshold (one compile)."""
   ms, layers = [], []
   run = lambda thr: inference.generate(config, variables, prompt_BP, new_tokens, thr,
-                                       compact=compact)
+                                       kv_fill=kv_fill, compact=compact)
   jax.block_until_ready(run(float(thresholds[0])))  # compile once: thresholds are traced
   for thr in thresholds:
     times = []
@@ -199,7 +200,7 @@ def plot_frontier(result: dict, path: str) -> str:
 
 def benchmark_rows(workdir: str, thresholds: Sequence[float], batch_sizes: Sequence[int] = (1, 8),
                    prompt_len: int = 16, new_tokens: int = 64, repeats: int = 3,
-                   log: Callable[[str], None] = print) -> list[dict]:
+                   log: Callable[[str], None] = print, kv_fill: str = 'project') -> list[dict]:
   """Decode speed per threshold against full depth, side by side in one process."""
   config, state = inference.load_run(workdir)
   variables = {'params': state['params'], 'moe_state': state['moe_state']}
@@ -212,7 +213,7 @@ def benchmark_rows(workdir: str, thresholds: Sequence[float], batch_sizes: Seque
     for compact in ((False, True) if b > 1 else (False,)):
       log(f'batch {b} compact={compact}: timing {len(thresholds) + 1} operating points ...')
       t = time_decode(config, variables, prompt, [inference.NEVER_EXIT] + list(thresholds),
-                      new_tokens, repeats, compact)
+                      new_tokens, repeats, compact, kv_fill)
       full_ms = t['ms_per_token'][0]
       for thr, ms, layers in zip(t['thresholds'][1:], t['ms_per_token'][1:], t['mean_layers'][1:]):
         ideal = full_layers / max(layers, 1e-9)

@@ -13,6 +13,7 @@ _THR = flags.DEFINE_list('thresholds', ['0.99', '0.95', '0.9', '0.8', '0.6', '0.
 _BATCH = flags.DEFINE_list('batch_sizes', ['1', '8'], 'Decode batch sizes.')
 _NEW = flags.DEFINE_integer('new_tokens', 64, 'Generated tokens per timing.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timings per point (median).')
+_FILL = flags.DEFINE_enum('kv_fill', 'project', ['project', 'copy'], 'KV of skipped layers.')
 flags.mark_flag_as_required('workdir')
 
 
@@ -21,7 +22,8 @@ def main(argv):
   quiet_logs()
   rows = operating_point.benchmark_rows(_WORKDIR.value, [float(t) for t in _THR.value],
                                         [int(b) for b in _BATCH.value],
-                                        new_tokens=_NEW.value, repeats=_REPEATS.value)
+                                        new_tokens=_NEW.value, repeats=_REPEATS.value,
+                                        kv_fill=_FILL.value)
   print(operating_point.format_table(rows))
 
 
