@@ -34,7 +34,7 @@ import numpy as np
 
 from act_jax import config as config_lib
 from act_jax.errors import CheckpointError, ConfigError
-from act_jax.layers import Attention, rms_norm
+from act_jax.layers import project_kv, rms_norm
 from act_jax.model import (DepthStep, dtype_of, finish_outputs, init_cache, make_model,
                            prepare_inputs)
 
@@ -144,13 +144,10 @@ def _depth_while(config, variables, carry, bcast, cache=None, keep_layer_aux=Tru
 def _write_position(full_NBTHK, new_BTHK, i, index, length, rows):
   """full[i, rows, index:index+length] = new[:, index:index+length]."""
   chunk = jax.lax.dynamic_slice_in_dim(new_BTHK, index, length, axis=1)
-  layer = full_NBTHK[i]
-  if rows is None:
-    layer = jax.lax.dynamic_update_slice_in_dim(layer, chunk, index, axis=1)
-  else:
-    pos = index + jnp.arange(length)
-    layer = layer.at[rows[:, None], pos[None, :]].set(chunk)
-  return jax.lax.dynamic_update_index_in_dim(full_NBTHK, layer, i, 0)
+  if rows is None:  # 5-D in-place update: no per-layer copy of the cache
+    return jax.lax.dynamic_update_slice(full_NBTHK, chunk[None], (i, 0, index, 0, 0))
+  pos = index + jnp.arange(length)
+  return full_NBTHK.at[i, rows[:, None], pos[None, :]].set(chunk)
 
 
 def forward_while(config, variables: dict, tokens_BL: jax.Array,
@@ -217,9 +214,12 @@ def _fill_skipped_kv(config, variables, cache, h_BLD, exit_step_BL, executed, in
   n = config_lib.num_steps(config)
   kinds = config_lib.layer_kinds(config)
   m = config.model
-  hd = m.head_dim or m.d_model // m.num_heads
-  attn = Attention(m.num_heads, hd, m.d_model, causal=m.causal, rope_base=m.rope_base,
-                   dtype=dtype_of(m.dtype), param_dtype=dtype_of(m.param_dtype))
+  stack = variables['params']['stack']
+  # Only the K/V projections and the attention norm of skipped layers are read: slicing a
+  # whole step's parameters would copy its MLP/experts for nothing.
+  kv_params = [{'scale': stack[f'layer_{g}']['attn_norm']['scale'],
+                'wk': stack[f'layer_{g}']['attn']['wk'], 'wv': stack[f'layer_{g}']['attn']['wv']}
+               for g in range(len(kinds))]
   e_B = exit_step_BL[:, -1]
   if kv_fill == 'project':
     start = executed  # steps before this ran with the frozen exit state: already projected
@@ -232,23 +232,23 @@ def _fill_skipped_kv(config, variables, cache, h_BLD, exit_step_BL, executed, in
     v_exit = jax.lax.dynamic_slice_in_dim(v_exit, index, 1, axis=1)
 
   def body(j, kv):
-    p_j = _step_variables(config, variables, j)['params']
     skipped_B = j > e_B
     new = []
     for g in range(len(kinds)):
       if kv_fill == 'project':
-        x = rms_norm(h_BLD, p_j[f'layer_{g}']['attn_norm']['scale'])
-        k, v = attn.apply({'params': p_j[f'layer_{g}']['attn']}, x, positions_BL,
-                          method=Attention.kv)
+        p = kv_params[g] if m.share_weights else _index(kv_params[g], j)
+        k, v = project_kv(rms_norm(h_BLD, p['scale']), p['wk'], p['wv'], positions_BL,
+                          m.rope_base, dtype_of(m.dtype))
       else:
         k, v = k_exit, v_exit
       entry = {}
       for name, val in (('k', k), ('v', v)):
         full = kv[g][name]                                    # [N,B,T,H,K]
-        old = jax.lax.dynamic_slice_in_dim(full[j], index, 1, axis=1)
+        _, b, _, h, hk = full.shape
+        at = (j, 0, index, 0, 0)  # 5-D in-place update: no per-layer copy of the cache
+        old = jax.lax.dynamic_slice(full, at, (1, b, 1, h, hk))[0]
         val = jnp.where(skipped_B[:, None, None, None], val.astype(full.dtype), old)
-        row = jax.lax.dynamic_update_slice_in_dim(full[j], val, index, axis=1)
-        entry[name] = jax.lax.dynamic_update_index_in_dim(full, row, j, 0)
+        entry[name] = jax.lax.dynamic_update_slice(full, val[None], at)
       new.append(entry)
     return new
 

@@ -30,6 +30,19 @@ def apply_rope(x_BLHK: jax.Array, positions_BL: jax.Array, base: float = 10000.0
   return out.reshape(x.shape).astype(x_BLHK.dtype)
 
 
+def project_kv(x_BLD: jax.Array, wk_DHK: jax.Array, wv_DHK: jax.Array, positions_BL: jax.Array,
+               rope_base: float = 10000.0, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+  """Keys (rotated) and values of x: what later tokens read from a layer.
+
+  A pure function of the two projections so early-exit decoding can fill the KV cache of
+  skipped layers without touching (or copying) the rest of their parameters.
+  """
+  x = x_BLD.astype(dtype)
+  k_BLHK = apply_rope(jnp.einsum('bld,dhk->blhk', x, wk_DHK.astype(dtype)), positions_BL,
+                      rope_base)
+  return k_BLHK, jnp.einsum('bld,dhk->blhk', x, wv_DHK.astype(dtype))
+
+
 def init_cache(batch: int, max_len: int, num_heads: int, head_dim: int,
                dtype=jnp.float32) -> Cache:
   z = jnp.zeros((batch, max_len, num_heads, head_dim), dtype)
@@ -67,8 +80,7 @@ class Attention(nn.Module):
 
   def kv(self, x_BLD: jax.Array, positions_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Keys (rotated) and values of x: what later tokens read from this layer."""
-    k_BLHK = apply_rope(self._proj(x_BLD, self.wk_DHK), positions_BL, self.rope_base)
-    return k_BLHK, self._proj(x_BLD, self.wv_DHK)
+    return project_kv(x_BLD, self.wk_DHK, self.wv_DHK, positions_BL, self.rope_base, self.dtype)
 
   def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, cache: Optional[Cache] = None,
                cache_index: Optional[jax.Array] = None, key_mask_BT: Optional[jax.Array] = None
