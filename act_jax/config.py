@@ -9,7 +9,6 @@ Variants are chosen by registered name: `config.halting.name` (act_jax.halting.P
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import ml_collections

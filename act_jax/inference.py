@@ -25,12 +25,11 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from act_jax import config as config_lib
 from act_jax.errors import CheckpointError, ConfigError

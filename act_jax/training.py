@@ -12,11 +12,10 @@ Dims: B batch, L length, V vocab, N depth steps, E experts.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax
