@@ -58,7 +58,7 @@ class Layer(nn.Module):
 
   @nn.compact
   def __call__(self, h_BLD, positions_BL, running_BL, token_ids_BL, key_mask_BT, cache,
-               cache_index):
+               cache_index, kv_h_BLD=None):
     m = self.config.model
     dtype, pdtype = dtype_of(m.dtype), dtype_of(m.param_dtype)
     head_dim = m.head_dim or m.d_model // m.num_heads
@@ -89,10 +89,13 @@ class Layer(nn.Module):
       # keeps every cached position visible: the cache holds no per-layer selection history.
       km = selected_BL if cache is None else None
       key_mask_BT = km if key_mask_BT is None or km is None else key_mask_BT & km
-    x = RMSNorm(param_dtype=pdtype, name='attn_norm')(h_BLD)
+    attn_norm = RMSNorm(param_dtype=pdtype, name='attn_norm')
+    x = attn_norm(h_BLD)
+    x_kv = None if kv_h_BLD is None else attn_norm(kv_h_BLD)
     attn_BLD, cache = Attention(m.num_heads, head_dim, m.d_model, causal=m.causal,
                                 rope_base=m.rope_base, dtype=dtype, param_dtype=pdtype,
-                                name='attn')(x, positions_BL, cache, cache_index, key_mask_BT)
+                                name='attn')(x, positions_BL, cache, cache_index, key_mask_BT,
+                                             x_kv)
     h1_BLD = h_BLD + attn_BLD.astype(h_BLD.dtype)
     x = RMSNorm(param_dtype=pdtype, name='ffn_norm')(h1_BLD)
     if self.kind == 'moe':
@@ -120,13 +123,17 @@ class DepthStep(nn.Module):
     kinds = config_lib.layer_kinds(self.config)
     policy = halting_lib.make_policy(self.config.halting, config_lib.num_steps(self.config))
     h_prev, running_BL = carry['h'], carry['running']
+    # Exit-aware training (see AdaptiveTransformer): tokens whose criterion was met at an
+    # earlier step show later tokens the K/V of their exit state, as decoding will.
+    exited_BL = carry['state']['met'] if 'h_exit' in carry else None
     h = h_prev
     caches, layer_aux = [], []
     for j, kind in enumerate(kinds):
       cache_j = None if xs is None else xs[j]
+      kv_h = None if exited_BL is None else jnp.where(exited_BL[..., None], carry['h_exit'], h)
       h, cache_j, aux_j = Layer(self.config, kind, self.train, name=f'layer_{j}')(
           h, bcast['positions'], running_BL, bcast['tokens'], bcast['key_mask'], cache_j,
-          bcast['cache_index'])
+          bcast['cache_index'], kv_h)
       # Halted tokens stay frozen at every layer, so each layer's K/V of a halted token is
       # the projection of its exit state (CALM's KV propagation, same as inference.py).
       h = jnp.where(running_BL[..., None], h, h_prev)
@@ -161,6 +168,9 @@ class DepthStep(nn.Module):
         self.train)
     new_carry = {'h': h_new, 'running': running_next & running_BL, 'state': state,
                  'i': carry['i'] + 1}
+    if exited_BL is not None:  # freeze each token's state at its first met criterion
+      new_carry['h_exit'] = jnp.where((state['met'] & ~exited_BL)[..., None], h_new,
+                                      carry['h_exit'])
     ys = {'step': step_out, 'running': running_BL,
           'layers': _layers_executed(layer_aux, running_BL),
           'layer_aux': layer_aux}
@@ -199,8 +209,20 @@ class AdaptiveTransformer(nn.Module):
     if not m.tie_embeddings:
       top['unembed'] = self.param('unembed', nn.with_logical_partitioning(
           nn.initializers.lecun_normal(), ('embed', 'vocab')), (m.d_model, m.vocab_size), pdtype)
+    if self.train and cfg.halting.get('exit_aware', 0.0) > 0 and cache is None:
+      # Exit-aware training: every token still runs every step (each exit's loss needs it),
+      # but a token whose criterion is met -- at a threshold drawn per row from
+      # U(exit_aware, 1) unless given -- exposes its exit state's K/V to later tokens at the
+      # deeper layers, exactly what early-exit inference will show them. Without this the
+      # deeper layers never see such K/V in training, and real exits cost far more accuracy
+      # than the per-exit heads promise.
+      if threshold is None:
+        threshold = jax.random.uniform(self.make_rng('halting'), (tokens_BL.shape[0], 1),
+                                       minval=cfg.halting.exit_aware, maxval=1.0)
     carry, bcast = prepare_inputs(cfg, top, tokens_BL, threshold, positions_BL, cache_index,
                                   decoding=cache is not None)
+    if self.train and cfg.halting.get('exit_aware', 0.0) > 0 and cache is None:
+      carry['h_exit'] = carry['h']  # read only where a criterion was met
     step_cls = DepthStep
     if m.remat != 'none':
       step_cls = nn.remat(DepthStep, policy=_REMAT[m.remat], prevent_cse=False)

@@ -624,7 +624,16 @@ BAD = [
     ('lambda_p', 1.0, 4, 'halting.lambda_p'),
     ('bias_init', float('nan'), 4, 'halting.bias_init'),
     ('bias_init', float('inf'), 4, 'halting.bias_init'),
+    ('exit_aware', -0.1, 4, 'halting.exit_aware'),
+    ('exit_aware', 1.0, 4, 'halting.exit_aware'),
 ]
+
+
+def test_exit_aware_needs_an_early_exit_policy():
+  with pytest.raises(ConfigError, match=r"exit_aware=0\.5 needs an early-exit policy.*'act'"):
+    validate_halting(dict(HALTING_DEFAULTS, name='act', exit_aware=0.5), 4)
+  for name in ('confidence', 'learned_exit'):
+    validate_halting(dict(HALTING_DEFAULTS, name=name, exit_aware=0.5), 4)
 
 
 @pytest.mark.parametrize('field,value,num_steps,msg', BAD)

@@ -77,6 +77,13 @@ def validate_halting(cfg: Any, num_steps: int) -> None:
   ew = cfg_get(cfg, 'exit_weights')
   if ew not in EXIT_WEIGHTS:
     raise ConfigError(f'halting.exit_weights={ew!r} is unknown; known: {", ".join(EXIT_WEIGHTS)}')
+  aware = _number(cfg, 'exit_aware')
+  if not 0.0 <= aware < 1.0:
+    raise ConfigError(f'halting.exit_aware={aware} must be in [0, 1) (0: off; else the lowest '
+                      f'per-row training threshold)')
+  if aware > 0 and not issubclass(POLICIES[name], EarlyExitPolicy):
+    raise ConfigError(f'halting.exit_aware={aware} needs an early-exit policy (confidence, '
+                      f'learned_exit); halting.name={name!r}')
   for field in ('per_sequence', 'sample'):
     if not isinstance(cfg_get(cfg, field), bool):
       raise ConfigError(f'halting.{field}={cfg_get(cfg, field)!r} must be a bool')

@@ -49,6 +49,7 @@ HALTING_DEFAULTS: dict[str, Any] = {
     'mod_capacity': 0.5,
     'classifier_loss_weight': 1.0,
     'sample': False,
+    'exit_aware': 0.0,
 }
 
 

@@ -83,10 +83,12 @@ class Attention(nn.Module):
     return project_kv(x_BLD, self.wk_DHK, self.wv_DHK, positions_BL, self.rope_base, self.dtype)
 
   def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, cache: Optional[Cache] = None,
-               cache_index: Optional[jax.Array] = None, key_mask_BT: Optional[jax.Array] = None
-               ) -> tuple[jax.Array, Optional[Cache]]:
+               cache_index: Optional[jax.Array] = None, key_mask_BT: Optional[jax.Array] = None,
+               kv_x_BLD: Optional[jax.Array] = None) -> tuple[jax.Array, Optional[Cache]]:
+    """kv_x_BLD: the states keys/values are computed from, when they differ from the
+    queries' (exit-aware training: exited tokens expose their exit state, as in decoding)."""
     q_BLHK = apply_rope(self._proj(x_BLD, self.wq_DHK), positions_BL, self.rope_base)
-    k_BLHK, v_BLHK = self.kv(x_BLD, positions_BL)
+    k_BLHK, v_BLHK = self.kv(x_BLD if kv_x_BLD is None else kv_x_BLD, positions_BL)
     if cache is not None:
       # Decoding: write this chunk's K/V at cache_index, attend over the filled buffer.
       idx = jnp.asarray(cache_index, jnp.int32)
