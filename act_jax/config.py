@@ -35,7 +35,7 @@ def default_config() -> ml_collections.ConfigDict:
       name='none', threshold=0.9, eps=0.01, bias_init=-2.0, ponder_cost=0.01, beta=0.01,
       lambda_p=0.2, exit_every=1, exit_weights='linear', criterion='softmax',
       per_sequence=False, mod_capacity=0.5, classifier_loss_weight=1.0, sample=False,
-      exit_aware=0.0))
+      exit_aware=0.0, distill=0.0))
   c.moe = ml_collections.ConfigDict(dict(
       router='none', num_experts=8, top_k=2, capacity_factor=1.25, every=2, shared_experts=0,
       d_ff=0, dispatch='gather', renormalize=True, priority='position', group_size=0,

@@ -3,7 +3,7 @@
 `train_and_evaluate(config, workdir)` is what `experiments/train.py` and the notebooks call.
 The loss is assembled in ONE place, `total_loss`:
     task cross-entropy (or the halting policy's replacement, e.g. PonderNet's Σ_n p_n L_n)
-  + halting terms (ponder cost, KL, exit-classifier BCE, MoD predictor BCE)
+  + halting terms (ponder cost, KL, exit-classifier BCE, exit distillation, MoD predictor BCE)
   + MoE terms (Switch load balance · w_lb + router z-loss · w_z, summed over MoE layers).
 The batch of step s is a pure function of (seed, s) and the dropout-free model is
 deterministic, so a resumed run reproduces the uninterrupted one exactly.

@@ -17,7 +17,7 @@ from act_jax.errors import ConfigError
 from act_jax.halting import (HALTING_DEFAULTS, POLICIES, exit_labels, geometric_log_prior,
                              make_policy, mod_capacity_k, mod_decode_select,
                              mod_predictor_loss, mod_route, validate_halting)
-from act_jax.halting.base import drive
+from act_jax.halting.base import drive, exit_distill_kl
 
 
 # ---------------------------------------------------------------- helpers
@@ -626,6 +626,7 @@ BAD = [
     ('bias_init', float('inf'), 4, 'halting.bias_init'),
     ('exit_aware', -0.1, 4, 'halting.exit_aware'),
     ('exit_aware', 1.0, 4, 'halting.exit_aware'),
+    ('distill', -1.0, 4, 'halting.distill'),
 ]
 
 
@@ -653,3 +654,37 @@ def test_validate_halting_accepts_defaults_and_edges():
     validate_halting(make_cfg(name=name), 1)
     assert make_policy(make_cfg(name=name), 3).name == name
   validate_halting(dict(HALTING_DEFAULTS, threshold=1.0, mod_capacity=1.0, exit_every=4), 4)
+
+
+def test_exit_distill_kl_known_answer():
+  """KL(p_last ‖ p_l) by hand for V=2, N=3: exits 0 and 1, last step held fixed."""
+  z = np.zeros((3, 1, 2, 2), np.float32)
+  z[0, 0, 0] = [0.0, 0.0]            # p = (0.5, 0.5)
+  z[1, 0, 0] = [np.log(3.0), 0.0]    # p = (0.75, 0.25)
+  z[2, 0, 0] = [np.log(4.0), 0.0]    # last: p = (0.8, 0.2)
+  z[:, 0, 1] = [1.0, -1.0]           # token 2: every step equal -> KL 0
+  kl = lambda p, q: sum(a * np.log(a / b) for a, b in zip(p, q))
+  want0 = (kl((0.8, 0.2), (0.5, 0.5)) + 0.0) / 2
+  want1 = (kl((0.8, 0.2), (0.75, 0.25)) + 0.0) / 2
+  got = exit_distill_kl(jnp.asarray(z), jnp.ones((1, 2)), (0, 1))
+  np.testing.assert_allclose(float(got), (want0 + want1) / 2, rtol=1e-5)
+  # padding weight 0 on token 2 drops it from the means
+  got = exit_distill_kl(jnp.asarray(z), jnp.asarray([[1.0, 0.0]]), (0, 1))
+  np.testing.assert_allclose(float(got), want0 + want1, rtol=1e-5)
+  # the gradient reaches only the exits, never the (fixed) last step
+  g = jax.grad(lambda x: exit_distill_kl(x, jnp.ones((1, 2)), (0, 1)))(jnp.asarray(z))
+  assert np.abs(np.asarray(g[2])).max() == 0 and np.abs(np.asarray(g[0])).max() > 0
+
+
+def test_distill_weight_adds_a_loss_term():
+  policy = make_policy(dict(HALTING_DEFAULTS, name='confidence', distill=0.5), 3)
+  z = jnp.asarray(np.random.default_rng(0).normal(size=(3, 2, 4, 7)), jnp.float32)
+  targets, w = jnp.zeros((2, 4), jnp.int32), jnp.ones((2, 4))
+  task, extra = policy.loss_terms({'step_logits': z}, targets, w)
+  np.testing.assert_allclose(float(extra['exit_distill']),
+                             0.5 * float(exit_distill_kl(z, w, (0, 1))), rtol=1e-6)
+  le = make_policy(dict(HALTING_DEFAULTS, name='learned_exit', distill=0.5), 3)
+  aux = {'step_logits': z, 'exit_classifier_logit': jnp.zeros((3, 2, 4))}
+  assert set(le.loss_terms(aux, targets, w)[1]) == {'exit_distill', 'exit_bce'}
+  assert make_policy(dict(HALTING_DEFAULTS, name='confidence'), 3).loss_terms(
+      {'step_logits': z}, targets, w)[1] == {}

@@ -54,7 +54,7 @@ def validate_halting(cfg: Any, num_steps: int) -> None:
   bias = _number(cfg, 'bias_init')
   if bias != bias or bias in (float('inf'), float('-inf')):
     raise ConfigError(f'halting.bias_init={bias} must be finite (≈ −2: b ≥ 0 halts at step ~2)')
-  for field in ('ponder_cost', 'beta', 'classifier_loss_weight'):
+  for field in ('ponder_cost', 'beta', 'classifier_loss_weight', 'distill'):
     value = _number(cfg, field)
     if not value >= 0.0 or value == float('inf'):
       raise ConfigError(f'halting.{field}={value} must be finite and >= 0')

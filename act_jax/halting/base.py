@@ -50,6 +50,7 @@ HALTING_DEFAULTS: dict[str, Any] = {
     'classifier_loss_weight': 1.0,
     'sample': False,
     'exit_aware': 0.0,
+    'distill': 0.0,
 }
 
 
@@ -173,6 +174,20 @@ def weighted_exit_ce(step_logits_NBLV: jax.Array, targets_BL: jax.Array, weights
   return (jnp.asarray(exit_loss_weights(exit_steps, kind)) * ce_N).sum()
 
 
+def exit_distill_kl(step_logits_NBLV: jax.Array, weights_BL: jax.Array,
+                    steps: tuple[int, ...]) -> jax.Array:
+  """Self-distillation of the exits: mean over l in `steps` of the token-mean
+  KL(p_{N−1} ‖ p_l), the last step's distribution held fixed (stop_gradient), so exit heads
+  learn to predict what full depth would (their confidence then tracks agreement with it)."""
+  if not steps:
+    return jnp.zeros((), jnp.float32)
+  logits = step_logits_NBLV.astype(jnp.float32)
+  logp_last = jax.lax.stop_gradient(jax.nn.log_softmax(logits[-1], -1))
+  logp_KBLV = jax.nn.log_softmax(logits[np.asarray(steps)], -1)
+  kl_KBL = (jnp.exp(logp_last) * (logp_last - logp_KBLV)).sum(-1)
+  return jnp.mean(jnp.stack([masked_mean(k, weights_BL) for k in kl_KBL]))
+
+
 # ---------------------------------------------------------------- reference driver
 
 BlockFn = Callable[[jax.Array, jax.Array], jax.Array]  # (h_BLD, i) -> h_BLD
@@ -223,6 +238,7 @@ class EarlyExitPolicy(HaltingPolicy):
   per-token score ≥ threshold; training runs all steps and uses the weighted per-exit CE.
 
   Subclasses define `score_key` and `score(...) -> (score_BL f32, extra step outputs)`.
+  halting.distill > 0 adds distill · exit_distill_kl (exits imitate full depth).
   aux: 'exit_step', 'criterion_step' (first exit step meeting the criterion, else N−1; in
   training, where every step runs, this is the depth the token WOULD have used), score_key [N,B,L].
   """
@@ -234,6 +250,7 @@ class EarlyExitPolicy(HaltingPolicy):
     super().__init__(cfg, num_steps)
     self.exit_every = int(cfg_get(cfg, 'exit_every'))
     self.exit_weights = str(cfg_get(cfg, 'exit_weights'))
+    self.distill = float(cfg_get(cfg, 'distill'))
 
   def exit_steps(self) -> tuple[int, ...]:
     """0-based steps i with (i+1) % exit_every == 0, plus the last step (always an exit)."""
@@ -288,4 +305,8 @@ class EarlyExitPolicy(HaltingPolicy):
                  weights_BL: jax.Array) -> tuple[jax.Array | None, dict[str, jax.Array]]:
     task = weighted_exit_ce(aux['step_logits'], targets_BL, weights_BL, self.exit_steps(),
                             self.exit_weights)
-    return task, {}
+    if self.distill <= 0:
+      return task, {}
+    early = tuple(s for s in self.exit_steps() if s != self.num_steps - 1)
+    return task, {'exit_distill': self.distill * exit_distill_kl(aux['step_logits'],
+                                                                 weights_BL, early)}

@@ -50,12 +50,13 @@ class LearnedExit(EarlyExitPolicy):
 
   def loss_terms(self, aux: Mapping[str, jax.Array], targets_BL: jax.Array,
                  weights_BL: jax.Array) -> tuple[jax.Array | None, dict[str, jax.Array]]:
-    task, _ = super().loss_terms(aux, targets_BL, weights_BL)
+    task, extra = super().loss_terms(aux, targets_BL, weights_BL)
     steps = np.asarray([s for s in self.exit_steps() if s != self.num_steps - 1], np.int32)
     if steps.size == 0:
-      return task, {'exit_bce': jnp.zeros((), jnp.float32)}
+      return task, {**extra, 'exit_bce': jnp.zeros((), jnp.float32)}
     labels_KBL = exit_labels(aux['step_logits'])[steps].astype(jnp.float32)
     logits_KBL = aux['exit_classifier_logit'][steps].astype(jnp.float32)
     bce_KBL = optax.sigmoid_binary_cross_entropy(logits_KBL, labels_KBL)
     w_KBL = jnp.broadcast_to(weights_BL, bce_KBL.shape)
-    return task, {'exit_bce': self.classifier_loss_weight * masked_mean(bce_KBL, w_KBL)}
+    return task, {**extra,
+                  'exit_bce': self.classifier_loss_weight * masked_mean(bce_KBL, w_KBL)}
