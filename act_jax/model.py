@@ -244,7 +244,13 @@ def finish_outputs(config, carry: dict, ys: dict, head: dict, tokens_BL) -> tupl
   on a leading N axis). Shared by the masked scan and inference.py's while loops."""
   policy = halting_lib.make_policy(config.halting, config_lib.num_steps(config))
   h_out_BLD, aux = policy.finalize(carry['state'], carry['h'], ys['step'])
-  logits_BLV = head_logits(head, h_out_BLD)
+  if isinstance(policy, halting_lib.EarlyExitPolicy) and 'exit_logits' in ys:
+    # An exited token's output IS its exit head's logits (same shared head, same frozen
+    # state): gather them instead of running the head again (one head less per token).
+    logits_BLV = jnp.take_along_axis(ys['exit_logits'], aux['exit_step'][None, ..., None],
+                                     0)[0]
+  else:
+    logits_BLV = head_logits(head, h_out_BLD)
   aux = dict(aux)
   aux['running'] = ys['running']                          # [N,B,L]
   aux['layers'] = jnp.sum(ys['layers'], axis=0)           # [B,L] layers executed

@@ -46,11 +46,14 @@ def sweep(config, variables: dict, batches: Sequence[dict], thresholds: Sequence
           log: Callable[[str], None] = lambda s: None) -> dict:
   """Per threshold: mean layers, accuracy, errors vs full depth over scored tokens."""
   fwd = jax.jit(lambda v, t, th: inference.forward_while(config, v, t, th))
-  full = []
-  for b in batches:
-    logits, _ = fwd(variables, jnp.asarray(b['inputs']), inference.NEVER_EXIT)
-    full.append(np.asarray(jnp.argmax(logits, -1)))
+  full, static_correct = [], 0.0
   w = [np.asarray(b['weights']) > 0 for b in batches]
+  for b, m in zip(batches, w):
+    logits, aux = fwd(variables, jnp.asarray(b['inputs']), inference.NEVER_EXIT)
+    full.append(np.asarray(jnp.argmax(logits, -1)))
+    if 'step_logits' in aux:  # every exit head ran: what a static shallower model would give
+      pred_NBL = np.asarray(jnp.argmax(aux['step_logits'], -1))
+      static_correct = static_correct + ((pred_NBL == b['targets']) & m).sum((1, 2))
   n = int(sum(x.sum() for x in w))
   full_acc = sum(((f == b['targets']) & m).sum() for f, b, m in zip(full, batches, w)) / max(n, 1)
   out = {k: [] for k in ('mean_layers', 'accuracy', 'num_errors', 'consistency')}
@@ -73,6 +76,11 @@ def sweep(config, variables: dict, batches: Sequence[dict], thresholds: Sequence
         f'consistency {1 - errors / n:.4f}  [{done}/{len(thresholds)}, ETA {eta:.0f}s]')
   out.update(thresholds=[float(t) for t in thresholds], n=n, full_accuracy=float(full_acc),
              full_layers=float(config.model.num_layers))
+  if np.ndim(static_correct):
+    # Static truncation baseline: every token leaves at the same exit (1-based layers).
+    per_step = config.model.num_layers // len(static_correct)
+    out['static'] = {'layers': [per_step * (i + 1) for i in range(len(static_correct))],
+                     'accuracy': [float(c) / n for c in static_correct]}
   return out
 
 
@@ -154,6 +162,7 @@ def calibrate_run(workdir: str, tolerance: float = 0.01, risk: float = 0.05,
       'n_calib_tokens': cal['n'], 'n_test_tokens': tst['n'],
       'full_depth': {'accuracy': tst['full_accuracy'], 'ms_per_token': full_ms},
       'calib': pick(cal), 'test': pick(tst),
+      'static': tst.get('static'),
       'frontier': {'thresholds': list(map(float, thresholds)), 'pvalues': pvalues,
                    'mean_layers': tst['mean_layers'], 'accuracy': tst['accuracy'],
                    'consistency': tst['consistency'], 'ms_per_token': timing['ms_per_token'],
@@ -181,6 +190,9 @@ def plot_frontier(result: dict, path: str) -> str:
   for t, x, y in zip(fr['thresholds'], fr['mean_layers'], fr['accuracy']):
     a1.annotate(f'{t:g}', (x, y), fontsize=7, xytext=(3, 3), textcoords='offset points')
   a1.axhline(result['full_depth']['accuracy'], color='gray', ls='--', label='full depth')
+  if result.get('static'):
+    a1.plot(result['static']['layers'], result['static']['accuracy'], 's:', color='tab:orange',
+            label='static truncation (all tokens exit at layer k)')
   if result['chosen_threshold'] is not None:
     a1.scatter([result['test']['mean_layers']], [result['test']['accuracy']], s=160,
                facecolors='none', edgecolors='red', label=f'chosen {result["chosen_threshold"]:g}')

@@ -242,6 +242,9 @@ def plot_frontier(cal: Mapping[str, Any], path: str) -> str:
       ax.plot(x, _floats(fr[key]), style, ms=4, label=key)
   for xi, yi, t in zip(x, _floats(fr.get('consistency') or fr.get('accuracy') or x), thr):
     ax.annotate(f'{t:.2g}', (xi, yi), fontsize=7, xytext=(3, 3), textcoords='offset points')
+  if cal.get('static'):
+    ax.plot(_floats(cal['static']['layers']), _floats(cal['static']['accuracy']), 'x:', ms=4,
+            c='tab:orange', label='static truncation (accuracy)')
   full = cal.get('full_layers')
   if full:
     ax.axvline(float(full), ls=':', c='gray', label='full depth')

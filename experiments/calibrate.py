@@ -29,6 +29,11 @@ def main(argv):
                                     num_batches=_BATCHES.value, method=_METHOD.value)
   print(json.dumps({k: r[k] for k in ('policy', 'mode', 'chosen_threshold', 'full_depth',
                                       'test', 'n_calib_tokens', 'n_test_tokens')}, indent=2))
+  if r.get('static'):  # the baseline an adaptive model must beat: a shallower static model
+    full = r['full_depth']['accuracy']
+    print('static truncation (every token exits at layer k), test split: ' + ', '.join(
+        f'{k}: acc {a:.4f} ({(full - a) / full:+.2%})'
+        for k, a in zip(r['static']['layers'], r['static']['accuracy'])))
   print(f'wrote {_WORKDIR.value}/calibration.json and calibration.png')
 
 

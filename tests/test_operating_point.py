@@ -35,6 +35,25 @@ def test_calibrate_writes_frontier_and_plot(run):
   assert np.all(np.diff(fr['mean_layers']) <= 1e-9)
   with open(os.path.join(run, 'calibration.png'), 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  # Static-truncation baseline: 2 steps of [dense, moe]; the last exit IS full depth.
+  assert saved['static']['layers'] == [2, 4]
+  assert saved['static']['accuracy'][-1] == pytest.approx(saved['full_depth']['accuracy'])
+
+
+def test_static_baseline_matches_the_exit_heads(run):
+  config, state = inference.load_run(run)
+  v = {'params': state['params'], 'moe_state': state['moe_state']}
+  from act_jax import data as data_lib
+  from act_jax.model import make_model
+  batches = data_lib.make_dataset(config.data, config.seed).eval_batches(2)
+  out = operating_point.sweep(config, v, batches, [0.5])
+  correct = n = 0
+  for b in batches:  # step 0's exit head applied to every token, by the masked scan
+    aux = make_model(config).apply(v, b['inputs'], threshold=inference.NEVER_EXIT)[1]
+    m = b['weights'] > 0
+    correct += ((np.asarray(aux['step_logits'][0]).argmax(-1) == b['targets']) & m).sum()
+    n += m.sum()
+  assert out['static']['accuracy'][0] == pytest.approx(correct / n)
 
 
 def test_budget_mode_meets_the_budget(run):
