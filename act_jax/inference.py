@@ -16,7 +16,8 @@ stops as soon as no token is running — layers after that are never executed.
   (the public t5x code propagates the first segment's state instead — a known bug);
   kv_fill='copy' copies the exit layer's own K/V into the deeper layers.
 The threshold is a traced argument of every jitted function: changing the operating point
-never recompiles.
+never recompiles. An operating point may also cap depth (`exit_threshold(config, thr,
+max_layers)`: a per-step threshold vector with -inf at the cap).
 
 Dims: B batch, L length, T cache length, D d_model, V vocab, N depth steps, G layers/step.
 """
@@ -66,6 +67,32 @@ def load_run(workdir: str, step: Optional[int] = None) -> tuple[ml_collections.C
 def check_threshold(threshold: float, name: str = 'threshold') -> None:
   if not (0.0 < float(threshold) <= 1.0):
     raise ConfigError(f'{name}={threshold}: must be in (0, 1]')
+
+
+def exit_threshold(config, threshold: float, max_layers: Optional[int] = None):
+  """The operating point (threshold, max_layers) as the model's threshold argument.
+
+  Without a cap: the scalar. With max_layers=K < depth: a per-step vector [N] holding the
+  threshold before the cap step and -inf at it, so every token still running exits after
+  layer K (early-exit policies only). Values are traced: changing either never recompiles."""
+  from act_jax import halting as halting_lib
+  depth = config.model.num_layers
+  if max_layers is None or max_layers == depth:
+    return jnp.float32(threshold)
+  n = config_lib.num_steps(config)
+  per_step = depth // n
+  policy = halting_lib.make_policy(config.halting, n)
+  if not isinstance(policy, halting_lib.EarlyExitPolicy):
+    raise ConfigError(f'max_layers={max_layers}: a layer cap needs an early-exit policy '
+                      f'(confidence, learned_exit); halting.name={config.halting.name!r}')
+  exits = [(s + 1) * per_step for s in policy.exit_steps()]
+  if isinstance(max_layers, bool) or not isinstance(max_layers, int) or \
+      max_layers not in exits:
+    raise ConfigError(f'max_layers={max_layers!r}: must be an exit layer of this model, one '
+                      f'of {exits} (depth {depth}, {per_step} layer(s) per step)')
+  vec = [float(threshold)] * n
+  vec[max_layers // per_step - 1] = -float('inf')
+  return jnp.asarray(vec, jnp.float32)
 
 
 # ----------------------------------------------------------------------------- depth loop

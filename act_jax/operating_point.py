@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from act_jax import calibration, inference
+from act_jax import config as config_lib
 from act_jax import data as data_lib
 from act_jax.errors import ConfigError
 
@@ -43,8 +44,10 @@ def require_exits(config) -> None:
 
 
 def sweep(config, variables: dict, batches: Sequence[dict], thresholds: Sequence[float],
-          log: Callable[[str], None] = lambda s: None) -> dict:
-  """Per threshold: mean layers, accuracy, errors vs full depth over scored tokens."""
+          log: Callable[[str], None] = lambda s: None,
+          max_layers: Optional[int] = None) -> dict:
+  """Per threshold (capped at max_layers when given): mean layers, accuracy, errors vs full
+  depth over scored tokens, plus the static-truncation baseline."""
   fwd = jax.jit(lambda v, t, th: inference.forward_while(config, v, t, th))
   full, static_correct = [], 0.0
   w = [np.asarray(b['weights']) > 0 for b in batches]
@@ -61,7 +64,8 @@ def sweep(config, variables: dict, batches: Sequence[dict], thresholds: Sequence
   for k, thr in enumerate(thresholds):
     layers = correct = errors = 0.0
     for b, f, m in zip(batches, full, w):
-      logits, aux = fwd(variables, jnp.asarray(b['inputs']), jnp.float32(thr))
+      logits, aux = fwd(variables, jnp.asarray(b['inputs']),
+                        inference.exit_threshold(config, thr, max_layers))
       pred = np.asarray(jnp.argmax(logits, -1))
       layers += float((np.asarray(aux['layers']) * m).sum())
       correct += float(((pred == b['targets']) & m).sum())
@@ -86,10 +90,22 @@ def sweep(config, variables: dict, batches: Sequence[dict], thresholds: Sequence
 
 def time_decode(config, variables: dict, prompt_BP: np.ndarray, thresholds: Sequence[float],
                 new_tokens: int, repeats: int = 3, compact: bool = False,
-                kv_fill: str = 'project') -> dict:
-  """Median seconds per generated token and mean layers, per threshold (one compile)."""
+                kv_fill: str = 'project', max_layers: Optional[int] = None) -> dict:
+  """Median seconds per generated token and mean layers, per threshold (one compile).
+
+  With max_layers every point but NEVER_EXIT (the full-depth reference) is capped; all are
+  passed as per-step vectors so that they share one compiled function."""
   ms, layers = [], []
-  run = lambda thr: inference.generate(config, variables, prompt_BP, new_tokens, thr,
+  n = config.model.num_layers // len(config_lib.layer_kinds(config))
+
+  def arg(thr):
+    if max_layers is None:
+      return float(thr)
+    if thr >= inference.NEVER_EXIT:
+      return jnp.full((n,), thr, jnp.float32)
+    return inference.exit_threshold(config, thr, max_layers)
+
+  run = lambda thr: inference.generate(config, variables, prompt_BP, new_tokens, arg(thr),
                                        kv_fill=kv_fill, compact=compact)
   jax.block_until_ready(run(float(thresholds[0])))  # compile once: thresholds are traced
   for thr in thresholds:
@@ -115,8 +131,10 @@ def calibrate_run(workdir: str, tolerance: float = 0.01, risk: float = 0.05,
                   budget_layers: Optional[float] = None,
                   thresholds: Sequence[float] = DEFAULT_THRESHOLDS, num_batches: int = 16,
                   method: str = 'binomial', time_tokens: int = 32,
-                  log: Callable[[str], None] = print) -> dict:
-  """Picks the operating point on half the held-out batches, reports it on the other half."""
+                  log: Callable[[str], None] = print,
+                  max_layers: Optional[int] = None) -> dict:
+  """Picks the operating point on half the held-out batches, reports it on the other half.
+  max_layers caps depth at every candidate threshold (the cap is part of the operating point)."""
   config, state = inference.load_run(workdir)
   require_exits(config)
   for name, v in (('tolerance', tolerance), ('risk', risk)):
@@ -126,15 +144,16 @@ def calibrate_run(workdir: str, tolerance: float = 0.01, risk: float = 0.05,
     raise ConfigError(f'--budget_layers={budget_layers}: must be in (0, '
                       f'{config.model.num_layers}] (the model depth)')
   variables = {'params': state['params'], 'moe_state': state['moe_state']}
+  inference.exit_threshold(config, 0.5, max_layers)  # a bad cap fails before any sweep
   ds = data_lib.make_dataset(config.data, config.seed)
   batches = ds.eval_batches(num_batches)
   calib, test = batches[0::2], batches[1::2]
   if not test:
     raise ConfigError(f'--num_batches={num_batches}: need at least 2 (calibration + test)')
   log(f'calibration split ({len(calib)} batches):')
-  cal = sweep(config, variables, calib, thresholds, log)
+  cal = sweep(config, variables, calib, thresholds, log, max_layers)
   log(f'test split ({len(test)} batches):')
-  tst = sweep(config, variables, test, thresholds, log)
+  tst = sweep(config, variables, test, thresholds, log, max_layers)
   if budget_layers is not None:
     chosen = calibration.budget_select(thresholds, cal['mean_layers'], budget_layers)
     index = None if chosen is None else list(thresholds).index(chosen)
@@ -148,7 +167,8 @@ def calibrate_run(workdir: str, tolerance: float = 0.01, risk: float = 0.05,
   time_tokens = min(time_tokens, limit // 2)
   log(f'timing decode (batch 1, {time_tokens} tokens) per threshold ...')
   prompt = eval_prompts(config, 1, min(16, limit - time_tokens))
-  timing = time_decode(config, variables, prompt, thresholds, time_tokens, repeats=1)
+  timing = time_decode(config, variables, prompt, thresholds, time_tokens, repeats=1,
+                       max_layers=max_layers)
   full_ms = time_decode(config, variables, prompt, [inference.NEVER_EXIT], time_tokens,
                         repeats=1)['ms_per_token'][0]
   pick = (lambda sw: {k: sw[k][index] for k in ('mean_layers', 'accuracy', 'consistency')}
@@ -158,6 +178,7 @@ def calibrate_run(workdir: str, tolerance: float = 0.01, risk: float = 0.05,
       'workdir': os.path.abspath(workdir), 'step': int(state['step']),
       'policy': config.halting.name, 'mode': mode, 'method': method,
       'tolerance': tolerance, 'risk': risk, 'budget_layers': budget_layers,
+      'max_layers': max_layers,
       'chosen_threshold': chosen, 'full_layers': float(config.model.num_layers),
       'n_calib_tokens': cal['n'], 'n_test_tokens': tst['n'],
       'full_depth': {'accuracy': tst['full_accuracy'], 'ms_per_token': full_ms},
@@ -177,6 +198,70 @@ def calibrate_run(workdir: str, tolerance: float = 0.01, risk: float = 0.05,
     json.dump(result, f, indent=2)
   plot_frontier(result, os.path.join(workdir, 'calibration.png'))
   return result
+
+
+def accuracy_frontier(workdir: str, thresholds: Sequence[float],
+                      max_layers: Sequence[Optional[int]] = (None,), tolerance: float = 0.01,
+                      num_batches: int = 16, log: Callable[[str], None] = print) -> dict:
+  """Fewest mean layers at <= `tolerance` RELATIVE held-out accuracy drop, per depth cap.
+
+  For each cap, the threshold is chosen on the calibration half of the held-out batches (the
+  most aggressive one whose drop there is <= tolerance) and reported on the other half, next
+  to the static-truncation baseline (every token leaves at layer k) on that half. A point
+  estimate, not a guarantee: `calibrate_run` gives the Learn-then-Test one (consistency)."""
+  config, state = inference.load_run(workdir)
+  require_exits(config)
+  if not 0 < tolerance < 1:
+    raise ConfigError(f'--tolerance={tolerance}: must be in (0, 1)')
+  for cap in max_layers:
+    inference.exit_threshold(config, 0.5, cap)  # bad caps fail before any sweep
+  variables = {'params': state['params'], 'moe_state': state['moe_state']}
+  batches = data_lib.make_dataset(config.data, config.seed).eval_batches(num_batches)
+  calib, test = batches[0::2], batches[1::2]
+  if not test:
+    raise ConfigError(f'--num_batches={num_batches}: need at least 2 (calibration + test)')
+  depth = config.model.num_layers
+  rows = []
+  for cap in max_layers:
+    log(f'max_layers={cap or depth}: calibration half')
+    cal = sweep(config, variables, calib, thresholds, log, cap)
+    log(f'max_layers={cap or depth}: test half')
+    tst = sweep(config, variables, test, thresholds, log, cap)
+    drop = lambda sw, i: (sw['full_accuracy'] - sw['accuracy'][i]) / sw['full_accuracy']
+    ok = [i for i in range(len(thresholds)) if drop(cal, i) <= tolerance]
+    row = {'max_layers': cap or depth, 'threshold': None}
+    if ok:
+      i = min(ok, key=lambda i: cal['mean_layers'][i])
+      row.update(threshold=float(thresholds[i]), calib_mean_layers=cal['mean_layers'][i],
+                 mean_layers=tst['mean_layers'][i], accuracy=tst['accuracy'][i],
+                 relative_drop=drop(tst, i), fewer_layers=depth / tst['mean_layers'][i])
+    rows.append(row)
+  static = tst.get('static') or {'layers': [], 'accuracy': []}
+  full = tst['full_accuracy']
+  fits = [(k, a) for k, a in zip(static['layers'], static['accuracy'])
+          if (full - a) / full <= tolerance]
+  return {'tolerance': tolerance, 'full_accuracy': full, 'n_test_tokens': tst['n'],
+          'depth': depth, 'rows': rows, 'static': static,
+          'static_best': None if not fits else {'layers': fits[0][0], 'accuracy': fits[0][1],
+                                                'fewer_layers': depth / fits[0][0]}}
+
+
+def format_frontier(res: dict) -> str:
+  lines = [f'held-out test half: {res["n_test_tokens"]} tokens, full-depth accuracy '
+           f'{res["full_accuracy"]:.4f}; tolerance {res["tolerance"]:.2%} relative drop',
+           f'{"max_layers":>10} {"threshold":>9} {"layers":>7} {"fewer":>7} {"accuracy":>8} '
+           f'{"drop":>7}']
+  for r in res['rows']:
+    if r['threshold'] is None:
+      lines.append(f'{r["max_layers"]:>10} {"none fits":>9}')
+      continue
+    lines.append(f'{r["max_layers"]:>10} {r["threshold"]:>9g} {r["mean_layers"]:>7.2f} '
+                 f'{r["fewer_layers"]:>6.2f}x {r["accuracy"]:>8.4f} {r["relative_drop"]:>+7.2%}')
+  sb = res['static_best']
+  lines.append('static truncation (all tokens exit at layer k): ' + (
+      'none within tolerance' if sb is None else
+      f'{sb["layers"]} layers, {sb["fewer_layers"]:.2f}x fewer, accuracy {sb["accuracy"]:.4f}'))
+  return '\n'.join(lines)
 
 
 def plot_frontier(result: dict, path: str) -> str:
@@ -212,9 +297,11 @@ def plot_frontier(result: dict, path: str) -> str:
 
 def benchmark_rows(workdir: str, thresholds: Sequence[float], batch_sizes: Sequence[int] = (1, 8),
                    prompt_len: int = 16, new_tokens: int = 64, repeats: int = 3,
-                   log: Callable[[str], None] = print, kv_fill: str = 'project') -> list[dict]:
+                   log: Callable[[str], None] = print, kv_fill: str = 'project',
+                   max_layers: Optional[int] = None) -> list[dict]:
   """Decode speed per threshold against full depth, side by side in one process."""
   config, state = inference.load_run(workdir)
+  inference.exit_threshold(config, 0.5, max_layers)  # a bad cap fails before any timing
   variables = {'params': state['params'], 'moe_state': state['moe_state']}
   limit = config.model.max_len or config.data.seq_len
   new_tokens = min(new_tokens, limit - prompt_len)
@@ -225,7 +312,7 @@ def benchmark_rows(workdir: str, thresholds: Sequence[float], batch_sizes: Seque
     for compact in ((False, True) if b > 1 else (False,)):
       log(f'batch {b} compact={compact}: timing {len(thresholds) + 1} operating points ...')
       t = time_decode(config, variables, prompt, [inference.NEVER_EXIT] + list(thresholds),
-                      new_tokens, repeats, compact, kv_fill)
+                      new_tokens, repeats, compact, kv_fill, max_layers)
       full_ms = t['ms_per_token'][0]
       for thr, ms, layers in zip(t['thresholds'][1:], t['ms_per_token'][1:], t['mean_layers'][1:]):
         ideal = full_layers / max(layers, 1e-9)
@@ -252,18 +339,23 @@ _LAYER_CHARS = '0123456789abcdefghijklmnopqrstuvwxyz'
 
 
 def generate_listing(workdir: str, prompt: str, threshold: Optional[float] = None,
-                     max_new: int = 64, kv_fill: str = 'project') -> str:
+                     max_new: int = 64, kv_fill: str = 'project',
+                     max_layers: Optional[int] = None) -> str:
   """Greedy continuation + a per-byte line of exit layers (1-9, a=10, b=11, ...)."""
   config, state = inference.load_run(workdir)
   variables = {'params': state['params'], 'moe_state': state['moe_state']}
-  if threshold is None:
+  if threshold is None:  # the calibrated operating point, cap included
     cal = os.path.join(workdir, 'calibration.json')
     if os.path.exists(cal):
       with open(cal) as f:
-        threshold = json.load(f).get('chosen_threshold')
+        saved = json.load(f)
+      threshold = saved.get('chosen_threshold')
+      if max_layers is None and threshold is not None:
+        max_layers = saved.get('max_layers')
   if threshold is None:
     threshold = float(config.halting.threshold)
   inference.check_threshold(threshold, '--threshold')
+  thr_arg = inference.exit_threshold(config, threshold, max_layers)
   ids = np.concatenate([[data_lib.BOS], data_lib.encode(prompt)])[None].astype(np.int32)
   limit = config.model.max_len or config.data.seq_len
   if ids.shape[1] >= limit:
@@ -271,7 +363,7 @@ def generate_listing(workdir: str, prompt: str, threshold: Optional[float] = Non
                       f'{limit}: shorten the prompt')
   max_new = min(max_new, limit - ids.shape[1])
   run = lambda: jax.block_until_ready(inference.generate(config, variables, ids, max_new,
-                                                         threshold, kv_fill))
+                                                         thr_arg, kv_fill))
   run()  # compile
   t = time.perf_counter()
   out = run()
@@ -284,7 +376,8 @@ def generate_listing(workdir: str, prompt: str, threshold: Optional[float] = Non
     ch = {'\n': '⏎', '\t': '⇥'}.get(ch, ch if ch.isprintable() and len(ch) == 1 else '·')
     text_chars.append(ch)
     layer_chars.append('?' if np.isnan(l) else _LAYER_CHARS[int(l)])
-  lines = [f'policy={config.halting.name} threshold={threshold:g} kv_fill={kv_fill} '
+  cap = '' if max_layers is None else f' max_layers={max_layers}'
+  lines = [f'policy={config.halting.name} threshold={threshold:g}{cap} kv_fill={kv_fill} '
            f'(checkpoint step {state["step"]}, {config.model.num_layers} layers)',
            f'prompt: {prompt!r}']
   width = 64
@@ -301,7 +394,8 @@ def generate_listing(workdir: str, prompt: str, threshold: Optional[float] = Non
 
 def evaluate_run(workdir: str, thresholds: Sequence[Optional[float]] = (None,),
                  num_batches: Optional[int] = None,
-                 log: Callable[[str], None] = print) -> list[dict]:
+                 log: Callable[[str], None] = print,
+                 max_layers: Optional[int] = None) -> list[dict]:
   """Held-out quality and compute of a trained run at one or more thresholds (None = the
   policy default): per domain, per difficulty bucket, and Spearman(layers, difficulty)."""
   from act_jax import training  # heavy import only when used
@@ -313,8 +407,11 @@ def evaluate_run(workdir: str, thresholds: Sequence[Optional[float]] = (None,),
   for thr in thresholds:
     if thr is not None:
       inference.check_threshold(thr)
+    if max_layers is not None:
+      thr = config.halting.threshold if thr is None else thr
     res = training.evaluate(config, state, eval_step, batches, ds.domains,
-                            threshold=None if thr is None else jnp.float32(thr))
+                            threshold=None if thr is None else
+                            inference.exit_threshold(config, thr, max_layers))
     res.update(step=float(state['step']), train_seconds=0.0)
     log(f'--- threshold {"default" if thr is None else thr}')
     log(training.summary(config, res, ds.domains, workdir))

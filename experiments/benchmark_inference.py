@@ -14,6 +14,8 @@ _BATCH = flags.DEFINE_list('batch_sizes', ['1', '8'], 'Decode batch sizes.')
 _NEW = flags.DEFINE_integer('new_tokens', 64, 'Generated tokens per timing.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timings per point (median).')
 _FILL = flags.DEFINE_enum('kv_fill', 'project', ['project', 'copy'], 'KV of skipped layers.')
+_MAX_LAYERS = flags.DEFINE_integer('max_layers', None, 'Cap: tokens still running exit after '
+                                   'this layer (an exit layer; default: no cap).')
 flags.mark_flag_as_required('workdir')
 
 
@@ -23,7 +25,7 @@ def main(argv):
   rows = operating_point.benchmark_rows(_WORKDIR.value, [float(t) for t in _THR.value],
                                         [int(b) for b in _BATCH.value],
                                         new_tokens=_NEW.value, repeats=_REPEATS.value,
-                                        kv_fill=_FILL.value)
+                                        kv_fill=_FILL.value, max_layers=_MAX_LAYERS.value)
   print(operating_point.format_table(rows))
 
 

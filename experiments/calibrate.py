@@ -2,6 +2,7 @@ r"""Picks an early-exit operating point on held-out data (Learn-then-Test) or by
 
   python -m experiments.calibrate --workdir=RUN --tolerance=0.01 --risk=0.05
   python -m experiments.calibrate --workdir=RUN --budget_layers=4
+  python -m experiments.calibrate --workdir=RUN --max_layers=7   # thresholds under a depth cap
 Writes RUN/calibration.json (the frontier + the chosen threshold) and RUN/calibration.png.
 """
 import json
@@ -19,6 +20,8 @@ _RISK = flags.DEFINE_float('risk', 0.05, 'Probability that the guarantee fails (
 _BUDGET = flags.DEFINE_float('budget_layers', None, 'Instead: meet this mean-layers budget.')
 _METHOD = flags.DEFINE_enum('method', 'binomial', ['binomial', 'hoeffding'], 'p-value.')
 _BATCHES = flags.DEFINE_integer('num_batches', 16, 'Held-out batches (half calibrate, half test).')
+_MAX_LAYERS = flags.DEFINE_integer('max_layers', None, 'Cap: tokens still running exit after '
+                                   'this layer (an exit layer; default: no cap).')
 flags.mark_flag_as_required('workdir')
 
 
@@ -26,8 +29,10 @@ def main(argv):
   del argv
   quiet_logs()
   r = operating_point.calibrate_run(_WORKDIR.value, _TOL.value, _RISK.value, _BUDGET.value,
-                                    num_batches=_BATCHES.value, method=_METHOD.value)
-  print(json.dumps({k: r[k] for k in ('policy', 'mode', 'chosen_threshold', 'full_depth',
+                                    num_batches=_BATCHES.value, method=_METHOD.value,
+                                    max_layers=_MAX_LAYERS.value)
+  print(json.dumps({k: r[k] for k in ('policy', 'mode', 'chosen_threshold', 'max_layers',
+                                      'full_depth',
                                       'test', 'n_calib_tokens', 'n_test_tokens')}, indent=2))
   if r.get('static'):  # the baseline an adaptive model must beat: a shallower static model
     full = r['full_depth']['accuracy']

@@ -10,6 +10,8 @@ from act_jax import operating_point
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.')
 _THR = flags.DEFINE_list('thresholds', [], 'Thresholds in (0, 1]; empty = policy default.')
 _BATCHES = flags.DEFINE_integer('num_batches', None, 'Held-out batches (default: config).')
+_MAX_LAYERS = flags.DEFINE_integer('max_layers', None, 'Cap: tokens still running exit after '
+                                   'this layer (an exit layer; default: no cap).')
 flags.mark_flag_as_required('workdir')
 
 
@@ -17,7 +19,7 @@ def main(argv):
   del argv
   quiet_logs()
   operating_point.evaluate_run(_WORKDIR.value, [float(t) for t in _THR.value] or [None],
-                               _BATCHES.value)
+                               _BATCHES.value, max_layers=_MAX_LAYERS.value)
 
 
 if __name__ == '__main__':

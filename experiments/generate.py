@@ -14,6 +14,8 @@ _THR = flags.DEFINE_float('threshold', None, 'Exit threshold in (0, 1] (default:
                           'calibrated one, else the config default).')
 _NEW = flags.DEFINE_integer('max_new_tokens', 64, 'Bytes to generate.')
 _FILL = flags.DEFINE_enum('kv_fill', 'project', ['project', 'copy'], 'KV of skipped layers.')
+_MAX_LAYERS = flags.DEFINE_integer('max_layers', None, 'Cap: tokens still running exit after '
+                                   'this layer (an exit layer; default: no cap).')
 flags.mark_flag_as_required('workdir')
 
 
@@ -21,7 +23,8 @@ def main(argv):
   del argv
   quiet_logs()
   print(operating_point.generate_listing(_WORKDIR.value, _PROMPT.value, _THR.value,
-                                         _NEW.value, _FILL.value))
+                                         _NEW.value, _FILL.value,
+                                         max_layers=_MAX_LAYERS.value))
 
 
 if __name__ == '__main__':

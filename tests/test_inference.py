@@ -167,3 +167,59 @@ def test_bad_inputs():
     inference.check_threshold(1.5)
   with pytest.raises(CheckpointError, match='does not exist'):
     inference.load_run('/nonexistent/run')
+
+
+@pytest.mark.parametrize('policy', ['confidence', 'learned_exit'])
+def test_max_layers_cap(policy):
+  """A cap after layer 2 of 4: exits before it are unchanged (steps 0-1 see the same context),
+  every other token leaves at step 1 with its step-1 exit logits; the while loop == the scan
+  and never runs step 2."""
+  c, model, v, tokens = setup(policy)
+  key = {'confidence': 'confidence', 'learned_exit': 'exit_prob'}[policy]
+  s = np.asarray(model.apply(v, tokens, threshold=inference.NEVER_EXIT)[1][key])
+  thr = float(np.quantile(s[:2], 0.7))  # some tokens exit by step 1, others later
+  vec = inference.exit_threshold(c, thr, max_layers=2)
+  np.testing.assert_array_equal(vec, np.float32([thr, -np.inf, thr, thr]))
+  ref, ra = model.apply(v, tokens, threshold=thr)
+  got, ga = model.apply(v, tokens, threshold=vec)
+  e_ref, e_got = np.asarray(ra['exit_step']), np.asarray(ga['exit_step'])
+  assert (e_ref > 1).any() and (e_ref <= 1).any()  # both kinds of token are present
+  np.testing.assert_array_equal(e_got, np.minimum(e_ref, 1))
+  assert int(ga['layers'].max()) == 2
+  early = e_ref <= 1
+  np.testing.assert_allclose(np.asarray(got)[early], np.asarray(ref)[early], atol=1e-5)
+  np.testing.assert_allclose(np.asarray(got)[~early],
+                             np.asarray(ra['step_logits'][1])[~early], atol=1e-5)
+  wl, wa = jax.jit(lambda v, t, th: inference.forward_while(c, v, t, th))(v, tokens, vec)
+  np.testing.assert_allclose(wl, got, atol=1e-5)
+  np.testing.assert_array_equal(wa['exit_step'], e_got)
+  assert int(np.asarray(wa['running'])[2:].sum()) == 0  # steps past the cap never ran
+  out = inference.generate(c, v, tokens[:, :4], 6, vec)
+  assert int(np.asarray(out['layers']).max()) <= 2
+  # a scalar and the uncapped vector are the same operating point
+  same = model.apply(v, tokens, threshold=jnp.full((4,), thr))[0]
+  np.testing.assert_allclose(same, ref, atol=1e-6)
+
+
+def test_caps_do_not_recompile_and_bad_caps_are_refused():
+  c, model, v, tokens = setup('confidence')
+  traces = []
+
+  @jax.jit
+  def fwd(v, t, thr):
+    traces.append(1)
+    return inference.forward_while(c, v, t, thr)[1]['layers']
+
+  maxes = [int(fwd(v, tokens, inference.exit_threshold(c, 1.0, k)).max()) for k in (1, 2, 3)]
+  assert maxes == [1, 2, 3] and len(traces) == 1
+  assert inference.exit_threshold(c, 0.5, None).ndim == 0
+  assert inference.exit_threshold(c, 0.5, 4).ndim == 0  # the full depth is no cap
+  for bad in (0, 5, 2.5, True):
+    with pytest.raises(ConfigError, match='max_layers'):
+      inference.exit_threshold(c, 0.5, bad)
+  c2, *_ = setup('confidence', exit_every=2)
+  with pytest.raises(ConfigError, match=r'one of \[2, 4\]'):
+    inference.exit_threshold(c2, 0.5, 1)
+  c3, *_ = setup('act')
+  with pytest.raises(ConfigError, match='early-exit policy'):
+    inference.exit_threshold(c3, 0.5, 2)

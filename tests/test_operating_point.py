@@ -111,3 +111,35 @@ def test_evaluate_run_reports_each_threshold(run):
   rows = operating_point.evaluate_run(run, [None, 0.5], num_batches=2, log=lambda s: None)
   assert [r['threshold'] for r in rows] == [None, 0.5]
   assert all('code/layers_mean' in r and 1.0 <= r['layers_mean'] <= 4.0 for r in rows)
+
+
+def test_accuracy_frontier_picks_on_one_half_reports_on_the_other(run):
+  thresholds, tol = [0.99, 0.5, 0.05], 0.3
+  res = operating_point.accuracy_frontier(run, thresholds, [None, 2], tolerance=tol,
+                                          num_batches=4, log=lambda s: None)
+  assert [r['max_layers'] for r in res['rows']] == [4, 2]
+  config, state = inference.load_run(run)
+  v = {'params': state['params'], 'moe_state': state['moe_state']}
+  from act_jax import data as data_lib
+  batches = data_lib.make_dataset(config.data, config.seed).eval_batches(4)
+  for row, cap in zip(res['rows'], (None, 2)):
+    cal = operating_point.sweep(config, v, batches[0::2], thresholds, max_layers=cap)
+    drops = [(cal['full_accuracy'] - a) / cal['full_accuracy'] for a in cal['accuracy']]
+    ok = [i for i, d in enumerate(drops) if d <= tol]
+    if not ok:
+      assert row['threshold'] is None
+      continue
+    want = min(ok, key=lambda i: cal['mean_layers'][i])  # picked on the calibration half
+    assert row['threshold'] == thresholds[want]
+    tst = operating_point.sweep(config, v, batches[1::2], [thresholds[want]], max_layers=cap)
+    assert row['accuracy'] == pytest.approx(tst['accuracy'][0])  # reported on the test half
+    assert row['mean_layers'] == pytest.approx(tst['mean_layers'][0])
+    assert row['mean_layers'] <= (cap or 4)
+    assert row['fewer_layers'] == pytest.approx(4 / row['mean_layers'])
+  st = res['static']
+  fits = [k for k, a in zip(st['layers'], st['accuracy'])
+          if (res['full_accuracy'] - a) / res['full_accuracy'] <= tol]
+  assert (res['static_best'] or {}).get('layers') == (fits[0] if fits else None)
+  assert 'static truncation' in operating_point.format_frontier(res)
+  with pytest.raises(ConfigError, match='max_layers'):
+    operating_point.accuracy_frontier(run, [0.5], [3], num_batches=4)

@@ -239,6 +239,8 @@ class EarlyExitPolicy(HaltingPolicy):
 
   Subclasses define `score_key` and `score(...) -> (score_BL f32, extra step outputs)`.
   halting.distill > 0 adds distill · exit_distill_kl (exits imitate full depth).
+  The threshold is a scalar, a per-row [B,1] array (exit-aware training) or a per-step [N]
+  vector (inference.exit_threshold: a max-layers cap is -inf at the cap step).
   aux: 'exit_step', 'criterion_step' (first exit step meeting the criterion, else N−1; in
   training, where every step runs, this is the depth the token WOULD have used), score_key [N,B,L].
   """
@@ -278,7 +280,10 @@ class EarlyExitPolicy(HaltingPolicy):
     score_BL = jax.lax.stop_gradient(score_BL.astype(jnp.float32))  # a decision, not a loss
     if self.per_sequence:
       score_BL = pool_min_over_row(score_BL, running_BL)
-    crit_BL = self.exit_mask_N()[i] & (score_BL >= jnp.asarray(threshold, jnp.float32))
+    threshold = jnp.asarray(threshold, jnp.float32)
+    if threshold.ndim == 1:  # one threshold per step [N] (e.g. -inf at a max-layers cap)
+      threshold = threshold[i]
+    crit_BL = self.exit_mask_N()[i] & (score_BL >= threshold)
     last = self.is_last(i)
     if train:
       halt_BL = running_BL & last  # every exit's loss is needed
