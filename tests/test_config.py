@@ -3,7 +3,7 @@ import pytest
 
 from act_jax import config as config_lib
 from act_jax.errors import ConfigError
-from experiments.configs import lm, synthetic
+from experiments.configs import lm, lm_exit12, synthetic
 
 BAD = [
     ('model.d_model', 0, 'model.d_model'),
@@ -67,7 +67,9 @@ def test_layers_must_divide_into_scan_groups():
 
 def test_shipped_configs_are_valid():
   for cfg in (lm.get_config(), lm.get_config('runlocal'), lm.get_config('halting=act'),
-              synthetic.get_config('task=parity'), synthetic.get_config('task=addition')):
+              synthetic.get_config('task=parity'), synthetic.get_config('task=addition'),
+              lm_exit12.get_config(), lm_exit12.get_config('gpu'),
+              lm_exit12.get_config('gpu,halting=learned_exit'), synthetic.get_config('task=hops')):
     config_lib.validate(cfg, device_count=1)
   config_lib.validate(lm.get_config(), device_count=8)  # mesh.data=-1 fills the devices
 
