@@ -91,7 +91,8 @@ def sweep(config, variables: dict, batches: Sequence[dict], thresholds: Sequence
 def time_decode(config, variables: dict, prompt_BP: np.ndarray, thresholds: Sequence[float],
                 new_tokens: int, repeats: int = 3, compact: bool = False,
                 kv_fill: str = 'project', max_layers: Optional[int] = None) -> dict:
-  """Median seconds per generated token and mean layers, per threshold (one compile).
+  """Median ms per generated token and mean layers, per threshold (one compile; the points
+  are timed in turn, `repeats` rounds).
 
   With max_layers every point but NEVER_EXIT (the full-depth reference) is capped; all are
   passed as per-step vectors so that they share one compiled function."""
@@ -108,14 +109,16 @@ def time_decode(config, variables: dict, prompt_BP: np.ndarray, thresholds: Sequ
   run = lambda thr: inference.generate(config, variables, prompt_BP, new_tokens, arg(thr),
                                        kv_fill=kv_fill, compact=compact)
   jax.block_until_ready(run(float(thresholds[0])))  # compile once: thresholds are traced
-  for thr in thresholds:
-    times = []
-    for _ in range(repeats):
+  times: list[list[float]] = [[] for _ in thresholds]
+  outs: list = [None] * len(thresholds)
+  for _ in range(repeats):  # round-robin: a noisy neighbour hits every point alike
+    for k, thr in enumerate(thresholds):
       t = time.perf_counter()
-      out = jax.block_until_ready(run(float(thr)))
-      times.append(time.perf_counter() - t)
-    ms.append(1e3 * float(np.median(times)) / (new_tokens * prompt_BP.shape[0]))
-    layers.append(float(np.mean(out['layers'])))
+      outs[k] = jax.block_until_ready(run(float(thr)))
+      times[k].append(time.perf_counter() - t)
+  for k in range(len(thresholds)):
+    ms.append(1e3 * float(np.median(times[k])) / (new_tokens * prompt_BP.shape[0]))
+    layers.append(float(np.mean(outs[k]['layers'])))
   return {'thresholds': [float(t) for t in thresholds], 'ms_per_token': ms,
           'mean_layers': layers}
 
