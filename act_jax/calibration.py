@@ -23,6 +23,13 @@ order fixed before looking at the data.
 
 Even zero errors only give p = (1−δ_tol)^n, so fewer than ⌈log δ / log(1−δ_tol)⌉ tokens
 can never certify anything; we refuse (InsufficientCalibrationData) rather than pretend.
+
+Accuracy-drop risk (`ltt_select_accuracy`): per token d_t = 1[full right] − 1[exit right]
+∈ {−1, 0, 1}, risk R(λ) = E[d] (the absolute accuracy drop). d is not Bernoulli, and
+Hoeffding over a range of 2 is hopeless at ~1 % tolerances, so the p-value comes from the
+empirical Bernstein bound (Maurer & Pontil 2009) on x = (d+1)/2 ∈ [0,1] with sample variance
+V_n: P(E x ≥ x̄ + sqrt(2 V_n u / n) + 7u / (3(n−1))) ≤ 2e^{−u}; p is 2e^{−u*} for the largest
+u* whose bound still lies below the tolerance.
 """
 from __future__ import annotations
 
@@ -202,6 +209,55 @@ def ltt_select(thresholds: Any, risks: Any, n: int, tolerance: float, risk_level
   if np.any(errs < 0) or np.any(errs > n):
     raise ValueError(f'risks/num_errors must lie in [0, n={n}] errors')
   pvalues = _pvalues(errs, n, tolerance, method)
+  valid = _fixed_sequence(pvalues, risk_level)
+  index = int(np.flatnonzero(valid)[-1]) if valid.any() else None
+  return {'index': index, 'threshold': None if index is None else float(thr[index]),
+          'pvalues': pvalues, 'valid': valid}
+
+
+def bernstein_pvalue(n: int, mean: float, second_moment: float, tolerance: float,
+                     lo: float = -1.0, hi: float = 1.0) -> float:
+  """p-value of H: "E[x] > tolerance" for n samples in [lo, hi] with the given sample mean
+  and mean of squares, from the empirical Bernstein bound (see the module docstring)."""
+  n = int(n)
+  if n < 2:
+    raise ValueError(f'n={n}: need at least 2 samples')
+  width = float(hi - lo)
+  m = (float(mean) - lo) / width
+  var = max(float(second_moment) - float(mean) ** 2, 0.0) / width ** 2 * n / (n - 1)
+  c = (float(tolerance) - lo) / width - m
+  if c <= 0:
+    return 1.0
+  a, b = 7.0 / (3.0 * (n - 1)), math.sqrt(2.0 * var / n)
+  s = (-b + math.sqrt(b * b + 4.0 * a * c)) / (2.0 * a)  # root of a·s² + b·s = c, s = √u
+  return min(1.0, 2.0 * math.exp(-s * s))
+
+
+def ltt_select_accuracy(thresholds: Any, n: int, broken: Any, fixed: Any, tolerance: float,
+                        risk_level: float) -> dict[str, Any]:
+  """Learn-then-Test on the absolute accuracy drop E[d] <= tolerance (module docstring).
+
+  broken[i] / fixed[i]: calibration tokens that threshold i makes wrong / right against the
+  full model (d = +1 / −1). Returns ltt_select's dict. Raises InsufficientCalibrationData when
+  even a threshold that changes nothing could not be certified with n tokens.
+  """
+  thr = _check_thresholds(thresholds)
+  _check_order(thr)
+  tolerance = _check_unit('tolerance', tolerance)
+  risk_level = _check_unit('risk_level', risk_level)
+  n = int(n)
+  b = np.asarray(broken, np.int64).ravel()
+  f = np.asarray(fixed, np.int64).ravel()
+  if b.shape != thr.shape or f.shape != thr.shape:
+    raise ValueError(f'{b.size} broken / {f.size} fixed counts for {thr.size} thresholds')
+  if np.any(b < 0) or np.any(f < 0) or np.any(b + f > n):
+    raise ValueError(f'broken and fixed counts must be >= 0 and sum to at most n={n}')
+  if n < 2 or bernstein_pvalue(n, 0.0, 0.0, tolerance) > risk_level:
+    raise InsufficientCalibrationData(
+        f'accuracy-drop Learn-then-Test at tolerance={tolerance}, risk_level={risk_level}: '
+        f'n={n} calibration tokens cannot certify even an exit that changes no prediction')
+  pvalues = np.array([bernstein_pvalue(n, (bi - fi) / n, (bi + fi) / n, tolerance)
+                      for bi, fi in zip(b, f)])
   valid = _fixed_sequence(pvalues, risk_level)
   index = int(np.flatnonzero(valid)[-1]) if valid.any() else None
   return {'index': index, 'threshold': None if index is None else float(thr[index]),

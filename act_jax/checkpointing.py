@@ -21,14 +21,15 @@ import orbax.checkpoint as ocp
 from act_jax.errors import CheckpointError
 
 
-def _path_str(path) -> str:
+def path_str(path) -> str:
+  """'a/b/0' for a jax tree path (also the names in export manifests)."""
   return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
                   for k in path)
 
 
 def _flat(tree) -> dict[str, Any]:
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {_path_str(p): v for p, v in leaves}
+  return {path_str(p): v for p, v in leaves}
 
 
 class Checkpointer:

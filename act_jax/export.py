@@ -23,23 +23,18 @@ import jax
 import ml_collections
 import numpy as np
 
+from act_jax.checkpointing import path_str
 from act_jax.errors import CheckpointError
 
 MANIFEST = 'manifest.json'
 _GROUPS = ('params', 'moe_state')
 
 
-def _path_str(path) -> str:
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
-                  for k in path)
-
-
-def _flat(state: dict) -> dict[str, np.ndarray]:
-  out = {}
+def _leaves(state: dict):
+  """('params/stack/layer_0/attn/wq', leaf), ... over the groups inference needs."""
   for g in _GROUPS:
     for p, v in jax.tree_util.tree_flatten_with_path(state.get(g) or {})[0]:
-      out[f'{g}/{_path_str(p)}'] = np.asarray(jax.device_get(v))
-  return out
+      yield f'{g}/{path_str(p)}', v
 
 
 def export_run(workdir: str, out_dir: str, max_file_mb: float = 15.0,
@@ -47,7 +42,7 @@ def export_run(workdir: str, out_dir: str, max_file_mb: float = 15.0,
   """Writes the latest checkpoint of `workdir` as manifest.json + weights-NN.npz files."""
   from act_jax import inference
   config, state = inference.load_run(workdir)
-  arrays = _flat(state)
+  arrays = {k: np.asarray(jax.device_get(v)) for k, v in _leaves(state)}
   os.makedirs(out_dir, exist_ok=True)
   limit = int(max_file_mb * 2**20)
   files: list[dict[str, np.ndarray]] = [{}]
@@ -81,7 +76,7 @@ def export_run(workdir: str, out_dir: str, max_file_mb: float = 15.0,
 
 def import_run(src_dir: str, workdir: str, log: Callable[[str], None] = print) -> int:
   """Builds a training workdir from an export; refuses to touch an existing checkpoint."""
-  from act_jax import checkpointing, config as config_lib, sharding, training
+  from act_jax import checkpointing, config as config_lib, sharding, training  # heavy: lazy
   path = os.path.join(src_dir, MANIFEST)
   if not os.path.exists(path):
     raise CheckpointError(f'{path} is missing: {src_dir!r} is not an export_run directory')
@@ -96,7 +91,7 @@ def import_run(src_dir: str, workdir: str, log: Callable[[str], None] = print) -
   config_lib.validate(config, device_count=1)
   mesh = sharding.make_mesh(shape=(1, 1, 1))
   abstract, shardings = training.state_shardings(config, mesh)
-  want = {k: v for k, v in _flat_abstract(abstract).items()}
+  want = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in _leaves(abstract)}
   have = manifest['arrays']
   problems = []
   for k in sorted(set(want) | set(have)):
@@ -111,6 +106,7 @@ def import_run(src_dir: str, workdir: str, log: Callable[[str], None] = print) -
     raise CheckpointError(f'export {src_dir} does not match its own config '
                           f'({len(problems)} paths):\n' + '\n'.join(problems[:50]))
   opened = {}
+
   def load(k):
     e = have[k]
     if e['file'] not in opened:
@@ -120,7 +116,7 @@ def import_run(src_dir: str, workdir: str, log: Callable[[str], None] = print) -
   state = training.init_state(config, mesh, shardings)  # fresh optimiser state
   for g in _GROUPS:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(state.get(g) or {})
-    new = [jax.device_put(load(f'{g}/{_path_str(p)}'), v.sharding) for p, v in leaves]
+    new = [jax.device_put(load(f'{g}/{path_str(p)}'), v.sharding) for p, v in leaves]
     state[g] = jax.tree_util.tree_unflatten(treedef, new)
   state['step'] = jax.numpy.asarray(manifest['step'], jax.numpy.int32)
   os.makedirs(workdir, exist_ok=True)
@@ -134,10 +130,3 @@ def import_run(src_dir: str, workdir: str, log: Callable[[str], None] = print) -
   log(f'imported step {manifest["step"]} ({len(have)} arrays) into {workdir}')
   return int(manifest['step'])
 
-
-def _flat_abstract(abstract: dict) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-  out = {}
-  for g in _GROUPS:
-    for p, v in jax.tree_util.tree_flatten_with_path(abstract.get(g) or {})[0]:
-      out[f'{g}/{_path_str(p)}'] = (tuple(v.shape), np.dtype(v.dtype))
-  return out

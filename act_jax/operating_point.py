@@ -29,6 +29,7 @@ from act_jax import data as data_lib
 from act_jax.errors import ConfigError
 
 EXIT_POLICIES = ('act', 'pondernet', 'confidence', 'learned_exit')
+MEASURES = ('consistency', 'accuracy')  # what calibrate's tolerance bounds
 # Conservative -> aggressive (a token exits when its score >= threshold).
 DEFAULT_THRESHOLDS = (1.0, 0.995, 0.99, 0.98, 0.97, 0.95, 0.93, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6,
                       0.5, 0.4, 0.3, 0.2, 0.1)
@@ -59,10 +60,11 @@ def sweep(config, variables: dict, batches: Sequence[dict], thresholds: Sequence
       static_correct = static_correct + ((pred_NBL == b['targets']) & m).sum((1, 2))
   n = int(sum(x.sum() for x in w))
   full_acc = sum(((f == b['targets']) & m).sum() for f, b, m in zip(full, batches, w)) / max(n, 1)
-  out = {k: [] for k in ('mean_layers', 'accuracy', 'num_errors', 'consistency')}
+  out = {k: [] for k in ('mean_layers', 'accuracy', 'num_errors', 'consistency', 'broken',
+                         'fixed')}
   t0 = time.time()
   for k, thr in enumerate(thresholds):
-    layers = correct = errors = 0.0
+    layers = correct = errors = broken = fixed = 0.0
     for b, f, m in zip(batches, full, w):
       logits, aux = fwd(variables, jnp.asarray(b['inputs']),
                         inference.exit_threshold(config, thr, max_layers))
@@ -70,10 +72,15 @@ def sweep(config, variables: dict, batches: Sequence[dict], thresholds: Sequence
       layers += float((np.asarray(aux['layers']) * m).sum())
       correct += float(((pred == b['targets']) & m).sum())
       errors += float(((pred != f) & m).sum())
+      full_ok, ok = f == b['targets'], pred == b['targets']
+      broken += float((full_ok & ~ok & m).sum())  # d = +1: the exit loses a right answer
+      fixed += float((~full_ok & ok & m).sum())   # d = -1: the exit finds one
     out['mean_layers'].append(layers / n)
     out['accuracy'].append(correct / n)
     out['num_errors'].append(int(errors))
     out['consistency'].append(1.0 - errors / n)
+    out['broken'].append(int(broken))
+    out['fixed'].append(int(fixed))
     done = k + 1
     eta = (time.time() - t0) / done * (len(thresholds) - done)
     log(f'  threshold {thr:<6g} layers {layers / n:5.2f} acc {correct / n:.4f} '
@@ -97,7 +104,7 @@ def time_decode(config, variables: dict, prompt_BP: np.ndarray, thresholds: Sequ
   With max_layers every point but NEVER_EXIT (the full-depth reference) is capped; all are
   passed as per-step vectors so that they share one compiled function."""
   ms, layers = [], []
-  n = config.model.num_layers // len(config_lib.layer_kinds(config))
+  n = config_lib.num_steps(config)
 
   def arg(thr):
     if max_layers is None:
@@ -135,8 +142,12 @@ def calibrate_run(workdir: str, tolerance: float = 0.01, risk: float = 0.05,
                   thresholds: Sequence[float] = DEFAULT_THRESHOLDS, num_batches: int = 16,
                   method: str = 'binomial', time_tokens: int = 32,
                   log: Callable[[str], None] = print,
-                  max_layers: Optional[int] = None) -> dict:
+                  max_layers: Optional[int] = None, measure: str = 'consistency') -> dict:
   """Picks the operating point on half the held-out batches, reports it on the other half.
+
+  measure='consistency': at most `tolerance` of the tokens may change their prediction vs
+  full depth; 'accuracy': the held-out accuracy may drop by at most `tolerance` RELATIVE to
+  full depth (turned into an absolute bound with the calibration half's full accuracy).
   max_layers caps depth at every candidate threshold (the cap is part of the operating point)."""
   config, state = inference.load_run(workdir)
   require_exits(config)
@@ -148,6 +159,8 @@ def calibrate_run(workdir: str, tolerance: float = 0.01, risk: float = 0.05,
                       f'{config.model.num_layers}] (the model depth)')
   variables = {'params': state['params'], 'moe_state': state['moe_state']}
   inference.exit_threshold(config, 0.5, max_layers)  # a bad cap fails before any sweep
+  if measure not in MEASURES:
+    raise ConfigError(f'--measure={measure!r}: allowed: {", ".join(MEASURES)}')
   ds = data_lib.make_dataset(config.data, config.seed)
   batches = ds.eval_batches(num_batches)
   calib, test = batches[0::2], batches[1::2]
@@ -162,8 +175,13 @@ def calibrate_run(workdir: str, tolerance: float = 0.01, risk: float = 0.05,
     index = None if chosen is None else list(thresholds).index(chosen)
     mode, pvalues = 'budget', None
   else:
-    sel = calibration.ltt_select(thresholds, None, cal['n'], tolerance, risk, method,
-                                 num_errors=cal['num_errors'])  # refuses too little data
+    if measure == 'accuracy':  # refuses too little data, like ltt_select
+      sel = calibration.ltt_select_accuracy(thresholds, cal['n'], cal['broken'], cal['fixed'],
+                                            tolerance * cal['full_accuracy'], risk)
+      method = 'bernstein'
+    else:
+      sel = calibration.ltt_select(thresholds, None, cal['n'], tolerance, risk, method,
+                                   num_errors=cal['num_errors'])
     index, chosen, mode = sel['index'], sel['threshold'], 'ltt'
     pvalues = [float(p) for p in sel['pvalues']]
   limit = config.model.max_len or config.data.seq_len
@@ -179,7 +197,7 @@ def calibrate_run(workdir: str, tolerance: float = 0.01, risk: float = 0.05,
                                      'accuracy': sw['full_accuracy'], 'consistency': 1.0})
   result = {
       'workdir': os.path.abspath(workdir), 'step': int(state['step']),
-      'policy': config.halting.name, 'mode': mode, 'method': method,
+      'policy': config.halting.name, 'mode': mode, 'method': method, 'measure': measure,
       'tolerance': tolerance, 'risk': risk, 'budget_layers': budget_layers,
       'max_layers': max_layers,
       'chosen_threshold': chosen, 'full_layers': float(config.model.num_layers),

@@ -3,6 +3,7 @@ r"""Picks an early-exit operating point on held-out data (Learn-then-Test) or by
   python -m experiments.calibrate --workdir=RUN --tolerance=0.01 --risk=0.05
   python -m experiments.calibrate --workdir=RUN --budget_layers=4
   python -m experiments.calibrate --workdir=RUN --max_layers=7   # thresholds under a depth cap
+  python -m experiments.calibrate --workdir=RUN --measure=accuracy --tolerance=0.01 --max_layers=8
 Writes RUN/calibration.json (the frontier + the chosen threshold) and RUN/calibration.png.
 """
 import json
@@ -14,8 +15,11 @@ from experiments import quiet_logs
 from act_jax import operating_point
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir (config.json + checkpoints).')
-_TOL = flags.DEFINE_float('tolerance', 0.01, 'Max fraction of tokens whose prediction may '
-                          'differ from the full-depth model.')
+_TOL = flags.DEFINE_float('tolerance', 0.01, 'consistency: max fraction of tokens whose '
+                          'prediction may differ from full depth; accuracy: max relative '
+                          'accuracy drop.')
+_MEASURE = flags.DEFINE_enum('measure', 'consistency', ['consistency', 'accuracy'],
+                             'What the tolerance bounds (accuracy: empirical-Bernstein LTT).')
 _RISK = flags.DEFINE_float('risk', 0.05, 'Probability that the guarantee fails (delta).')
 _BUDGET = flags.DEFINE_float('budget_layers', None, 'Instead: meet this mean-layers budget.')
 _METHOD = flags.DEFINE_enum('method', 'binomial', ['binomial', 'hoeffding'], 'p-value.')
@@ -30,8 +34,9 @@ def main(argv):
   quiet_logs()
   r = operating_point.calibrate_run(_WORKDIR.value, _TOL.value, _RISK.value, _BUDGET.value,
                                     num_batches=_BATCHES.value, method=_METHOD.value,
-                                    max_layers=_MAX_LAYERS.value)
-  print(json.dumps({k: r[k] for k in ('policy', 'mode', 'chosen_threshold', 'max_layers',
+                                    max_layers=_MAX_LAYERS.value, measure=_MEASURE.value)
+  print(json.dumps({k: r[k] for k in ('policy', 'mode', 'measure', 'chosen_threshold',
+                                      'max_layers',
                                       'full_depth',
                                       'test', 'n_calib_tokens', 'n_test_tokens')}, indent=2))
   if r.get('static'):  # the baseline an adaptive model must beat: a shallower static model

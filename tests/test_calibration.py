@@ -188,3 +188,55 @@ def test_calibrate_bad_input():
     cal.calibrate(conf_TN, pred_TN, layers, [], 0.01, 0.05)
   with pytest.raises(cal.InsufficientCalibrationData):
     cal.calibrate(conf_TN[:100], pred_TN[:100], layers, THRESHOLDS, 0.01, 0.05)
+
+
+# ---------------------------------------------------------------- accuracy-drop risk
+
+def test_bernstein_pvalue_known_answers():
+  from act_jax.calibration import bernstein_pvalue
+  # no change at all (d = 0 everywhere): x = 1/2, V = 0 -> p = 2 exp(-3 (n-1) tol / 14)
+  n, tol = 1000, 0.02
+  assert bernstein_pvalue(n, 0.0, 0.0, tol) == pytest.approx(2 * math.exp(-3 * 999 * tol / 14))
+  assert bernstein_pvalue(n, 0.03, 0.05, tol) == 1.0   # observed drop above the tolerance
+  # by hand for mean 0.001, E[d^2] 0.003 (n = 20000, tol = 0.01)
+  n, m, q = 20000, 0.001, 0.003
+  var = (q - m * m) / 4 * n / (n - 1)
+  a, b, c = 7 / (3 * (n - 1)), math.sqrt(2 * var / n), (0.01 - m) / 2
+  s = (-b + math.sqrt(b * b + 4 * a * c)) / (2 * a)
+  assert bernstein_pvalue(n, m, q, 0.01) == pytest.approx(2 * math.exp(-s * s))
+  # more spread, or a mean closer to the tolerance, is less evidence
+  assert bernstein_pvalue(n, m, 0.03, 0.01) > bernstein_pvalue(n, m, q, 0.01)
+  assert bernstein_pvalue(n, 0.005, q, 0.01) > bernstein_pvalue(n, m, q, 0.01)
+
+
+def test_bernstein_pvalue_is_valid_at_the_boundary():
+  """True drop exactly at the tolerance: P(p <= delta) <= delta (it is conservative)."""
+  from act_jax.calibration import bernstein_pvalue
+  rng = np.random.default_rng(0)
+  tol, n = 0.02, 400
+  probs = [0.06 + tol, 0.06, 1 - 0.12 - tol]  # P(d=+1), P(d=-1), P(d=0): E[d] = tol
+  p = []
+  for _ in range(2000):
+    d = rng.choice([1, -1, 0], size=n, p=probs)
+    p.append(bernstein_pvalue(n, d.mean(), (d * d).mean(), tol))
+  p = np.asarray(p)
+  for delta in (0.05, 0.1, 0.3):
+    assert (p <= delta).mean() <= delta
+  # and it has power when the drop is well below the tolerance
+  d = rng.choice([1, -1, 0], size=20000, p=[0.03, 0.03, 0.94])
+  assert bernstein_pvalue(20000, d.mean(), (d * d).mean(), tol) < 1e-3
+
+
+def test_ltt_select_accuracy_picks_the_last_certified_threshold():
+  from act_jax.calibration import bernstein_pvalue, ltt_select_accuracy
+  thr, n = [0.99, 0.9, 0.8, 0.7], 20000
+  broken, fixed = [0, 40, 200, 600], [0, 20, 40, 100]  # drops 0, 0.1 %, 0.8 %, 2.5 %
+  sel = ltt_select_accuracy(thr, n, broken, fixed, 0.01, 0.05)
+  assert sel['threshold'] == 0.9 and sel['index'] == 1
+  assert sel['pvalues'][2] == pytest.approx(bernstein_pvalue(n, 160 / n, 240 / n, 0.01))
+  assert sel['pvalues'][2] > 0.05  # 0.8 % observed is too close to 1 % for 20 k tokens
+  assert list(sel['valid']) == [True, True, False, False]
+  with pytest.raises(cal.InsufficientCalibrationData, match='cannot certify'):
+    ltt_select_accuracy(thr, 100, [0] * 4, [0] * 4, 0.01, 0.05)
+  with pytest.raises(ValueError, match='broken and fixed'):
+    ltt_select_accuracy(thr, 10, [5, 6, 0, 0], [6, 5, 0, 0], 0.01, 0.05)

@@ -143,3 +143,19 @@ def test_accuracy_frontier_picks_on_one_half_reports_on_the_other(run):
   assert 'static truncation' in operating_point.format_frontier(res)
   with pytest.raises(ConfigError, match='max_layers'):
     operating_point.accuracy_frontier(run, [0.5], [3], num_batches=4)
+
+
+def test_calibrate_on_an_accuracy_tolerance(run):
+  r = operating_point.calibrate_run(run, tolerance=0.5, risk=0.2, num_batches=8,
+                                    measure='accuracy', log=lambda s: None)
+  assert r['measure'] == 'accuracy' and r['method'] == 'bernstein'
+  p = np.asarray(r['frontier']['pvalues'])
+  assert p.shape == (len(r['frontier']['thresholds']),)
+  k = 0 if r['chosen_threshold'] is None else \
+      r['frontier']['thresholds'].index(r['chosen_threshold']) + 1
+  assert np.all(p[:k] <= 0.2) and (k == len(p) or p[k] > 0.2)  # fixed-sequence testing
+  with pytest.raises(ConfigError, match='measure'):
+    operating_point.calibrate_run(run, measure='loss', num_batches=4, log=lambda s: None)
+  with pytest.raises(calibration.InsufficientCalibrationData):
+    operating_point.calibrate_run(run, tolerance=0.001, measure='accuracy', num_batches=2,
+                                  log=lambda s: None)
