@@ -14,6 +14,7 @@ Dims: B batch, L length.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -44,12 +45,18 @@ def require_exits(config) -> None:
         f'capacity, none always runs every layer)')
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted_forward(frozen_config):
+  """One compiled while-loop forward per config, shared by every sweep (frontier, calibrate)."""
+  return jax.jit(lambda v, t, th: inference.forward_while(frozen_config, v, t, th))
+
+
 def sweep(config, variables: dict, batches: Sequence[dict], thresholds: Sequence[float],
           log: Callable[[str], None] = lambda s: None,
           max_layers: Optional[int] = None) -> dict:
   """Per threshold (capped at max_layers when given): mean layers, accuracy, errors vs full
   depth over scored tokens, plus the static-truncation baseline."""
-  fwd = jax.jit(lambda v, t, th: inference.forward_while(config, v, t, th))
+  fwd = _jitted_forward(inference._frozen(config))
   full, static_correct = [], 0.0
   w = [np.asarray(b['weights']) > 0 for b in batches]
   for b, m in zip(batches, w):

@@ -24,6 +24,8 @@ _RISK = flags.DEFINE_float('risk', 0.05, 'Probability that the guarantee fails (
 _BUDGET = flags.DEFINE_float('budget_layers', None, 'Instead: meet this mean-layers budget.')
 _METHOD = flags.DEFINE_enum('method', 'binomial', ['binomial', 'hoeffding'], 'p-value.')
 _BATCHES = flags.DEFINE_integer('num_batches', 16, 'Held-out batches (half calibrate, half test).')
+_THR = flags.DEFINE_list('thresholds', None, 'Candidate thresholds, conservative first '
+                         '(default: operating_point.DEFAULT_THRESHOLDS).')
 _MAX_LAYERS = flags.DEFINE_integer('max_layers', None, 'Cap: tokens still running exit after '
                                    'this layer (an exit layer; default: no cap).')
 flags.mark_flag_as_required('workdir')
@@ -34,7 +36,9 @@ def main(argv):
   quiet_logs()
   r = operating_point.calibrate_run(_WORKDIR.value, _TOL.value, _RISK.value, _BUDGET.value,
                                     num_batches=_BATCHES.value, method=_METHOD.value,
-                                    max_layers=_MAX_LAYERS.value, measure=_MEASURE.value)
+                                    max_layers=_MAX_LAYERS.value, measure=_MEASURE.value,
+                                    thresholds=[float(t) for t in _THR.value] if _THR.value
+                                    else operating_point.DEFAULT_THRESHOLDS)
   print(json.dumps({k: r[k] for k in ('policy', 'mode', 'measure', 'chosen_threshold',
                                       'max_layers',
                                       'full_depth',
