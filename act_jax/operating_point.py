@@ -195,10 +195,11 @@ def calibrate_run(workdir: str, tolerance: float = 0.01, risk: float = 0.05,
   time_tokens = min(time_tokens, limit // 2)
   log(f'timing decode (batch 1, {time_tokens} tokens) per threshold ...')
   prompt = eval_prompts(config, 1, min(16, limit - time_tokens))
-  timing = time_decode(config, variables, prompt, thresholds, time_tokens, repeats=1,
-                       max_layers=max_layers)
-  full_ms = time_decode(config, variables, prompt, [inference.NEVER_EXIT], time_tokens,
-                        repeats=1)['ms_per_token'][0]
+  # full depth timed side by side with the thresholds (same compiled function, round-robin)
+  timing = time_decode(config, variables, prompt, [inference.NEVER_EXIT] + list(thresholds),
+                       time_tokens, repeats=3, max_layers=max_layers)
+  full_ms = timing['ms_per_token'][0]
+  timing = {k: v[1:] for k, v in timing.items()}
   pick = (lambda sw: {k: sw[k][index] for k in ('mean_layers', 'accuracy', 'consistency')}
           if index is not None else {'mean_layers': sw['full_layers'],
                                      'accuracy': sw['full_accuracy'], 'consistency': 1.0})
