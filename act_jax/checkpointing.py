@@ -32,6 +32,22 @@ def _flat(tree) -> dict[str, Any]:
   return {path_str(p): v for p, v in leaves}
 
 
+def list_mismatches(have: dict[str, tuple], want: dict[str, tuple], source: str) -> list[str]:
+  """One line per path whose (shape, dtype) differs between stored `have` (from `source`:
+  'checkpoint', 'export'; a None dtype is not compared) and the model's `want`."""
+  problems = []
+  for k in sorted(set(have) | set(want)):
+    if k not in want:
+      problems.append(f'  {k}: in {source} {have[k][0]}, not in the model')
+    elif k not in have:
+      problems.append(f'  {k}: in the model {want[k][0]}, missing in {source}')
+    else:
+      (hs, hd), (ws, wd) = have[k], want[k]
+      if hs != ws or (hd is not None and np.dtype(hd) != np.dtype(wd)):
+        problems.append(f'  {k}: {source} {hs} {hd} vs model {ws} {wd}')
+  return problems
+
+
 class Checkpointer:
   """Thin wrapper over ocp.CheckpointManager for one pytree item (the train state)."""
 
@@ -62,18 +78,10 @@ class Checkpointer:
     except Exception as e:  # unreadable metadata is an incompatible checkpoint too
       raise CheckpointError(f'checkpoint step {step} in {self.directory} is unreadable: {e}')
     stored = getattr(stored, 'tree', stored)
-    have, want = _flat(stored), _flat(abstract_state)
-    problems = []
-    for k in sorted(set(have) | set(want)):
-      if k not in want:
-        problems.append(f'  {k}: in checkpoint {tuple(have[k].shape)}, not in the model')
-      elif k not in have:
-        problems.append(f'  {k}: in the model {tuple(want[k].shape)}, missing in checkpoint')
-      else:
-        hs, ws = tuple(getattr(have[k], 'shape', ())), tuple(want[k].shape)
-        hd, wd = getattr(have[k], 'dtype', None), want[k].dtype
-        if hs != ws or (hd is not None and np.dtype(hd) != np.dtype(wd)):
-          problems.append(f'  {k}: checkpoint {hs} {hd} vs model {ws} {wd}')
+    spec = lambda x: (tuple(getattr(x, 'shape', ())), getattr(x, 'dtype', None))
+    problems = list_mismatches({k: spec(v) for k, v in _flat(stored).items()},
+                               {k: spec(v) for k, v in _flat(abstract_state).items()},
+                               'checkpoint')
     if problems:
       raise CheckpointError(
           f'incompatible checkpoint at {self.directory} (step {step}): it was written by a '

@@ -23,6 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from act_jax import checkpointing
 from act_jax.checkpointing import path_str
 from act_jax.errors import CheckpointError
 
@@ -76,7 +77,7 @@ def export_run(workdir: str, out_dir: str, max_file_mb: float = 15.0,
 
 def import_run(src_dir: str, workdir: str, log: Callable[[str], None] = print) -> int:
   """Builds a training workdir from an export; refuses to touch an existing checkpoint."""
-  from act_jax import checkpointing, config as config_lib, sharding, training  # heavy: lazy
+  from act_jax import config as config_lib, sharding, training  # heavy: lazy
   path = os.path.join(src_dir, MANIFEST)
   if not os.path.exists(path):
     raise CheckpointError(f'{path} is missing: {src_dir!r} is not an export_run directory')
@@ -93,15 +94,8 @@ def import_run(src_dir: str, workdir: str, log: Callable[[str], None] = print) -
   abstract, shardings = training.state_shardings(config, mesh)
   want = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in _leaves(abstract)}
   have = manifest['arrays']
-  problems = []
-  for k in sorted(set(want) | set(have)):
-    if k not in have:
-      problems.append(f'  {k}: in the model {want[k][0]}, missing in the export')
-    elif k not in want:
-      problems.append(f'  {k}: in the export {tuple(have[k]["shape"])}, not in the model')
-    elif (tuple(have[k]['shape']), np.dtype(have[k]['dtype'])) != want[k]:
-      problems.append(f'  {k}: export {tuple(have[k]["shape"])} {have[k]["dtype"]} vs model '
-                      f'{want[k][0]} {want[k][1]}')
+  problems = checkpointing.list_mismatches(
+      {k: (tuple(e['shape']), e['dtype']) for k, e in have.items()}, want, 'the export')
   if problems:
     raise CheckpointError(f'export {src_dir} does not match its own config '
                           f'({len(problems)} paths):\n' + '\n'.join(problems[:50]))

@@ -209,7 +209,8 @@ class AdaptiveTransformer(nn.Module):
     if not m.tie_embeddings:
       top['unembed'] = self.param('unembed', nn.with_logical_partitioning(
           nn.initializers.lecun_normal(), ('embed', 'vocab')), (m.d_model, m.vocab_size), pdtype)
-    if self.train and cfg.halting.get('exit_aware', 0.0) > 0 and cache is None:
+    exit_aware = self.train and cfg.halting.get('exit_aware', 0.0) > 0 and cache is None
+    if exit_aware:
       # Exit-aware training: every token still runs every step (each exit's loss needs it),
       # but a token whose criterion is met -- at a threshold drawn per row from
       # U(exit_aware, 1) unless given -- exposes its exit state's K/V to later tokens at the
@@ -221,7 +222,7 @@ class AdaptiveTransformer(nn.Module):
                                        minval=cfg.halting.exit_aware, maxval=1.0)
     carry, bcast = prepare_inputs(cfg, top, tokens_BL, threshold, positions_BL, cache_index,
                                   decoding=cache is not None)
-    if self.train and cfg.halting.get('exit_aware', 0.0) > 0 and cache is None:
+    if exit_aware:
       carry['h_exit'] = carry['h']  # read only where a criterion was met
     step_cls = DepthStep
     if m.remat != 'none':

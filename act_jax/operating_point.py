@@ -72,9 +72,9 @@ def sweep(config, variables: dict, batches: Sequence[dict], thresholds: Sequence
   t0 = time.time()
   for k, thr in enumerate(thresholds):
     layers = correct = errors = broken = fixed = 0.0
+    thr_arg = inference.exit_threshold(config, thr, max_layers)
     for b, f, m in zip(batches, full, w):
-      logits, aux = fwd(variables, jnp.asarray(b['inputs']),
-                        inference.exit_threshold(config, thr, max_layers))
+      logits, aux = fwd(variables, jnp.asarray(b['inputs']), thr_arg)
       pred = np.asarray(jnp.argmax(logits, -1))
       layers += float((np.asarray(aux['layers']) * m).sum())
       correct += float(((pred == b['targets']) & m).sum())

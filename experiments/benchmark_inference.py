@@ -4,7 +4,7 @@ r"""Decode speed vs full depth for a range of thresholds, measured side by side 
 """
 from absl import app, flags
 
-from experiments import quiet_logs
+from experiments import define_max_layers_flag, quiet_logs
 
 from act_jax import operating_point
 
@@ -14,8 +14,7 @@ _BATCH = flags.DEFINE_list('batch_sizes', ['1', '8'], 'Decode batch sizes.')
 _NEW = flags.DEFINE_integer('new_tokens', 64, 'Generated tokens per timing.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timings per point (median).')
 _FILL = flags.DEFINE_enum('kv_fill', 'project', ['project', 'copy'], 'KV of skipped layers.')
-_MAX_LAYERS = flags.DEFINE_integer('max_layers', None, 'Cap: tokens still running exit after '
-                                   'this layer (an exit layer; default: no cap).')
+_MAX_LAYERS = define_max_layers_flag()
 flags.mark_flag_as_required('workdir')
 
 

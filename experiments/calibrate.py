@@ -10,7 +10,7 @@ import json
 
 from absl import app, flags
 
-from experiments import quiet_logs
+from experiments import define_max_layers_flag, quiet_logs
 
 from act_jax import operating_point
 
@@ -26,8 +26,7 @@ _METHOD = flags.DEFINE_enum('method', 'binomial', ['binomial', 'hoeffding'], 'p-
 _BATCHES = flags.DEFINE_integer('num_batches', 16, 'Held-out batches (half calibrate, half test).')
 _THR = flags.DEFINE_list('thresholds', None, 'Candidate thresholds, conservative first '
                          '(default: operating_point.DEFAULT_THRESHOLDS).')
-_MAX_LAYERS = flags.DEFINE_integer('max_layers', None, 'Cap: tokens still running exit after '
-                                   'this layer (an exit layer; default: no cap).')
+_MAX_LAYERS = define_max_layers_flag()
 flags.mark_flag_as_required('workdir')
 
 

@@ -4,14 +4,13 @@ r"""Evaluates a trained run: quality and compute per domain / difficulty, at thr
 """
 from absl import app, flags
 
-from experiments import quiet_logs
+from experiments import define_max_layers_flag, quiet_logs
 from act_jax import operating_point
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.')
 _THR = flags.DEFINE_list('thresholds', [], 'Thresholds in (0, 1]; empty = policy default.')
 _BATCHES = flags.DEFINE_integer('num_batches', None, 'Held-out batches (default: config).')
-_MAX_LAYERS = flags.DEFINE_integer('max_layers', None, 'Cap: tokens still running exit after '
-                                   'this layer (an exit layer; default: no cap).')
+_MAX_LAYERS = define_max_layers_flag()
 flags.mark_flag_as_required('workdir')
 
 

@@ -4,7 +4,7 @@ r"""Continues a prompt with early-exit decoding and shows the exit layer of ever
 """
 from absl import app, flags
 
-from experiments import quiet_logs
+from experiments import define_max_layers_flag, quiet_logs
 
 from act_jax import operating_point
 
@@ -14,8 +14,7 @@ _THR = flags.DEFINE_float('threshold', None, 'Exit threshold in (0, 1] (default:
                           'calibrated one, else the config default).')
 _NEW = flags.DEFINE_integer('max_new_tokens', 64, 'Bytes to generate.')
 _FILL = flags.DEFINE_enum('kv_fill', 'project', ['project', 'copy'], 'KV of skipped layers.')
-_MAX_LAYERS = flags.DEFINE_integer('max_layers', None, 'Cap: tokens still running exit after '
-                                   'this layer (an exit layer; default: no cap).')
+_MAX_LAYERS = define_max_layers_flag()
 flags.mark_flag_as_required('workdir')
 
 
