@@ -121,29 +121,29 @@ def _check_order(thr: np.ndarray) -> None:
                      '(conservative -> aggressive) for fixed-sequence testing')
 
 
-def sweep_thresholds(conf_TN: Any, pred_TN: Any, exit_layers_N: Any, thresholds: Any,
-                     full_pred_T: Any = None, correct_TN: Any = None) -> dict[str, np.ndarray]:
+def sweep_thresholds(conf_ZX: Any, pred_ZX: Any, exit_layers_X: Any, thresholds: Any,
+                     full_pred_Z: Any = None, correct_ZX: Any = None) -> dict[str, np.ndarray]:
   """Per threshold [K]: 'thresholds', 'mean_layers', 'risk', 'num_errors', ['accuracy'],
   and 'exit_fraction' [K, N] (share of tokens leaving at each exit).
 
-  conf_TN [T, N] confidence of each token at each of N exits (nan = never exit there);
-  pred_TN [T, N] predictions; exit_layers_N [N] depth of each exit; full_pred_T [T] the
-  reference (default pred_TN[:, -1]); correct_TN [T, N] optional 0/1 correctness.
+  conf_ZX [T, N] confidence of each token at each of N exits (nan = never exit there);
+  pred_ZX [T, N] predictions; exit_layers_X [N] depth of each exit; full_pred_Z [T] the
+  reference (default pred_ZX[:, -1]); correct_ZX [T, N] optional 0/1 correctness.
   """
-  conf = np.asarray(conf_TN, np.float64)
-  pred = np.asarray(pred_TN)
-  layers = np.asarray(exit_layers_N, np.float64)
+  conf = np.asarray(conf_ZX, np.float64)
+  pred = np.asarray(pred_ZX)
+  layers = np.asarray(exit_layers_X, np.float64)
   thr = _check_thresholds(thresholds)
   if conf.ndim != 2 or conf.shape[0] < 1 or conf.shape[1] < 1:
-    raise ValueError(f'conf_TN shape {conf.shape}: must be [T, N] with T, N >= 1')
+    raise ValueError(f'conf_ZX shape {conf.shape}: must be [T, N] with T, N >= 1')
   T, N = conf.shape
   if pred.shape != conf.shape:
-    raise ValueError(f'pred_TN shape {pred.shape} != conf_TN shape {conf.shape}')
+    raise ValueError(f'pred_ZX shape {pred.shape} != conf_ZX shape {conf.shape}')
   if layers.shape != (N,):
-    raise ValueError(f'exit_layers_N shape {layers.shape}: must be ({N},)')
-  full = pred[:, -1] if full_pred_T is None else np.asarray(full_pred_T)
+    raise ValueError(f'exit_layers_X shape {layers.shape}: must be ({N},)')
+  full = pred[:, -1] if full_pred_Z is None else np.asarray(full_pred_Z)
   if full.shape != (T,):
-    raise ValueError(f'full_pred_T shape {full.shape}: must be ({T},)')
+    raise ValueError(f'full_pred_Z shape {full.shape}: must be ({T},)')
   # Running max makes "first exit with conf >= λ" = "number of exits whose running max < λ".
   run_max = np.maximum.accumulate(np.where(np.isnan(conf), -np.inf, conf), axis=1)
   exit_idx = np.zeros((thr.size, T), np.int64)
@@ -158,10 +158,10 @@ def sweep_thresholds(conf_TN: Any, pred_TN: Any, exit_layers_N: Any, thresholds:
       'num_errors': errors.sum(1).astype(np.int64),
       'exit_fraction': np.stack([(exit_idx == n).mean(1) for n in range(N)], axis=1),
   }
-  if correct_TN is not None:
-    correct = np.asarray(correct_TN, np.float64)
+  if correct_ZX is not None:
+    correct = np.asarray(correct_ZX, np.float64)
     if correct.shape != conf.shape:
-      raise ValueError(f'correct_TN shape {correct.shape} != conf_TN shape {conf.shape}')
+      raise ValueError(f'correct_ZX shape {correct.shape} != conf_ZX shape {conf.shape}')
     out['accuracy'] = correct[tok, exit_idx].mean(1)
   return out
 
@@ -301,10 +301,10 @@ def _operating_point(sweep: dict, index: int | None, full_depth: dict) -> dict[s
   return point
 
 
-def calibrate(conf_TN: Any, pred_TN: Any, exit_layers_N: Any, thresholds: Sequence[float],
+def calibrate(conf_ZX: Any, pred_ZX: Any, exit_layers_X: Any, thresholds: Sequence[float],
               tolerance: float, risk_level: float, calib_fraction: float = 0.5,
               seed: int = 0, method: str = 'binomial', budget_layers: float | None = None,
-              correct_TN: Any = None, full_pred_T: Any = None) -> dict[str, Any]:
+              correct_ZX: Any = None, full_pred_Z: Any = None) -> dict[str, Any]:
   """Split tokens, select a threshold on the calibration part, report on the test part.
 
   Tokens are split by np.random.default_rng(seed).permutation(T): the first
@@ -321,23 +321,23 @@ def calibrate(conf_TN: Any, pred_TN: Any, exit_layers_N: Any, thresholds: Sequen
   risk_level = _check_unit('risk_level', risk_level)
   calib_fraction = _check_unit('calib_fraction', calib_fraction)
   _check_method(method)
-  conf = np.asarray(conf_TN, np.float64)
-  pred = np.asarray(pred_TN)
+  conf = np.asarray(conf_ZX, np.float64)
+  pred = np.asarray(pred_ZX)
   if conf.ndim != 2 or pred.shape != conf.shape:
-    raise ValueError(f'conf_TN {conf.shape} and pred_TN {pred.shape} must both be [T, N]')
+    raise ValueError(f'conf_ZX {conf.shape} and pred_ZX {pred.shape} must both be [T, N]')
   T = conf.shape[0]
   n_cal = int(round(calib_fraction * T))
   if not 0 < n_cal < T:
     raise ValueError(f'calib_fraction={calib_fraction} with T={T} tokens leaves an empty split')
   perm = np.random.default_rng(seed).permutation(T)
   parts = {'calib': perm[:n_cal], 'test': perm[n_cal:]}
-  full = pred[:, -1] if full_pred_T is None else np.asarray(full_pred_T)
+  full = pred[:, -1] if full_pred_Z is None else np.asarray(full_pred_Z)
   if full.shape != (T,):
-    raise ValueError(f'full_pred_T shape {full.shape}: must be ({T},)')
-  layers = np.asarray(exit_layers_N, np.float64)
+    raise ValueError(f'full_pred_Z shape {full.shape}: must be ({T},)')
+  layers = np.asarray(exit_layers_X, np.float64)
   sweeps, full_depth = {}, {}
   for name, idx in parts.items():
-    correct = None if correct_TN is None else np.asarray(correct_TN, np.float64)[idx]
+    correct = None if correct_ZX is None else np.asarray(correct_ZX, np.float64)[idx]
     sweeps[name] = sweep_thresholds(conf[idx], pred[idx], layers, thr, full[idx], correct)
     # The fallback when nothing is selected: every token runs to the last exit.
     wrong = pred[idx, -1] != full[idx]

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from act_jax import telemetry
+from act_jax.report import _save, plt
 
 COLUMNS = (('run', 'run'), ('halting', 'halting'), ('router', 'router'),
            ('eval_loss', 'eval loss'), ('eval_accuracy', 'eval acc'),
@@ -109,7 +110,6 @@ def format_table(rows: Sequence[dict]) -> str:
 
 def plot_compare(rows: Sequence[dict], path: str) -> str:
   """Scatter eval accuracy vs mean layers executed, plus bars of eval loss and layers."""
-  from act_jax.report import _save, plt  # lazy: matplotlib only when a PNG is asked for
   fig, axes = plt.subplots(1, 3, figsize=(15, 4))
   names = [r['run'] for r in rows]
   val = lambda r, k: math.nan if r.get(k) is None else r[k]  # noqa: E731

@@ -1,19 +1,30 @@
-"""Default config, component registries by name, and validate(config).
+"""The one table of defaults, and the boundary: validate(config), resolve(config) -> Spec.
 
 Configs are ml_collections.ConfigDicts built by `experiments/configs/*.py:get_config(arg)`
-on top of `default_config()`. `validate` runs before anything is traced or compiled and
-raises ConfigError naming the field and what is allowed.
+on top of `default_config()` — the only defaults table of the library. A config (or a
+config.json read back, whose missing fields take these defaults) goes through `resolve`
+once: it checks every field before anything is traced or compiled (ConfigError naming the
+field, the value and what is allowed), derives every fact (act_jax.spec) and builds the
+halting policy. Everything past this file takes the Spec.
 
 Variants are chosen by registered name: `config.halting.name` (act_jax.halting.POLICIES),
-`config.moe.router` (act_jax.moe.ROUTERS), `config.data.name` (act_jax.data.DATASETS).
+`config.moe.router` (act_jax.moe.ROUTERS), `config.data.name` (act_jax.data.KNOWN_NAMES).
 """
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Mapping, Optional
 
+import jax
 import ml_collections
+import numpy as np
 
+from act_jax import data as data_lib
+from act_jax import halting as halting_lib
+from act_jax import moe as moe_lib
 from act_jax.errors import ConfigError
+from act_jax.spec import (DataSpec, HaltingSpec, MeshSpec, MoESpec, ModelSpec, Spec,
+                          TrainSpec)
 
 DTYPES = ('float32', 'bfloat16')
 REMAT_POLICIES = ('none', 'full', 'dots')
@@ -31,6 +42,7 @@ def default_config() -> ml_collections.ConfigDict:
       vocab_size=260, d_model=128, num_heads=4, head_dim=0, d_ff=384, num_layers=6,
       causal=True, share_weights=False, tie_embeddings=True, max_len=0, rope_base=10000.0,
       dtype='float32', param_dtype='float32', remat='none', group_size=0))
+  # bias_init negative: with b >= 0 ACT halts every token after ~2 steps at init
   c.halting = ml_collections.ConfigDict(dict(
       name='none', threshold=0.9, eps=0.01, bias_init=-2.0, ponder_cost=0.01, beta=0.01,
       lambda_p=0.2, exit_every=1, exit_weights='linear', criterion='softmax',
@@ -82,27 +94,128 @@ def _get(c, field: str) -> Any:
   return node
 
 
-def layer_kinds(config) -> tuple[str, ...]:
+def _layer_kinds(config) -> tuple[str, ...]:
   """Kinds of the layers in one scan step ('dense' | 'moe'); the stack repeats this group."""
   m = config.model
-  if config.moe.router == 'none':
-    size = m.group_size or 1
-    return ('dense',) * size
+  if not moe_lib.ROUTERS[config.moe.router].routed:
+    return ('dense',) * (m.group_size or 1)
   every = config.moe.every
   size = m.group_size or every
   return tuple('moe' if (i + 1) % every == 0 else 'dense' for i in range(size))
 
 
-def num_steps(config) -> int:
-  """Number of scan steps (= halting steps) over depth."""
-  return config.model.num_layers // len(layer_kinds(config))
+def complete(config: Any) -> ml_collections.ConfigDict:
+  """default_config() updated with config's fields (a ConfigDict or a dict, e.g. a
+  config.json of an older version that lacks newer fields); unknown fields are refused."""
+  raw = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
+  merged = default_config().to_dict()
+  for key, val in raw.items():
+    if key not in merged:
+      raise ConfigError(f'{key}={val!r}: unknown config field; known: {", ".join(merged)}')
+    if isinstance(merged[key], dict):
+      if not isinstance(val, Mapping):
+        raise ConfigError(f'{key}={val!r}: must be a section with fields '
+                          f'{", ".join(merged[key])}')
+      for f, v in val.items():
+        if f not in merged[key]:
+          raise ConfigError(f'{key}.{f}={v!r}: unknown field; known: '
+                            f'{", ".join(merged[key])}')
+        merged[key][f] = v
+    else:
+      merged[key] = val
+  return ml_collections.ConfigDict(merged)
 
 
-def validate(config, device_count: int | None = None) -> None:
-  """Rejects impossible configs with a ConfigError naming the field, before any compile."""
-  from act_jax import data as data_lib  # lazy: data has no jax dependency
-  from act_jax import halting as halting_lib
-  from act_jax import moe as moe_lib
+def _section(cls: type, values: Mapping[str, Any], **derived: Any) -> Any:
+  """cls(**values) with ints given to float fields made floats (1 and 1.0 resolve alike)."""
+  kw = dict(values)
+  for f in dataclasses.fields(cls):
+    v = kw.get(f.name)
+    if f.type == 'float' and isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+      kw[f.name] = float(v)
+  kw.update(derived)
+  return cls(**kw)
+
+
+def resolve(config: Any, device_count: Optional[int] = None) -> Spec:
+  """Validates `config` (see validate) and returns its Spec: every derived fact computed
+  here, once, and the halting policy built. device_count resolves mesh.data=-1 (default:
+  jax.device_count())."""
+  c = complete(config)
+  _check(c)
+  n = device_count if device_count is not None else jax.device_count()
+  mesh = mesh_shape(c.mesh, n)
+  kinds = _layer_kinds(c)
+  m = c.model
+  model = _section(ModelSpec, {**m.to_dict(), 'head_dim': m.head_dim or m.d_model // m.num_heads,
+                               'max_len': m.max_len or c.data.seq_len,
+                               'group_size': len(kinds)},
+                   layer_kinds=kinds, num_steps=m.num_layers // len(kinds))
+  _require(model.head_dim % 2 == 0, 'model.head_dim', model.head_dim,
+           'must be even (RoPE rotates feature pairs)')
+  moe_values = {**c.moe.to_dict(), 'd_ff': c.moe.d_ff or m.d_ff}
+  moe = _section(MoESpec, moe_values)
+  if moe_lib.ROUTERS[moe.router].routed:
+    moe_lib.validate_moe(moe, d_model=m.d_model, causal=m.causal, mesh_expert=mesh[1])
+    _require(not (m.causal and moe.priority == 'probability'), 'moe.priority', moe.priority,
+             "'probability' ranks tokens by the whole group's router scores, which leaks "
+             "future tokens in a causal model; use 'position'")
+  halting = _section(HaltingSpec, c.halting.to_dict())
+  policy = halting_lib.make_policy(halting, model.num_steps)  # validates config.halting
+  return Spec(seed=int(c.seed), model=model, halting=halting, moe=moe,
+              data=_section(DataSpec, c.data.to_dict()),
+              train=_section(TrainSpec, c.train.to_dict()),
+              mesh=MeshSpec(*mesh), policy=policy,
+              exit_layers=tuple((s + 1) * model.group_size for s in policy.exit_steps()),
+              capped_policies=tuple(sorted(k for k, v in halting_lib.POLICIES.items()
+                                           if v.can_cap_depth)))
+
+
+def check_training(spec: Spec) -> None:
+  """What a training run needs beyond a valid model: a task the model can learn (a causal LM
+  task needs a causal model) and a batch that splits over the mesh."""
+  if spec.data.name in data_lib.CAUSAL_ONLY:
+    _require(spec.model.causal, 'model.causal', spec.model.causal,
+             f'data.name={spec.data.name!r} is a causal LM task; needs model.causal=True')
+  split = spec.mesh.data * spec.mesh.expert
+  _require(spec.data.batch_size % split == 0, 'data.batch_size', spec.data.batch_size,
+           f'must be divisible by mesh.data*mesh.expert ({split}): the batch is split over both')
+
+
+def validate(config: Any, device_count: Optional[int] = None) -> Spec:
+  """Rejects impossible configs with a ConfigError naming the field, before any compile:
+  resolve (every field, the model, the policy, the mesh) plus check_training. Returns the
+  spec. Model-only uses (a model in a notebook, inference) need only resolve."""
+  spec = resolve(config, device_count)
+  check_training(spec)
+  return spec
+
+
+def as_spec(config_or_spec: Any, device_count: Optional[int] = None) -> Spec:
+  """A Spec as it is; a config resolved (for library entry points that accept either)."""
+  if isinstance(config_or_spec, Spec):
+    return config_or_spec
+  return resolve(config_or_spec, device_count)
+
+
+def halting_spec(**overrides: Any) -> HaltingSpec:
+  """The default config.halting with overrides, as a HaltingSpec (not validated: tests and
+  notebooks build policies from it with halting.make_policy, which validates)."""
+  return HaltingSpec(**{**default_config().halting.to_dict(), **overrides})
+
+
+def moe_spec(**overrides: Any) -> MoESpec:
+  """The default config.moe with overrides, as a MoESpec (validate with moe.validate_moe)."""
+  return MoESpec(**{**default_config().moe.to_dict(), **overrides})
+
+
+def data_spec(**overrides: Any) -> DataSpec:
+  """The default config.data with overrides, as a DataSpec (make_dataset validates it)."""
+  return DataSpec(**{**default_config().data.to_dict(), **overrides})
+
+
+def _check(config: ml_collections.ConfigDict) -> None:
+  """Field checks of a complete config (resolve runs them; each names its field)."""
   m, t = config.model, config.train
   for f in ('model.d_model', 'model.num_heads', 'model.d_ff', 'model.num_layers',
             'model.vocab_size', 'train.steps', 'train.log_every', 'train.eval_every',
@@ -113,8 +226,6 @@ def validate(config, device_count: int | None = None) -> None:
   if m.head_dim == 0:
     _require(m.d_model % m.num_heads == 0, 'model.num_heads', m.num_heads,
              f'must divide model.d_model={m.d_model} (or set model.head_dim)')
-  hd = m.head_dim or m.d_model // max(m.num_heads, 1)
-  _require(hd % 2 == 0, 'model.head_dim', hd, 'must be even (RoPE rotates feature pairs)')
   _require(m.dtype in DTYPES, 'model.dtype', m.dtype, f'allowed: {", ".join(DTYPES)}')
   _require(m.param_dtype in DTYPES, 'model.param_dtype', m.param_dtype,
            f'allowed: {", ".join(DTYPES)}')
@@ -142,41 +253,20 @@ def validate(config, device_count: int | None = None) -> None:
            f'unknown router; known: {", ".join(sorted(moe_lib.ROUTERS))}')
   _require(config.halting.name in halting_lib.POLICIES, 'halting.name', config.halting.name,
            f'unknown policy; known: {", ".join(sorted(halting_lib.POLICIES))}')
-  data_lib.validate(config.data)
+  _require(isinstance(config.seed, (int, np.integer)) and not isinstance(config.seed, bool)
+           and config.seed >= 0, 'seed', config.seed, 'must be a non-negative integer')
+  data_lib.validate(_section(DataSpec, config.data.to_dict()))
   ds_vocab = data_lib.VOCAB_SIZE
   _require(m.vocab_size >= ds_vocab, 'model.vocab_size', m.vocab_size,
            f'must be >= the data vocabulary ({ds_vocab})')
-  if config.data.name in data_lib.CAUSAL_ONLY:
-    _require(m.causal, 'model.causal', m.causal,
-             f'data.name={config.data.name!r} is a causal LM task; needs model.causal=True')
-  kinds = layer_kinds(config)
-  if config.moe.router != 'none':
+  if moe_lib.ROUTERS[config.moe.router].routed:
     _pos_int(config, 'moe.every')
     _require(m.group_size == 0 or m.group_size % config.moe.every == 0, 'model.group_size',
              m.group_size, f'must be a multiple of moe.every={config.moe.every}')
+  kinds = _layer_kinds(config)
   _require(m.num_layers % len(kinds) == 0, 'model.num_layers', m.num_layers,
            f'must be a multiple of the scan group size {len(kinds)} '
            f'(moe.every / model.group_size)')
-  # Mesh before MoE: MoE checks divisibility by the expert axis.
-  n = device_count if device_count is not None else _device_count()
-  mesh = mesh_shape(config.mesh, n)
-  _require(config.data.batch_size % (mesh[0] * mesh[1]) == 0, 'data.batch_size',
-           config.data.batch_size,
-           f'must be divisible by mesh.data*mesh.expert ({mesh[0] * mesh[1]}): the batch is '
-           f'split over both')
-  if config.moe.router != 'none':
-    moe_lib.validate_moe(config.moe, d_model=m.d_model, causal=m.causal, mesh_expert=mesh[1])
-    _require(not (m.causal and config.moe.priority == 'probability'), 'moe.priority',
-             config.moe.priority, "'probability' ranks tokens by the whole group's router "
-             "scores, which leaks future tokens in a causal model; use 'position'")
-  halting_lib.validate_halting(config.halting, num_steps(config))
-  if config.halting.name == 'mod' and config.moe.router != 'none':
-    pass  # MoD gates whole blocks; MoE inside a routed-out block is skipped with it.
-
-
-def _device_count() -> int:
-  import jax
-  return jax.device_count()
 
 
 def mesh_shape(mesh_cfg, n: int) -> tuple[int, int, int]:

@@ -20,10 +20,10 @@ import shutil
 from typing import Callable
 
 import jax
-import ml_collections
 import numpy as np
 
-from act_jax import checkpointing
+from act_jax import checkpointing, inference, sharding, training
+from act_jax import config as config_lib
 from act_jax.checkpointing import path_str
 from act_jax.errors import CheckpointError
 
@@ -41,8 +41,7 @@ def _leaves(state: dict):
 def export_run(workdir: str, out_dir: str, max_file_mb: float = 15.0,
                log: Callable[[str], None] = print) -> dict:
   """Writes the latest checkpoint of `workdir` as manifest.json + weights-NN.npz files."""
-  from act_jax import inference
-  config, state = inference.load_run(workdir)
+  spec, state = inference.load_run(workdir)
   arrays = {k: np.asarray(jax.device_get(v)) for k, v in _leaves(state)}
   os.makedirs(out_dir, exist_ok=True)
   limit = int(max_file_mb * 2**20)
@@ -62,7 +61,7 @@ def export_run(workdir: str, out_dir: str, max_file_mb: float = 15.0,
     for j, (k, v) in enumerate(group.items()):
       entries[k] = {'file': name, 'member': f'a{j}', 'shape': list(v.shape),
                     'dtype': str(v.dtype)}
-  manifest = {'step': int(state['step']), 'config': json.loads(config.to_json()),
+  manifest = {'step': int(state['step']), 'config': spec.to_dict(),
               'arrays': entries}
   with open(os.path.join(out_dir, MANIFEST), 'w') as f:
     json.dump(manifest, f, indent=1)
@@ -77,7 +76,6 @@ def export_run(workdir: str, out_dir: str, max_file_mb: float = 15.0,
 
 def import_run(src_dir: str, workdir: str, log: Callable[[str], None] = print) -> int:
   """Builds a training workdir from an export; refuses to touch an existing checkpoint."""
-  from act_jax import config as config_lib, sharding, training  # heavy: lazy
   path = os.path.join(src_dir, MANIFEST)
   if not os.path.exists(path):
     raise CheckpointError(f'{path} is missing: {src_dir!r} is not an export_run directory')
@@ -87,11 +85,11 @@ def import_run(src_dir: str, workdir: str, log: Callable[[str], None] = print) -
                           f'new --workdir (nothing was changed)')
   with open(path) as f:
     manifest = json.load(f)
-  config = ml_collections.ConfigDict(manifest['config'])
+  config = config_lib.complete(manifest['config'])
   config.mesh.update(data=1, expert=1, model=1)
-  config_lib.validate(config, device_count=1)
+  spec = config_lib.resolve(config, device_count=1)
   mesh = sharding.make_mesh(shape=(1, 1, 1))
-  abstract, shardings = training.state_shardings(config, mesh)
+  abstract, shardings = training.state_shardings(spec, mesh)
   want = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in _leaves(abstract)}
   have = manifest['arrays']
   problems = checkpointing.list_mismatches(
@@ -107,7 +105,7 @@ def import_run(src_dir: str, workdir: str, log: Callable[[str], None] = print) -
       opened[e['file']] = np.load(os.path.join(src_dir, e['file']))
     return opened[e['file']][e['member']]
 
-  state = training.init_state(config, mesh, shardings)  # fresh optimiser state
+  state = training.init_state(spec, mesh, shardings)  # fresh optimiser state
   for g in _GROUPS:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(state.get(g) or {})
     new = [jax.device_put(load(f'{g}/{path_str(p)}'), v.sharding) for p, v in leaves]
@@ -118,7 +116,7 @@ def import_run(src_dir: str, workdir: str, log: Callable[[str], None] = print) -
   ck.save(manifest['step'], state, force=True)
   ck.close()
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json(indent=2))
+    json.dump(spec.to_dict(), f, indent=2)
   if os.path.exists(os.path.join(src_dir, 'metrics.jsonl')):
     shutil.copy(os.path.join(src_dir, 'metrics.jsonl'), os.path.join(workdir, 'metrics.jsonl'))
   log(f'imported step {manifest["step"]} ({len(have)} arrays) into {workdir}')

@@ -16,100 +16,92 @@ stops as soon as no token is running — layers after that are never executed.
   (the public t5x code propagates the first segment's state instead — a known bug);
   kv_fill='copy' copies the exit layer's own K/V into the deeper layers.
 The threshold is a traced argument of every jitted function: changing the operating point
-never recompiles. An operating point may also cap depth (`exit_threshold(config, thr,
-max_layers)`: a per-step threshold vector with -inf at the cap).
+never recompiles. An operating point (spec.OperatingPoint: threshold + optional depth cap)
+enters as its per-step vector [N] (OperatingPoint.vector: -inf at the cap step); every entry
+point here accepts an OperatingPoint, that vector, or a scalar threshold.
 
-Dims: B batch, L length, T cache length, D d_model, V vocab, N depth steps, G layers/step.
+Dims (legend: act_jax/__init__.py): B batch, L length, T cache length, D d_model, V vocab,
+N depth steps, H heads, J head dim.
 """
 from __future__ import annotations
 
 import functools
 import json
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
+from act_jax import checkpointing, sharding, training
 from act_jax import config as config_lib
 from act_jax.errors import CheckpointError, ConfigError
 from act_jax.layers import project_kv, rms_norm
 from act_jax.model import (DepthStep, dtype_of, finish_outputs, init_cache, make_model,
                            prepare_inputs)
+from act_jax.spec import NEVER_EXIT, OperatingPoint, Spec, threshold_per_step  # noqa: F401
 
-NEVER_EXIT = 2.0  # above any probability: runs every layer through the same code path
 KV_FILL = ('project', 'copy')
 
 
 # ----------------------------------------------------------------------------- loading
-def load_run(workdir: str, step: Optional[int] = None) -> tuple[ml_collections.ConfigDict, dict]:
-  """(config, {'params', 'moe_state'}) from a training workdir, on the current device(s)."""
-  from act_jax import checkpointing, sharding, training  # training imports this module's deps
+def read_config(workdir: str) -> Spec:
+  """The Spec of a training workdir's config.json, resolved for one device (fields an older
+  version did not write take today's defaults)."""
   if not os.path.isdir(workdir):
     raise CheckpointError(f'workdir {workdir!r} does not exist')
   cfg_path = os.path.join(workdir, 'config.json')
   if not os.path.exists(cfg_path):
     raise CheckpointError(f'{cfg_path} is missing: {workdir!r} is not a training workdir')
   with open(cfg_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    config = config_lib.complete(json.load(f))
   config.mesh.update(data=1, expert=1, model=1)
+  return config_lib.resolve(config, device_count=1)
+
+
+def load_run(workdir: str, step: Optional[int] = None) -> tuple[Spec, dict]:
+  """(spec, {'params', 'moe_state', 'step'}) from a training workdir, on one device."""
+  spec = read_config(workdir)
   ck = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
   step = ck.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(f'no complete checkpoint in {workdir}/checkpoints')
   mesh = sharding.make_mesh(shape=(1, 1, 1))
-  abstract, _ = training.state_shardings(config, mesh)
+  abstract, _ = training.state_shardings(spec, mesh)
   state = ck.restore(step, abstract)
-  return config, {'params': state['params'], 'moe_state': state['moe_state'], 'step': step}
+  return spec, {'params': state['params'], 'moe_state': state['moe_state'], 'step': step}
 
 
 def check_threshold(threshold: float, name: str = 'threshold') -> None:
-  if not (0.0 < float(threshold) <= 1.0):
+  """ConfigError unless threshold is in (0, 1] (a user-given operating point)."""
+  if isinstance(threshold, bool) or not 0.0 < float(threshold) <= 1.0:
     raise ConfigError(f'{name}={threshold}: must be in (0, 1]')
 
 
-def exit_threshold(config, threshold: float, max_layers: Optional[int] = None):
-  """The operating point (threshold, max_layers) as the model's threshold argument.
+def exit_threshold(config: Any, threshold: float, max_layers: Optional[int] = None
+                   ) -> jax.Array:
+  """OperatingPoint(threshold, max_layers).vector(spec): f32 [N], -inf at the cap step."""
+  return OperatingPoint(threshold, max_layers).vector(config_lib.as_spec(config))
 
-  Without a cap: the scalar. With max_layers=K < depth: a per-step vector [N] holding the
-  threshold before the cap step and -inf at it, so every token still running exits after
-  layer K (early-exit policies only). Values are traced: changing either never recompiles."""
-  from act_jax import halting as halting_lib
-  depth = config.model.num_layers
-  if max_layers is None or max_layers == depth:
-    return jnp.float32(threshold)
-  n = config_lib.num_steps(config)
-  per_step = depth // n
-  policy = halting_lib.make_policy(config.halting, n)
-  if not isinstance(policy, halting_lib.EarlyExitPolicy):
-    raise ConfigError(f'max_layers={max_layers}: a layer cap needs an early-exit policy '
-                      f'(confidence, learned_exit); halting.name={config.halting.name!r}')
-  exits = [(s + 1) * per_step for s in policy.exit_steps()]
-  if isinstance(max_layers, bool) or not isinstance(max_layers, int) or \
-      max_layers not in exits:
-    raise ConfigError(f'max_layers={max_layers!r}: must be an exit layer of this model, one '
-                      f'of {exits} (depth {depth}, {per_step} layer(s) per step)')
-  vec = [float(threshold)] * n
-  vec[max_layers // per_step - 1] = -float('inf')
-  return jnp.asarray(vec, jnp.float32)
+
+def threshold_arg(spec: Spec, threshold: Any) -> jax.Array:
+  """Any accepted threshold (OperatingPoint, scalar, [N]) as the f32 [N] the jitted loops
+  take: one shape for every operating point, so none of them recompiles."""
+  if isinstance(threshold, OperatingPoint):
+    return threshold.vector(spec)
+  return threshold_per_step(threshold, spec.model.num_steps)
 
 
 # ----------------------------------------------------------------------------- depth loop
-def _frozen(config):
-  return config if isinstance(config, ml_collections.FrozenConfigDict) else \
-      ml_collections.FrozenConfigDict(config)
-
-
 def _index(tree, i):
   return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False), tree)
 
 
-def _step_variables(config, variables: dict, i) -> dict:
+def _step_variables(spec: Spec, variables: dict, i) -> dict:
   """Variables of scan step i: a dynamic slice of the stacked 'stack' subtree."""
   stack_p = variables['params']['stack']
   stack_m = (variables.get('moe_state') or {}).get('stack', {})
-  if config.model.share_weights:
+  if spec.model.share_weights:
     return {'params': stack_p, 'moe_state': stack_m}
   return {'params': _index(stack_p, i), 'moe_state': _index(stack_m, i)}
 
@@ -118,18 +110,18 @@ def _top(variables: dict) -> dict:
   return {k: v for k, v in variables['params'].items() if k != 'stack'}
 
 
-def _depth_while(config, variables, carry, bcast, cache=None, keep_layer_aux=True,
+def _depth_while(spec: Spec, variables, carry, bcast, cache=None, keep_layer_aux=True,
                  row_bucket: Optional[int] = None, bufs=None, rows=None):
   """Runs DepthStep i = carry['i'] .. while any token runs (and, with row_bucket, while
   more than row_bucket rows run). Returns (carry, ys stacked [N, ...], cache).
 
   cache (decoding): the FULL-batch stacked cache; `rows` says which of its rows this
   (possibly compacted) batch holds. Only position cache_index is written back."""
-  n = config_lib.num_steps(config)
-  step = DepthStep(_frozen(config), train=False)
+  n = spec.model.num_steps
+  step = DepthStep(spec, train=False)
 
   def apply(c, i, cache_i):
-    new_c, ys = step.apply(_step_variables(config, variables, i), c, cache_i, bcast,
+    new_c, ys = step.apply(_step_variables(spec, variables, i), c, cache_i, bcast,
                            rngs={'halting': jax.random.fold_in(jax.random.PRNGKey(0), i)})
     if not keep_layer_aux:
       ys = {k: v for k, v in ys.items() if k != 'layer_aux'}
@@ -167,24 +159,31 @@ def _depth_while(config, variables, carry, bcast, cache=None, keep_layer_aux=Tru
   return jax.lax.while_loop(cond, body, (carry, bufs, cache))
 
 
-def _write_position(full_NBTHK, new_BTHK, i, index, length, rows):
+def _write_position(full_NBTHJ, new_BTHJ, i, index, length, rows):
   """full[i, rows, index:index+length] = new[:, index:index+length]."""
-  chunk = jax.lax.dynamic_slice_in_dim(new_BTHK, index, length, axis=1)
+  chunk = jax.lax.dynamic_slice_in_dim(new_BTHJ, index, length, axis=1)
   if rows is None:  # 5-D in-place update: no per-layer copy of the cache
-    return jax.lax.dynamic_update_slice(full_NBTHK, chunk[None], (i, 0, index, 0, 0))
+    return jax.lax.dynamic_update_slice(full_NBTHJ, chunk[None], (i, 0, index, 0, 0))
   pos = index + jnp.arange(length)
-  return full_NBTHK.at[i, rows[:, None], pos[None, :]].set(chunk)
+  return full_NBTHJ.at[i, rows[:, None], pos[None, :]].set(chunk)
 
 
-def forward_while(config, variables: dict, tokens_BL: jax.Array,
-                  threshold: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
-  """Batch forward that stops the depth loop once every token has exited."""
-  carry, bcast = prepare_inputs(config, _top(variables), tokens_BL, threshold)
-  carry, ys, _ = _depth_while(config, variables, carry, bcast)
-  return finish_outputs(config, carry, ys, bcast['head'], tokens_BL)
+def _threshold_or_default(spec: Spec, threshold: Any) -> jax.Array:
+  return threshold_arg(spec, spec.default_operating_point if threshold is None else threshold)
 
 
-def _run_compacted(config, variables, carry, bcast, cache=None, min_rows: int = 1):
+def forward_while(config: Any, variables: dict, tokens_BL: jax.Array,
+                  threshold: Any = None) -> tuple[jax.Array, dict]:
+  """Batch forward that stops the depth loop once every token has exited (threshold: an
+  OperatingPoint, [N] or scalar; default: the spec's default operating point)."""
+  spec = config_lib.as_spec(config)
+  carry, bcast = prepare_inputs(spec, _top(variables), tokens_BL,
+                                _threshold_or_default(spec, threshold))
+  carry, ys, _ = _depth_while(spec, variables, carry, bcast)
+  return finish_outputs(spec, carry, ys, bcast['head'], tokens_BL)
+
+
+def _run_compacted(spec: Spec, variables, carry, bcast, cache=None, min_rows: int = 1):
   """Depth loop over buckets B, B/2, ...: when at most half of a bucket's rows still run,
   those rows are gathered into the next bucket (exited rows stop costing compute)."""
   b = carry['h'].shape[0]
@@ -196,7 +195,7 @@ def _run_compacted(config, variables, carry, bcast, cache=None, min_rows: int = 
   row_keys = ('positions', 'tokens', 'key_mask')
   for s, size in enumerate(sizes):
     nxt = sizes[s + 1] if s + 1 < len(sizes) else None
-    carry, ys, cache = _depth_while(config, variables, carry, bcast, cache,
+    carry, ys, cache = _depth_while(spec, variables, carry, bcast, cache,
                                     keep_layer_aux=False, row_bucket=nxt, bufs=ys,
                                     rows=None if s == 0 else rows)
     if full_carry is None:
@@ -220,26 +219,26 @@ def _run_compacted(config, variables, carry, bcast, cache=None, min_rows: int = 
   return full_carry, full_ys, cache
 
 
-def forward_compact(config, variables: dict, tokens_BL: jax.Array,
-                    threshold: Optional[jax.Array] = None, min_rows: int = 1
-                    ) -> tuple[jax.Array, dict]:
+def forward_compact(config: Any, variables: dict, tokens_BL: jax.Array,
+                    threshold: Any = None, min_rows: int = 1) -> tuple[jax.Array, dict]:
   """forward_while that does not wait for the slowest rows (see _run_compacted).
 
   A row (sequence) runs while any of its tokens runs. Returns (logits, aux) with
   aux['layers'] and aux['exit_step'] equal to the masked scan's (MoE telemetry dropped).
   """
-  carry, bcast = prepare_inputs(config, _top(variables), tokens_BL, threshold)
-  carry, ys, _ = _run_compacted(config, variables, carry, bcast, None, min_rows)
-  return finish_outputs(config, carry, ys, bcast['head'], tokens_BL)
+  spec = config_lib.as_spec(config)
+  carry, bcast = prepare_inputs(spec, _top(variables), tokens_BL,
+                                _threshold_or_default(spec, threshold))
+  carry, ys, _ = _run_compacted(spec, variables, carry, bcast, None, min_rows)
+  return finish_outputs(spec, carry, ys, bcast['head'], tokens_BL)
 
 
 # ----------------------------------------------------------------------------- decoding
-def _fill_skipped_kv(config, variables, cache, h_BLD, exit_step_BL, executed, index,
+def _fill_skipped_kv(spec: Spec, variables, cache, h_BLD, exit_step_BL, executed, index,
                      positions_BL, kv_fill: str):
   """Writes K/V at `index` for every layer past each token's exit step (see module doc)."""
-  n = config_lib.num_steps(config)
-  kinds = config_lib.layer_kinds(config)
-  m = config.model
+  m = spec.model
+  n, kinds = m.num_steps, m.layer_kinds
   stack = variables['params']['stack']
   # Only the K/V projections and the attention norm of skipped layers are read: slicing a
   # whole step's parameters would copy its MLP/experts for nothing.
@@ -269,7 +268,7 @@ def _fill_skipped_kv(config, variables, cache, h_BLD, exit_step_BL, executed, in
         k, v = k_exit, v_exit
       entry = {}
       for name, val in (('k', k), ('v', v)):
-        full = kv[g][name]                                    # [N,B,T,H,K]
+        full = kv[g][name]                                    # [N,B,T,H,J]
         _, b, _, h, hk = full.shape
         at = (j, 0, index, 0, 0)  # 5-D in-place update: no per-layer copy of the cache
         old = jax.lax.dynamic_slice(full, at, (1, b, 1, h, hk))[0]
@@ -281,38 +280,39 @@ def _fill_skipped_kv(config, variables, cache, h_BLD, exit_step_BL, executed, in
   return jax.lax.fori_loop(start, n, body, cache)
 
 
-def decode_step(config, variables: dict, cache: list, token_B1: jax.Array, index: jax.Array,
-                threshold: jax.Array, kv_fill: str = 'project', compact: bool = False
-                ) -> tuple[jax.Array, dict]:
+def decode_step(config: Any, variables: dict, cache: list, token_B1: jax.Array,
+                index: jax.Array, threshold: Any, kv_fill: str = 'project',
+                compact: bool = False) -> tuple[jax.Array, dict]:
   """One early-exit decoding step for a batch of single tokens at position `index`.
 
   compact=True: rows that exited stop costing compute (buckets B, B/2, ...), instead of the
   batch waiting for its slowest row."""
-  carry, bcast = prepare_inputs(config, _top(variables), token_B1, threshold,
+  spec = config_lib.as_spec(config)
+  carry, bcast = prepare_inputs(spec, _top(variables), token_B1, threshold_arg(spec, threshold),
                                 cache_index=index, decoding=True)
   if compact:
-    carry, ys, cache = _run_compacted(config, variables, carry, bcast, cache)
+    carry, ys, cache = _run_compacted(spec, variables, carry, bcast, cache)
   else:
-    carry, ys, cache = _depth_while(config, variables, carry, bcast, cache)
-  logits, aux = finish_outputs(config, carry, ys, bcast['head'], token_B1)
-  aux['cache'] = _fill_skipped_kv(config, variables, cache, carry['h'], aux['exit_step'],
+    carry, ys, cache = _depth_while(spec, variables, carry, bcast, cache)
+  logits, aux = finish_outputs(spec, carry, ys, bcast['head'], token_B1)
+  aux['cache'] = _fill_skipped_kv(spec, variables, cache, carry['h'], aux['exit_step'],
                                   carry['i'], index, bcast['positions'], kv_fill)
   return logits, aux
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 5, 6))
-def _generate(config, variables, prompt_BP, max_new: int, threshold, kv_fill: str,
+def _generate(spec: Spec, variables, prompt_BL, max_new: int, threshold_N, kv_fill: str,
               compact: bool):
-  b, p = prompt_BP.shape
-  cache = init_cache(config, b, p + max_new)
-  model = make_model(config)
-  logits, aux = model.apply(variables, prompt_BP, threshold=threshold, cache=cache,
+  b, p = prompt_BL.shape
+  cache = init_cache(spec, b, p + max_new)
+  model = make_model(spec)
+  logits, aux = model.apply(variables, prompt_BL, threshold=threshold_N, cache=cache,
                             cache_index=0)
   first = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
 
   def body(c, t):
     cache, tok = c
-    lg, a = decode_step(config, variables, cache, tok[:, None], p + t, threshold, kv_fill,
+    lg, a = decode_step(spec, variables, cache, tok[:, None], p + t, threshold_N, kv_fill,
                         compact)
     nxt = jnp.argmax(lg[:, -1], -1).astype(jnp.int32)
     return (a['cache'], nxt), (tok, a['layers'][:, -1])
@@ -324,16 +324,18 @@ def _generate(config, variables, prompt_BP, max_new: int, threshold, kv_fill: st
   return {'tokens': tokens, 'layers': layers.T, 'prompt_layers': aux['layers']}
 
 
-def generate(config, variables: dict, prompt_BP, max_new: int, threshold: float,
+def generate(config: Any, variables: dict, prompt_BL, max_new: int, threshold: Any,
              kv_fill: str = 'project', compact: bool = False) -> dict:
-  """Greedy early-exit decoding; returns tokens [B, max_new] and the layers each consumed
-  token ran ([B, max_new-1]: the last generated token is never fed back)."""
+  """Greedy early-exit decoding at an operating point (OperatingPoint, [N] or scalar);
+  returns tokens [B, max_new] and the layers each consumed token ran ([B, max_new-1]: the
+  last generated token is never fed back)."""
+  spec = config_lib.as_spec(config)
   if kv_fill not in KV_FILL:
     raise ConfigError(f'kv_fill={kv_fill!r}: allowed: {", ".join(KV_FILL)}')
-  limit = config.model.max_len or config.data.seq_len
-  if prompt_BP.shape[1] + max_new > limit:
+  limit = spec.model.max_len
+  if prompt_BL.shape[1] + max_new > limit:
     raise ConfigError(
-        f'prompt length {prompt_BP.shape[1]} + max_new {max_new} exceeds the model max length '
+        f'prompt length {prompt_BL.shape[1]} + max_new {max_new} exceeds the model max length '
         f'{limit} (model.max_len, else data.seq_len); shorten the prompt or generate fewer')
-  return _generate(_frozen(config), variables, jnp.asarray(prompt_BP, jnp.int32), max_new,
-                   jnp.asarray(threshold, jnp.float32), kv_fill, bool(compact))
+  return _generate(spec, variables, jnp.asarray(prompt_BL, jnp.int32), max_new,
+                   threshold_arg(spec, threshold), kv_fill, bool(compact))

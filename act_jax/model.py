@@ -12,8 +12,11 @@ counted as executed layers. Per step:
     h_new = group(h_prev, running);  h_new = where(running, h_new, h_prev)
     state, running' = policy.step(state, h_prev, h_new, signals(h_new), i, threshold)
 The forward returns (logits, aux); aux carries telemetry and loss inputs (never side effects).
+Every module takes the resolved Spec (act_jax.spec); `make_model` also accepts a config and
+resolves it once. What a halting policy needs or does is read from its capability flags.
 
-Dims: B batch, L length, D d_model, V vocab, N depth steps, H heads, K head dim.
+Dims (legend: act_jax/__init__.py): B batch, L length, D d_model, V vocab, N depth steps,
+H heads, J head dim.
 """
 from __future__ import annotations
 
@@ -22,7 +25,6 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from act_jax import config as config_lib
 from act_jax import halting as halting_lib
@@ -30,6 +32,7 @@ from act_jax.data import PAD as PAD_ID
 from act_jax.layers import Attention, GatedMLP, RMSNorm, rms_norm
 from act_jax.moe import MoEFFN
 from act_jax.sharding import constrain
+from act_jax.spec import Spec, threshold_at, threshold_per_step
 
 _REMAT = {
     'full': None,
@@ -52,18 +55,17 @@ def head_logits(head: dict, h_BLD: jax.Array) -> jax.Array:
 
 class Layer(nn.Module):
   """Pre-norm transformer layer: attention then a dense or MoE FFN (optionally MoD-gated)."""
-  config: Any
+  config: Spec
   kind: str  # 'dense' | 'moe'
   train: bool = False
 
   @nn.compact
   def __call__(self, h_BLD, positions_BL, running_BL, token_ids_BL, key_mask_BT, cache,
                cache_index, kv_h_BLD=None):
-    m = self.config.model
+    m, policy = self.config.model, self.config.policy
     dtype, pdtype = dtype_of(m.dtype), dtype_of(m.param_dtype)
-    head_dim = m.head_dim or m.d_model // m.num_heads
     aux: dict[str, Any] = {}
-    mod = self.config.halting.name == 'mod'
+    mod = policy.gates_blocks
     active_BL = running_BL
     if mod:
       # Mixture-of-Depths (Raposo 2024): only the top-capacity tokens run this layer.
@@ -76,8 +78,7 @@ class Layer(nn.Module):
                              nn.initializers.lecun_normal(), ('embed', None)))(
                                  jax.lax.stop_gradient(h_BLD.astype(jnp.float32)))[..., 0]
       if cache is None:
-        selected_BL, gate_BL = halting_lib.mod_route(r_BL, self.config.halting.mod_capacity,
-                                                     running_BL)
+        selected_BL, gate_BL = halting_lib.mod_route(r_BL, policy.capacity, running_BL)
       else:
         # Decoding: top-k over the sequence would read the future; the causal predictor
         # (trained to imitate the top-k choice) decides per token instead.
@@ -92,7 +93,7 @@ class Layer(nn.Module):
     attn_norm = RMSNorm(param_dtype=pdtype, name='attn_norm')
     x = attn_norm(h_BLD)
     x_kv = None if kv_h_BLD is None else attn_norm(kv_h_BLD)
-    attn_BLD, cache = Attention(m.num_heads, head_dim, m.d_model, causal=m.causal,
+    attn_BLD, cache = Attention(m.num_heads, m.head_dim, m.d_model, causal=m.causal,
                                 rope_base=m.rope_base, dtype=dtype, param_dtype=pdtype,
                                 name='attn')(x, positions_BL, cache, cache_index, key_mask_BT,
                                              x_kv)
@@ -100,8 +101,8 @@ class Layer(nn.Module):
     x = RMSNorm(param_dtype=pdtype, name='ffn_norm')(h1_BLD)
     if self.kind == 'moe':
       moe = self.config.moe
-      ffn_BLD, aux['moe'] = MoEFFN(moe, d_model=m.d_model, d_ff=moe.d_ff or m.d_ff,
-                                   causal=m.causal, dtype=dtype, param_dtype=pdtype,
+      ffn_BLD, aux['moe'] = MoEFFN(moe, d_model=m.d_model, d_ff=moe.d_ff, causal=m.causal,
+                                   dtype=dtype, param_dtype=pdtype,
                                    name='moe')(x, active_BL, token_ids_BL, self.train)
     else:
       ffn_BLD = GatedMLP(m.d_ff, dtype=dtype, param_dtype=pdtype, name='mlp')(x)
@@ -115,13 +116,12 @@ class Layer(nn.Module):
 
 class DepthStep(nn.Module):
   """One scan step: a group of layers, then the halting policy's step."""
-  config: Any
+  config: Spec
   train: bool = False
 
   @nn.compact
   def __call__(self, carry, xs, bcast):
-    kinds = config_lib.layer_kinds(self.config)
-    policy = halting_lib.make_policy(self.config.halting, config_lib.num_steps(self.config))
+    kinds, policy = self.config.model.layer_kinds, self.config.policy
     h_prev, running_BL = carry['h'], carry['running']
     # Exit-aware training (see AdaptiveTransformer): tokens whose criterion was met at an
     # earlier step show later tokens the K/V of their exit state, as decoding will.
@@ -161,11 +161,11 @@ class DepthStep(nn.Module):
           1, param_dtype=pdtype, name='exit_clf_out',
           kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
                                                    (None, None)))(x)[..., 0]
-    if self.config.halting.sample and not self.train:
+    if policy.needs_uniform and not self.train:
       signals['uniform'] = jax.random.uniform(self.make_rng('halting'), running_BL.shape)
     state, running_next, step_out = policy.step(
-        carry['state'], h_prev, h_new, signals, carry['i'], bcast['threshold'], running_BL,
-        self.train)
+        carry['state'], h_prev, h_new, signals, carry['i'],
+        threshold_at(bcast['threshold'], carry['i']), running_BL, self.train)
     new_carry = {'h': h_new, 'running': running_next & running_BL, 'state': state,
                  'i': carry['i'] + 1}
     if exited_BL is not None:  # freeze each token's state at its first met criterion
@@ -191,8 +191,11 @@ def _layers_executed(layer_aux: list[dict], running_BL: jax.Array) -> jax.Array:
 
 
 class AdaptiveTransformer(nn.Module):
-  """Causal LM or bidirectional encoder with a halting policy over a scanned depth."""
-  config: Any  # ml_collections.FrozenConfigDict (hashable)
+  """Causal LM or bidirectional encoder with a halting policy over a scanned depth.
+
+  threshold: the operating point in any form spec.threshold_per_step accepts (scalar,
+  OperatingPoint.vector [N], per-row [B, 1]); default: the policy's default threshold."""
+  config: Spec
   train: bool = False
 
   @nn.compact
@@ -200,7 +203,7 @@ class AdaptiveTransformer(nn.Module):
                positions_BL: Optional[jax.Array] = None, cache: Any = None,
                cache_index: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
     cfg, m = self.config, self.config.model
-    n_steps = config_lib.num_steps(cfg)
+    n_steps = m.num_steps
     pdtype = dtype_of(m.param_dtype)
     top = {'embedding': self.param('embedding', nn.with_logical_partitioning(
         nn.initializers.normal(1.0), ('vocab', 'embed')), (m.vocab_size, m.d_model), pdtype),
@@ -209,7 +212,7 @@ class AdaptiveTransformer(nn.Module):
     if not m.tie_embeddings:
       top['unembed'] = self.param('unembed', nn.with_logical_partitioning(
           nn.initializers.lecun_normal(), ('embed', 'vocab')), (m.d_model, m.vocab_size), pdtype)
-    exit_aware = self.train and cfg.halting.get('exit_aware', 0.0) > 0 and cache is None
+    exit_aware = self.train and cfg.halting.exit_aware > 0 and cache is None
     if exit_aware:
       # Exit-aware training: every token still runs every step (each exit's loss needs it),
       # but a token whose criterion is met -- at a threshold drawn per row from
@@ -240,12 +243,13 @@ class AdaptiveTransformer(nn.Module):
     return finish_outputs(cfg, carry, ys, bcast['head'], tokens_BL)
 
 
-def finish_outputs(config, carry: dict, ys: dict, head: dict, tokens_BL) -> tuple[jax.Array, dict]:
+def finish_outputs(spec: Spec, carry: dict, ys: dict, head: dict, tokens_BL
+                   ) -> tuple[jax.Array, dict]:
   """Policy finalize, the LM head and aux assembly from the depth loop's outputs (ys stacked
   on a leading N axis). Shared by the masked scan and inference.py's while loops."""
-  policy = halting_lib.make_policy(config.halting, config_lib.num_steps(config))
+  policy = spec.policy
   h_out_BLD, aux = policy.finalize(carry['state'], carry['h'], ys['step'])
-  if isinstance(policy, halting_lib.EarlyExitPolicy) and 'exit_logits' in ys:
+  if policy.output_is_exit_head and 'exit_logits' in ys:
     # An exited token's output IS its exit head's logits (same shared head, same frozen
     # state): gather them instead of running the head again (one head less per token).
     logits_BLV = jnp.take_along_axis(ys['exit_logits'], aux['exit_step'][None, ..., None],
@@ -271,9 +275,9 @@ def finish_outputs(config, carry: dict, ys: dict, head: dict, tokens_BL) -> tupl
   return logits_BLV, aux
 
 
-def head_params(config, top_params: dict) -> dict:
+def head_params(spec: Spec, top_params: dict) -> dict:
   """The shared output head's arrays from the model's top-level params."""
-  m = config.model
+  m = spec.model
   if m.tie_embeddings:
     emb_VD = top_params['embedding']
     unembed_DV = emb_VD.T / jnp.sqrt(jnp.asarray(m.d_model, emb_VD.dtype))
@@ -282,11 +286,12 @@ def head_params(config, top_params: dict) -> dict:
   return {'norm_scale': top_params['final_norm_scale'], 'unembed_DV': unembed_DV}
 
 
-def prepare_inputs(config, top_params: dict, tokens_BL, threshold=None, positions_BL=None,
+def prepare_inputs(spec: Spec, top_params: dict, tokens_BL, threshold=None, positions_BL=None,
                    cache_index=None, decoding: bool = False) -> tuple[dict, dict]:
-  """Embedding, initial carry and the scan's broadcast inputs (shared with inference.py)."""
-  m = config.model
-  policy = halting_lib.make_policy(config.halting, config_lib.num_steps(config))
+  """Embedding, initial carry and the scan's broadcast inputs (shared with inference.py).
+
+  The threshold enters the loop in its one internal form, per step ([N] or [B, N])."""
+  m, policy = spec.model, spec.policy
   b, l = tokens_BL.shape
   if positions_BL is None:
     start = 0 if cache_index is None else cache_index
@@ -299,23 +304,20 @@ def prepare_inputs(config, top_params: dict, tokens_BL, threshold=None, position
   # Padding never runs (no capacity, no layer count); encoders also never attend to it.
   key_mask = None if (m.causal or decoding) else valid_BL
   bcast = {'positions': positions_BL, 'tokens': tokens_BL, 'key_mask': key_mask,
-           'cache_index': cache_index, 'head': head_params(config, top_params),
-           'threshold': jnp.asarray(threshold, jnp.float32)}
+           'cache_index': cache_index, 'head': head_params(spec, top_params),
+           'threshold': threshold_per_step(threshold, m.num_steps)}
   carry = {'h': h_BLD, 'running': valid_BL, 'state': policy.init(h_BLD),
            'i': jnp.zeros((), jnp.int32)}
   return carry, bcast
 
 
-def make_model(config: ml_collections.ConfigDict, train: bool = False) -> AdaptiveTransformer:
-  frozen = config if isinstance(config, ml_collections.FrozenConfigDict) else \
-      ml_collections.FrozenConfigDict(config)
-  return AdaptiveTransformer(frozen, train=train)
+def make_model(config: Any, train: bool = False) -> AdaptiveTransformer:
+  """The model of a Spec (a config is resolved first)."""
+  return AdaptiveTransformer(config_lib.as_spec(config), train=train)
 
 
-def init_cache(config, batch: int, max_len: int) -> list:
+def init_cache(config: Any, batch: int, max_len: int) -> list:
   """Stacked KV cache for decoding: one {'k','v'} per layer of the group, leading N axis."""
-  m = config.model
-  n = config_lib.num_steps(config)
-  hd = m.head_dim or m.d_model // m.num_heads
-  z = jnp.zeros((n, batch, max_len, m.num_heads, hd), dtype_of(m.dtype))
-  return [{'k': z, 'v': z} for _ in config_lib.layer_kinds(config)]
+  m = config_lib.as_spec(config).model
+  z = jnp.zeros((m.num_steps, batch, max_len, m.num_heads, m.head_dim), dtype_of(m.dtype))
+  return [{'k': z, 'v': z} for _ in m.layer_kinds]

@@ -24,43 +24,73 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from act_jax import calibration, inference
+from act_jax import calibration, inference, training
 from act_jax import config as config_lib
 from act_jax import data as data_lib
 from act_jax.errors import ConfigError
+from act_jax.halting import POLICIES
+from act_jax.spec import NEVER_EXIT, OperatingPoint, Spec
 
-EXIT_POLICIES = ('act', 'pondernet', 'confidence', 'learned_exit')
 MEASURES = ('consistency', 'accuracy')  # what calibrate's tolerance bounds
 # Conservative -> aggressive (a token exits when its score >= threshold).
 DEFAULT_THRESHOLDS = (1.0, 0.995, 0.99, 0.98, 0.97, 0.95, 0.93, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6,
                       0.5, 0.4, 0.3, 0.2, 0.1)
 
 
-def require_exits(config) -> None:
-  name = config.halting.name
-  if name not in EXIT_POLICIES:
+def require_exits(spec: Spec) -> None:
+  """ConfigError unless the run's policy has an inference-time exit (policy.can_exit)."""
+  if not spec.policy.can_exit:
+    able = [n for n, c in sorted(POLICIES.items()) if c.can_exit]
     raise ConfigError(
-        f'halting.name={name!r} has no inference-time exit to calibrate; calibration needs '
-        f'one of: {", ".join(EXIT_POLICIES)} (mod routes tokens per block with a fixed '
-        f'capacity, none always runs every layer)')
+        f'halting.name={spec.halting.name!r} has no inference-time exit to calibrate; '
+        f'calibration needs a policy that can exit: {", ".join(able)}')
+
+
+def run_operating_point(workdir: str, spec: Spec, threshold: Optional[float] = None,
+                        max_layers: Optional[int] = None) -> tuple[OperatingPoint, str]:
+  """THE default operating point of a run, what every binary uses: (point, where from).
+
+  The user's --threshold / --max_layers when given; else the threshold (and cap) certified
+  in RUN/calibration.json; else the policy's default (spec.default_operating_point: ACT
+  1 − ε, the others halting.threshold). A --max_layers alone caps the calibrated (or
+  default) threshold; a --threshold alone runs uncapped (the calibrated cap was certified
+  with the calibrated threshold, not the user's)."""
+  source = 'the policy default'
+  op = spec.default_operating_point
+  cal = os.path.join(workdir, 'calibration.json')
+  if threshold is None and os.path.exists(cal):
+    with open(cal) as f:
+      saved = json.load(f)
+    if saved.get('chosen_threshold') is not None:
+      op = OperatingPoint(float(saved['chosen_threshold']), saved.get('max_layers'))
+      source = cal
+  if threshold is not None:
+    inference.check_threshold(threshold, '--threshold')
+    op, source = OperatingPoint(float(threshold)), '--threshold'
+  if max_layers is not None:
+    op = OperatingPoint(op.threshold, max_layers)
+    source += ', --max_layers'
+  return op.validate(spec, '--threshold'), source
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_forward(frozen_config):
-  """One compiled while-loop forward per config, shared by every sweep (frontier, calibrate)."""
-  return jax.jit(lambda v, t, th: inference.forward_while(frozen_config, v, t, th))
+def _jitted_forward(spec: Spec):
+  """One compiled while-loop forward per spec, shared by every sweep (frontier, calibrate)."""
+  return jax.jit(lambda v, t, th: inference.forward_while(spec, v, t, th))
 
 
-def sweep(config, variables: dict, batches: Sequence[dict], thresholds: Sequence[float],
+def sweep(spec, variables: dict, batches: Sequence[dict], thresholds: Sequence[float],
           log: Callable[[str], None] = lambda s: None,
           max_layers: Optional[int] = None) -> dict:
   """Per threshold (capped at max_layers when given): mean layers, accuracy, errors vs full
   depth over scored tokens, plus the static-truncation baseline."""
-  fwd = _jitted_forward(inference._frozen(config))
+  spec = config_lib.as_spec(spec)
+  fwd = _jitted_forward(spec)
+  full_arg = OperatingPoint.full_depth().vector(spec)
   full, static_correct = [], 0.0
   w = [np.asarray(b['weights']) > 0 for b in batches]
   for b, m in zip(batches, w):
-    logits, aux = fwd(variables, jnp.asarray(b['inputs']), inference.NEVER_EXIT)
+    logits, aux = fwd(variables, jnp.asarray(b['inputs']), full_arg)
     full.append(np.asarray(jnp.argmax(logits, -1)))
     if 'step_logits' in aux:  # every exit head ran: what a static shallower model would give
       pred_NBL = np.asarray(jnp.argmax(aux['step_logits'], -1))
@@ -72,7 +102,7 @@ def sweep(config, variables: dict, batches: Sequence[dict], thresholds: Sequence
   t0 = time.time()
   for k, thr in enumerate(thresholds):
     layers = correct = errors = broken = fixed = 0.0
-    thr_arg = inference.exit_threshold(config, thr, max_layers)
+    thr_arg = OperatingPoint(thr, max_layers).vector(spec)
     for b, f, m in zip(batches, full, w):
       logits, aux = fwd(variables, jnp.asarray(b['inputs']), thr_arg)
       pred = np.asarray(jnp.argmax(logits, -1))
@@ -93,36 +123,34 @@ def sweep(config, variables: dict, batches: Sequence[dict], thresholds: Sequence
     log(f'  threshold {thr:<6g} layers {layers / n:5.2f} acc {correct / n:.4f} '
         f'consistency {1 - errors / n:.4f}  [{done}/{len(thresholds)}, ETA {eta:.0f}s]')
   out.update(thresholds=[float(t) for t in thresholds], n=n, full_accuracy=float(full_acc),
-             full_layers=float(config.model.num_layers))
+             full_layers=float(spec.model.num_layers))
   if np.ndim(static_correct):
     # Static truncation baseline: every token leaves at the same exit (1-based layers).
-    per_step = config.model.num_layers // len(static_correct)
+    per_step = spec.model.num_layers // len(static_correct)
     out['static'] = {'layers': [per_step * (i + 1) for i in range(len(static_correct))],
                      'accuracy': [float(c) / n for c in static_correct]}
   return out
 
 
-def time_decode(config, variables: dict, prompt_BP: np.ndarray, thresholds: Sequence[float],
+def time_decode(spec, variables: dict, prompt_BL: np.ndarray, thresholds: Sequence[float],
                 new_tokens: int, repeats: int = 3, compact: bool = False,
                 kv_fill: str = 'project', max_layers: Optional[int] = None) -> dict:
   """Median ms per generated token and mean layers, per threshold (one compile; the points
   are timed in turn, `repeats` rounds).
 
-  With max_layers every point but NEVER_EXIT (the full-depth reference) is capped; all are
-  passed as per-step vectors so that they share one compiled function."""
+  With max_layers every point but NEVER_EXIT (the full-depth reference) is capped; every
+  point is its OperatingPoint's per-step vector, so all share one compiled function."""
   ms, layers = [], []
-  n = config_lib.num_steps(config)
+  spec = config_lib.as_spec(spec)
 
   def arg(thr):
-    if max_layers is None:
-      return float(thr)
-    if thr >= inference.NEVER_EXIT:
-      return jnp.full((n,), thr, jnp.float32)
-    return inference.exit_threshold(config, thr, max_layers)
+    if thr >= NEVER_EXIT:
+      return OperatingPoint.full_depth().vector(spec)
+    return OperatingPoint(thr, max_layers).vector(spec)
 
-  run = lambda thr: inference.generate(config, variables, prompt_BP, new_tokens, arg(thr),
+  run = lambda thr: inference.generate(spec, variables, prompt_BL, new_tokens, arg(thr),
                                        kv_fill=kv_fill, compact=compact)
-  jax.block_until_ready(run(float(thresholds[0])))  # compile once: thresholds are traced
+  jax.block_until_ready(run(float(thresholds[0])))  # compile once: the vectors are traced
   times: list[list[float]] = [[] for _ in thresholds]
   outs: list = [None] * len(thresholds)
   for _ in range(repeats):  # round-robin: a noisy neighbour hits every point alike
@@ -131,16 +159,16 @@ def time_decode(config, variables: dict, prompt_BP: np.ndarray, thresholds: Sequ
       outs[k] = jax.block_until_ready(run(float(thr)))
       times[k].append(time.perf_counter() - t)
   for k in range(len(thresholds)):
-    ms.append(1e3 * float(np.median(times[k])) / (new_tokens * prompt_BP.shape[0]))
+    ms.append(1e3 * float(np.median(times[k])) / (new_tokens * prompt_BL.shape[0]))
     layers.append(float(np.mean(outs[k]['layers'])))
   return {'thresholds': [float(t) for t in thresholds], 'ms_per_token': ms,
           'mean_layers': layers}
 
 
-def eval_prompts(config, batch: int, length: int) -> np.ndarray:
+def eval_prompts(spec, batch: int, length: int) -> np.ndarray:
   """Held-out prompts (alternating code / prose rows) for timing."""
-  ds = data_lib.make_dataset(config.data, config.seed)
-  rows = np.concatenate([b['inputs'] for b in ds.eval_batches(max(1, -(-batch // config.data.batch_size)))])
+  ds = data_lib.make_dataset(spec.data, spec.seed)
+  rows = np.concatenate([b['inputs'] for b in ds.eval_batches(max(1, -(-batch // spec.data.batch_size)))])
   return rows[:batch, :length]
 
 
@@ -156,27 +184,27 @@ def calibrate_run(workdir: str, tolerance: float = 0.01, risk: float = 0.05,
   full depth; 'accuracy': the held-out accuracy may drop by at most `tolerance` RELATIVE to
   full depth (turned into an absolute bound with the calibration half's full accuracy).
   max_layers caps depth at every candidate threshold (the cap is part of the operating point)."""
-  config, state = inference.load_run(workdir)
-  require_exits(config)
+  spec, state = inference.load_run(workdir)
+  require_exits(spec)
   for name, v in (('tolerance', tolerance), ('risk', risk)):
     if not 0 < v < 1:
       raise ConfigError(f'--{name}={v}: must be in (0, 1)')
-  if budget_layers is not None and not 0 < budget_layers <= config.model.num_layers:
+  if budget_layers is not None and not 0 < budget_layers <= spec.model.num_layers:
     raise ConfigError(f'--budget_layers={budget_layers}: must be in (0, '
-                      f'{config.model.num_layers}] (the model depth)')
+                      f'{spec.model.num_layers}] (the model depth)')
   variables = {'params': state['params'], 'moe_state': state['moe_state']}
-  inference.exit_threshold(config, 0.5, max_layers)  # a bad cap fails before any sweep
+  inference.exit_threshold(spec, 0.5, max_layers)  # a bad cap fails before any sweep
   if measure not in MEASURES:
     raise ConfigError(f'--measure={measure!r}: allowed: {", ".join(MEASURES)}')
-  ds = data_lib.make_dataset(config.data, config.seed)
+  ds = data_lib.make_dataset(spec.data, spec.seed)
   batches = ds.eval_batches(num_batches)
   calib, test = batches[0::2], batches[1::2]
   if not test:
     raise ConfigError(f'--num_batches={num_batches}: need at least 2 (calibration + test)')
   log(f'calibration split ({len(calib)} batches):')
-  cal = sweep(config, variables, calib, thresholds, log, max_layers)
+  cal = sweep(spec, variables, calib, thresholds, log, max_layers)
   log(f'test split ({len(test)} batches):')
-  tst = sweep(config, variables, test, thresholds, log, max_layers)
+  tst = sweep(spec, variables, test, thresholds, log, max_layers)
   if budget_layers is not None:
     chosen = calibration.budget_select(thresholds, cal['mean_layers'], budget_layers)
     index = None if chosen is None else list(thresholds).index(chosen)
@@ -191,12 +219,12 @@ def calibrate_run(workdir: str, tolerance: float = 0.01, risk: float = 0.05,
                                    num_errors=cal['num_errors'])
     index, chosen, mode = sel['index'], sel['threshold'], 'ltt'
     pvalues = [float(p) for p in sel['pvalues']]
-  limit = config.model.max_len or config.data.seq_len
+  limit = spec.model.max_len
   time_tokens = min(time_tokens, limit // 2)
   log(f'timing decode (batch 1, {time_tokens} tokens) per threshold ...')
-  prompt = eval_prompts(config, 1, min(16, limit - time_tokens))
+  prompt = eval_prompts(spec, 1, min(16, limit - time_tokens))
   # full depth timed side by side with the thresholds (same compiled function, round-robin)
-  timing = time_decode(config, variables, prompt, [inference.NEVER_EXIT] + list(thresholds),
+  timing = time_decode(spec, variables, prompt, [NEVER_EXIT] + list(thresholds),
                        time_tokens, repeats=3, max_layers=max_layers)
   full_ms = timing['ms_per_token'][0]
   timing = {k: v[1:] for k, v in timing.items()}
@@ -205,10 +233,10 @@ def calibrate_run(workdir: str, tolerance: float = 0.01, risk: float = 0.05,
                                      'accuracy': sw['full_accuracy'], 'consistency': 1.0})
   result = {
       'workdir': os.path.abspath(workdir), 'step': int(state['step']),
-      'policy': config.halting.name, 'mode': mode, 'method': method, 'measure': measure,
+      'policy': spec.halting.name, 'mode': mode, 'method': method, 'measure': measure,
       'tolerance': tolerance, 'risk': risk, 'budget_layers': budget_layers,
       'max_layers': max_layers,
-      'chosen_threshold': chosen, 'full_layers': float(config.model.num_layers),
+      'chosen_threshold': chosen, 'full_layers': float(spec.model.num_layers),
       'n_calib_tokens': cal['n'], 'n_test_tokens': tst['n'],
       'full_depth': {'accuracy': tst['full_accuracy'], 'ms_per_token': full_ms},
       'calib': pick(cal), 'test': pick(tst),
@@ -221,7 +249,7 @@ def calibrate_run(workdir: str, tolerance: float = 0.01, risk: float = 0.05,
   }
   if index is not None:
     result['test']['ms_per_token'] = timing['ms_per_token'][index]
-    result['test']['speedup_layers'] = config.model.num_layers / result['test']['mean_layers']
+    result['test']['speedup_layers'] = spec.model.num_layers / result['test']['mean_layers']
     result['test']['speedup_wall'] = full_ms / timing['ms_per_token'][index]
   with open(os.path.join(workdir, 'calibration.json'), 'w') as f:
     json.dump(result, f, indent=2)
@@ -238,24 +266,24 @@ def accuracy_frontier(workdir: str, thresholds: Sequence[float],
   most aggressive one whose drop there is <= tolerance) and reported on the other half, next
   to the static-truncation baseline (every token leaves at layer k) on that half. A point
   estimate, not a guarantee: `calibrate_run` gives the Learn-then-Test one (consistency)."""
-  config, state = inference.load_run(workdir)
-  require_exits(config)
+  spec, state = inference.load_run(workdir)
+  require_exits(spec)
   if not 0 < tolerance < 1:
     raise ConfigError(f'--tolerance={tolerance}: must be in (0, 1)')
   for cap in max_layers:
-    inference.exit_threshold(config, 0.5, cap)  # bad caps fail before any sweep
+    inference.exit_threshold(spec, 0.5, cap)  # bad caps fail before any sweep
   variables = {'params': state['params'], 'moe_state': state['moe_state']}
-  batches = data_lib.make_dataset(config.data, config.seed).eval_batches(num_batches)
+  batches = data_lib.make_dataset(spec.data, spec.seed).eval_batches(num_batches)
   calib, test = batches[0::2], batches[1::2]
   if not test:
     raise ConfigError(f'--num_batches={num_batches}: need at least 2 (calibration + test)')
-  depth = config.model.num_layers
+  depth = spec.model.num_layers
   rows = []
   for cap in max_layers:
     log(f'max_layers={cap or depth}: calibration half')
-    cal = sweep(config, variables, calib, thresholds, log, cap)
+    cal = sweep(spec, variables, calib, thresholds, log, cap)
     log(f'max_layers={cap or depth}: test half')
-    tst = sweep(config, variables, test, thresholds, log, cap)
+    tst = sweep(spec, variables, test, thresholds, log, cap)
     drop = lambda sw, i: (sw['full_accuracy'] - sw['accuracy'][i]) / sw['full_accuracy']
     ok = [i for i in range(len(thresholds)) if drop(cal, i) <= tolerance]
     row = {'max_layers': cap or depth, 'threshold': None}
@@ -329,18 +357,18 @@ def benchmark_rows(workdir: str, thresholds: Sequence[float], batch_sizes: Seque
                    log: Callable[[str], None] = print, kv_fill: str = 'project',
                    max_layers: Optional[int] = None) -> list[dict]:
   """Decode speed per threshold against full depth, side by side in one process."""
-  config, state = inference.load_run(workdir)
-  inference.exit_threshold(config, 0.5, max_layers)  # a bad cap fails before any timing
+  spec, state = inference.load_run(workdir)
+  inference.exit_threshold(spec, 0.5, max_layers)  # a bad cap fails before any timing
   variables = {'params': state['params'], 'moe_state': state['moe_state']}
-  limit = config.model.max_len or config.data.seq_len
+  limit = spec.model.max_len
   new_tokens = min(new_tokens, limit - prompt_len)
   rows = []
-  full_layers = config.model.num_layers
+  full_layers = spec.model.num_layers
   for b in batch_sizes:
-    prompt = eval_prompts(config, b, prompt_len)
+    prompt = eval_prompts(spec, b, prompt_len)
     for compact in ((False, True) if b > 1 else (False,)):
       log(f'batch {b} compact={compact}: timing {len(thresholds) + 1} operating points ...')
-      t = time_decode(config, variables, prompt, [inference.NEVER_EXIT] + list(thresholds),
+      t = time_decode(spec, variables, prompt, [NEVER_EXIT] + list(thresholds),
                       new_tokens, repeats, compact, kv_fill, max_layers)
       full_ms = t['ms_per_token'][0]
       for thr, ms, layers in zip(t['thresholds'][1:], t['ms_per_token'][1:], t['mean_layers'][1:]):
@@ -371,28 +399,17 @@ def generate_listing(workdir: str, prompt: str, threshold: Optional[float] = Non
                      max_new: int = 64, kv_fill: str = 'project',
                      max_layers: Optional[int] = None) -> str:
   """Greedy continuation + a per-byte line of exit layers (1-9, a=10, b=11, ...)."""
-  config, state = inference.load_run(workdir)
+  spec, state = inference.load_run(workdir)
   variables = {'params': state['params'], 'moe_state': state['moe_state']}
-  if threshold is None:  # the calibrated operating point, cap included
-    cal = os.path.join(workdir, 'calibration.json')
-    if os.path.exists(cal):
-      with open(cal) as f:
-        saved = json.load(f)
-      threshold = saved.get('chosen_threshold')
-      if max_layers is None and threshold is not None:
-        max_layers = saved.get('max_layers')
-  if threshold is None:
-    threshold = float(config.halting.threshold)
-  inference.check_threshold(threshold, '--threshold')
-  thr_arg = inference.exit_threshold(config, threshold, max_layers)
+  op, _ = run_operating_point(workdir, spec, threshold, max_layers)
   ids = np.concatenate([[data_lib.BOS], data_lib.encode(prompt)])[None].astype(np.int32)
-  limit = config.model.max_len or config.data.seq_len
+  limit = spec.model.max_len
   if ids.shape[1] >= limit:
     raise ConfigError(f'--prompt is {ids.shape[1]} tokens (with BOS); the model max length is '
                       f'{limit}: shorten the prompt')
   max_new = min(max_new, limit - ids.shape[1])
-  run = lambda: jax.block_until_ready(inference.generate(config, variables, ids, max_new,
-                                                         thr_arg, kv_fill))
+  run = lambda: jax.block_until_ready(inference.generate(spec, variables, ids, max_new, op,
+                                                         kv_fill))
   run()  # compile
   t = time.perf_counter()
   out = run()
@@ -405,9 +422,9 @@ def generate_listing(workdir: str, prompt: str, threshold: Optional[float] = Non
     ch = {'\n': '⏎', '\t': '⇥'}.get(ch, ch if ch.isprintable() and len(ch) == 1 else '·')
     text_chars.append(ch)
     layer_chars.append('?' if np.isnan(l) else _LAYER_CHARS[int(l)])
-  cap = '' if max_layers is None else f' max_layers={max_layers}'
-  lines = [f'policy={config.halting.name} threshold={threshold:g}{cap} kv_fill={kv_fill} '
-           f'(checkpoint step {state["step"]}, {config.model.num_layers} layers)',
+  cap = '' if op.max_layers is None else f' max_layers={op.max_layers}'
+  lines = [f'policy={spec.halting.name} threshold={op.threshold:g}{cap} kv_fill={kv_fill} '
+           f'(checkpoint step {state["step"]}, {spec.model.num_layers} layers)',
            f'prompt: {prompt!r}']
   width = 64
   for i in range(0, len(text_chars), width):
@@ -415,8 +432,8 @@ def generate_listing(workdir: str, prompt: str, threshold: Optional[float] = Non
     lines.append('layers ' + ''.join(layer_chars[i:i + width]))
   mean_layers = float(np.nanmean(layers))
   lines.append(f'{max_new} bytes in {dt * 1e3:.1f} ms ({max_new / dt:.1f} tokens/s); mean layers '
-               f'{mean_layers:.2f} / {config.model.num_layers} '
-               f'({config.model.num_layers / mean_layers:.2f}x fewer)  '
+               f'{mean_layers:.2f} / {spec.model.num_layers} '
+               f'({spec.model.num_layers / mean_layers:.2f}x fewer)  '
                '[layers: exit layer of the step that consumed each byte; ? = last byte]')
   return '\n'.join(lines)
 
@@ -426,23 +443,19 @@ def evaluate_run(workdir: str, thresholds: Sequence[Optional[float]] = (None,),
                  log: Callable[[str], None] = print,
                  max_layers: Optional[int] = None) -> list[dict]:
   """Held-out quality and compute of a trained run at one or more thresholds (None = the
-  policy default): per domain, per difficulty bucket, and Spearman(layers, difficulty)."""
-  from act_jax import training  # heavy import only when used
-  config, state = inference.load_run(workdir)
-  ds = data_lib.make_dataset(config.data, config.seed)
-  batches = ds.eval_batches(num_batches or config.train.eval_batches)
-  eval_step = jax.jit(training.make_eval_step(config))
+  run's operating point, run_operating_point): per domain, per difficulty bucket, and
+  Spearman(layers, difficulty). Logs an evaluation summary per point."""
+  spec, state = inference.load_run(workdir)
+  points = [run_operating_point(workdir, spec, thr, max_layers) for thr in thresholds]
+  n = num_batches or spec.train.eval_batches
+  ds = data_lib.make_dataset(spec.data, spec.seed)
+  batches = ds.eval_batches(n)
+  eval_step = jax.jit(training.make_eval_step(spec))
   rows = []
-  for thr in thresholds:
-    if thr is not None:
-      inference.check_threshold(thr)
-    if max_layers is not None:
-      thr = config.halting.threshold if thr is None else thr
-    res = training.evaluate(config, state, eval_step, batches, ds.domains,
-                            threshold=None if thr is None else
-                            inference.exit_threshold(config, thr, max_layers))
-    res.update(step=float(state['step']), train_seconds=0.0)
-    log(f'--- threshold {"default" if thr is None else thr}')
-    log(training.summary(config, res, ds.domains, workdir))
-    rows.append({'threshold': thr, **res})
+  for op, source in points:
+    res = training.evaluate(spec, state, eval_step, batches, ds.domains,
+                            threshold=op.vector(spec))
+    log(training.evaluation_summary(spec, res, ds.domains, workdir, int(state['step']), op,
+                                    source, n))
+    rows.append({'threshold': op.threshold, 'max_layers': op.max_layers, **res})
   return rows

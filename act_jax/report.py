@@ -30,7 +30,12 @@ matplotlib.use('Agg')  # headless: reports run on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from act_jax import telemetry  # noqa: E402
+import jax  # noqa: E402
+
+from act_jax import checkpointing, inference, operating_point, telemetry  # noqa: E402
+from act_jax import data as data_lib  # noqa: E402
+from act_jax.model import make_model  # noqa: E402
+from act_jax.spec import OperatingPoint, Spec  # noqa: E402
 
 CMAP = 'YlOrRd'  # light = few layers, dark red = full depth
 
@@ -287,15 +292,14 @@ def tokens_html(ids: Sequence[int], layers: Sequence[float], num_layers: int) ->
 
 
 # ----------------------------------------------------------------------------- wiring
-def _make_forward(config, threshold: float | None = None) -> Callable:
+def _make_forward(spec: Spec, op: OperatingPoint) -> Callable:
   """Jitted eval-model forward (train=False) returning only what the plots need."""
-  import jax  # lazy: the plots and the no-metrics error need no jax
-  from act_jax.model import make_model
-  model = make_model(config, train=False)
+  model = make_model(spec, train=False)
+  threshold_N = op.vector(spec)
 
   @jax.jit
   def fwd(variables, tokens):
-    _, aux = model.apply(variables, tokens, threshold=threshold)
+    _, aux = model.apply(variables, tokens, threshold=threshold_N)
     out = {'layers': aux['layers'], 'valid': aux['valid']}
     if 'moe' in aux:
       m = aux['moe']
@@ -308,7 +312,6 @@ def _make_forward(config, threshold: float | None = None) -> Callable:
 def _eval_pass(fwd: Callable, state: Mapping[str, Any], batches: Sequence[Mapping],
                log: Callable[[str], None], label: str) -> dict[str, np.ndarray]:
   """Forward over held-out batches with progress/ETA lines; concatenates along the batch."""
-  import jax
   variables = {'params': state['params'], 'moe_state': state['moe_state']}
   prog = telemetry.Progress(len(batches))
   outs = []
@@ -335,8 +338,6 @@ def _calibration(workdir: str) -> dict:
 
 def _model_plots(workdir: str, records: list[dict], out: Callable[[str], str],
                  log: Callable[[str], None], num_batches: int | None) -> list[str]:
-  from act_jax import checkpointing, inference
-  from act_jax import data as data_lib
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   steps: list[int] = []
   if os.path.isdir(ckpt_dir):
@@ -347,15 +348,16 @@ def _model_plots(workdir: str, records: list[dict], out: Callable[[str], str],
     log(f'[report] no checkpoint in {ckpt_dir}: skipping exit-depth, token and MoE plots')
     return []
   log(f'[report] loading checkpoint {steps[-1]} of {workdir}')
-  config, state = inference.load_run(workdir, steps[-1])
-  dataset = data_lib.make_dataset(config.data, config.seed)
-  batches = dataset.eval_batches(num_batches or config.train.eval_batches)
-  # The calibrated operating point when there is one, else the policy's default threshold.
-  threshold = _calibration(workdir).get('chosen_threshold')
-  at = f'threshold {threshold:g}' if threshold is not None else 'default threshold'
-  fwd = _make_forward(config, threshold)
+  spec, state = inference.load_run(workdir, steps[-1])
+  dataset = data_lib.make_dataset(spec.data, spec.seed)
+  batches = dataset.eval_batches(num_batches or spec.train.eval_batches)
+  # The run's operating point: the calibrated one when there is one, else the policy default.
+  op, _ = operating_point.run_operating_point(workdir, spec)
+  at = f'threshold {op.threshold:g}' + ('' if op.max_layers is None else
+                                        f', max_layers {op.max_layers}')
+  fwd = _make_forward(spec, op)
   ev = _eval_pass(fwd, state, batches, log, f'held-out forward (step {steps[-1]})')
-  n_layers, valid, written = config.model.num_layers, ev['valid'], []
+  n_layers, valid, written = spec.model.num_layers, ev['valid'], []
   groups = {name: ev['layers'][valid & (ev['domain'] == i)[:, None]]
             for i, name in enumerate(dataset.domains) if np.any(ev['domain'] == i)}
   written.append(plot_exit_depth(groups, n_layers, out('exit_depth_domain.png'),

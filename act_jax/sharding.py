@@ -36,12 +36,8 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def make_mesh(mesh_cfg: Any = None, shape: Sequence[int] | None = None,
-              devices: Sequence[Any] | None = None) -> Mesh:
-  """Builds the ('data','expert','model') mesh from config or an explicit shape."""
-  if shape is None:
-    from act_jax.config import mesh_shape  # one definition, with field-naming errors
-    shape = mesh_shape(mesh_cfg, jax.device_count())
+def make_mesh(shape: Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
+  """Builds the ('data','expert','model') mesh of the given shape (spec.mesh.shape)."""
   devs = list(devices) if devices is not None else jax.devices()
   n = int(np.prod(shape))
   return Mesh(np.asarray(devs[:n]).reshape(tuple(shape)), MESH_AXES)

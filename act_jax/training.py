@@ -1,6 +1,7 @@
 """Training and evaluation: train state, jitted steps over the mesh, the loss sum, the loop.
 
-`train_and_evaluate(config, workdir)` is what `experiments/train.py` and the notebooks call.
+`train_and_evaluate(config, workdir)` is what `experiments/train.py` and the notebooks call; it
+resolves the config once (config.resolve) and everything below takes the Spec.
 The loss is assembled in ONE place, `total_loss`:
     task cross-entropy (or the halting policy's replacement, e.g. PonderNet's Σ_n p_n L_n)
   + halting terms (ponder cost, KL, exit-classifier BCE, exit distillation, MoD predictor BCE)
@@ -8,36 +9,36 @@ The loss is assembled in ONE place, `total_loss`:
 The batch of step s is a pure function of (seed, s) and the dropout-free model is
 deterministic, so a resumed run reproduces the uninterrupted one exactly.
 
-Dims: B batch, L length, V vocab, N depth steps, E experts.
+Dims (legend: act_jax/__init__.py): B batch, L length, V vocab, N depth steps, E experts.
 """
 from __future__ import annotations
 
 import os
 import signal
 import time
-from typing import Callable
+import json
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
 from act_jax import checkpointing
 from act_jax import config as config_lib
 from act_jax import data as data_lib
-from act_jax import halting as halting_lib
 from act_jax import moe as moe_lib
 from act_jax import sharding as sharding_lib
 from act_jax import telemetry
 from act_jax.model import make_model
+from act_jax.spec import OperatingPoint, Spec, TrainSpec
 
 State = dict  # {'step', 'params', 'opt_state', 'moe_state'}
 
 
 # ----------------------------------------------------------------------------- optimiser
-def make_optimizer(tcfg) -> optax.GradientTransformation:
+def make_optimizer(tcfg: TrainSpec) -> optax.GradientTransformation:
   sched = optax.warmup_cosine_decay_schedule(
       0.0, tcfg.lr, tcfg.warmup_steps, max(tcfg.steps, tcfg.warmup_steps + 1),
       end_value=tcfg.lr * tcfg.min_lr_ratio)
@@ -57,25 +58,25 @@ def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
       logits_BLV.astype(jnp.float32), targets_BL)
 
 
-def total_loss(config, logits_BLV, aux, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+def total_loss(config: Any, logits_BLV, aux, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The single place where task, halting and MoE losses are summed."""
+  spec = config_lib.as_spec(config)
   targets, w_BL = batch['targets'], batch['weights']
   denom = jnp.maximum(jnp.sum(w_BL), 1.0)
   ce_BL = cross_entropy(logits_BLV, targets)
   terms = {'ce': jnp.sum(ce_BL * w_BL) / denom}
-  policy = halting_lib.make_policy(config.halting, config_lib.num_steps(config))
-  task, extra = policy.loss_terms(aux, targets, w_BL)
+  task, extra = spec.policy.loss_terms(aux, targets, w_BL)
   terms['task'] = terms['ce'] if task is None else task
   terms.update(extra)
   if 'moe' in aux:
-    m = config.moe
+    m = spec.moe
     terms['lb_loss'] = m.lb_loss_weight * jnp.sum(aux['moe']['lb_loss'])
     terms['z_loss'] = m.z_loss_weight * jnp.sum(aux['moe']['z_loss'])
   loss = terms['task'] + sum(v for k, v in terms.items() if k not in ('ce', 'task'))
   return loss, terms
 
 
-def step_metrics(config, logits_BLV, aux, batch) -> dict[str, jax.Array]:
+def step_metrics(logits_BLV, aux, batch) -> dict[str, jax.Array]:
   """Scalar telemetry of one batch (all from aux: telemetry is an output)."""
   w_BL = batch['weights']
   denom = jnp.maximum(jnp.sum(w_BL), 1.0)
@@ -97,23 +98,21 @@ def _global_norm(tree) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- state
-def _dummy_tokens(config) -> jax.Array:
-  return jnp.zeros((1, config.data.seq_len), jnp.int32)
-
-
-def init_state_boxed(config, rng: jax.Array) -> State:
+def init_state_boxed(config: Any, rng: jax.Array) -> State:
   """Params (with logical-axis boxes), optimiser and MoE bias state."""
-  model = make_model(config, train=False)
-  variables = model.init({'params': rng}, _dummy_tokens(config))
+  spec = config_lib.as_spec(config)
+  model = make_model(spec, train=False)
+  variables = model.init({'params': rng}, jnp.zeros((1, spec.data.seq_len), jnp.int32))
   params = variables['params']
   return {'step': jnp.zeros((), jnp.int32), 'params': params,
-          'opt_state': make_optimizer(config.train).init(params),
+          'opt_state': make_optimizer(spec.train).init(params),
           'moe_state': variables.get('moe_state', {})}
 
 
-def state_shardings(config, mesh) -> tuple[State, State]:
+def state_shardings(config: Any, mesh) -> tuple[State, State]:
   """(abstract unboxed state, NamedSharding tree) for the current mesh."""
-  boxed = jax.eval_shape(lambda r: init_state_boxed(config, r), jax.random.PRNGKey(0))
+  spec = config_lib.as_spec(config)
+  boxed = jax.eval_shape(lambda r: init_state_boxed(spec, r), jax.random.PRNGKey(0))
   specs = nn.get_partition_spec(boxed)
   specs = nn.logical_to_mesh(specs, sharding_lib.LOGICAL_RULES)
   shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs,
@@ -123,27 +122,28 @@ def state_shardings(config, mesh) -> tuple[State, State]:
   return abstract, shardings
 
 
-def init_state(config, mesh, shardings) -> State:
+def init_state(config: Any, mesh, shardings) -> State:
   # No ambient mesh here: flax's init-time constraints inside nn.scan see per-layer ranks;
   # out_shardings alone lays the fresh state out over the mesh.
   del mesh
-  fn = jax.jit(lambda r: nn.unbox(init_state_boxed(config, r)), out_shardings=shardings)
-  return fn(jax.random.PRNGKey(config.seed))
+  spec = config_lib.as_spec(config)
+  fn = jax.jit(lambda r: nn.unbox(init_state_boxed(spec, r)), out_shardings=shardings)
+  return fn(jax.random.PRNGKey(spec.seed))
 
 
-def _bias_update(config, moe_state, aux):
+def _bias_update(spec: Spec, moe_state, aux):
   """DeepSeek-V3 aux-loss-free balancing: outside the optimiser, from this step's load."""
-  rate = config.moe.bias_rate
+  rate = spec.moe.bias_rate
   if rate <= 0 or not moe_state or 'moe' not in aux:
     return moe_state
-  kinds = config_lib.layer_kinds(config)
+  kinds = spec.model.layer_kinds
   moe_j = [j for j, k in enumerate(kinds) if k == 'moe']
-  n = config_lib.num_steps(config)
+  n = spec.model.num_steps
   load = aux['moe']['load'].reshape(n, len(moe_j), -1)
   new = jax.tree.map(lambda x: x, moe_state)  # fresh containers, same leaves
   for k, j in enumerate(moe_j):
     layer = new['stack'][f'layer_{j}']['moe']
-    if config.model.share_weights:  # one bias shared by every step: use the summed load
+    if spec.model.share_weights:  # one bias shared by every step: use the summed load
       layer['bias'] = moe_lib.update_bias(layer['bias'], jnp.sum(load[:, k], 0), rate)
     else:
       layer['bias'] = jax.vmap(moe_lib.update_bias, in_axes=(0, 0, None))(
@@ -151,16 +151,17 @@ def _bias_update(config, moe_state, aux):
   return new
 
 
-def make_train_step(config) -> Callable:
-  model = make_model(config, train=True)
-  tx = make_optimizer(config.train)
-  skip_nonfinite = config.train.nonfinite == 'skip'
+def make_train_step(config: Any) -> Callable:
+  spec = config_lib.as_spec(config)
+  model = make_model(spec, train=True)
+  tx = make_optimizer(spec.train)
+  skip_nonfinite = spec.train.nonfinite == 'skip'
 
   def train_step(state: State, batch: dict, rng: jax.Array):
     def loss_fn(params):
       logits, aux = model.apply({'params': params, 'moe_state': state['moe_state']},
                                 batch['inputs'], rngs={'jitter': rng, 'halting': rng})
-      loss, terms = total_loss(config, logits, aux, batch)
+      loss, terms = total_loss(spec, logits, aux, batch)
       return loss, (terms, logits, aux)
 
     (loss, (terms, logits, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -171,22 +172,22 @@ def make_train_step(config) -> Callable:
     # The updated params too: a finite loss can still step into inf/nan (e.g. huge lr).
     finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
               & jnp.isfinite(_global_norm(params)))
-    moe_state = _bias_update(config, state['moe_state'], aux)
+    moe_state = _bias_update(spec, state['moe_state'], aux)
     if skip_nonfinite:
       keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
       params, opt_state = keep(params, state['params']), keep(opt_state, state['opt_state'])
       moe_state = keep(moe_state, state['moe_state'])
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'finite': finite, **terms,
-               **step_metrics(config, logits, aux, batch)}
+               **step_metrics(logits, aux, batch)}
     return {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state,
             'moe_state': moe_state}, metrics
 
   return train_step
 
 
-def make_eval_step(config) -> Callable:
+def make_eval_step(config: Any) -> Callable:
   """Per-example sums so the host can aggregate by domain and difficulty."""
-  model = make_model(config, train=False)
+  model = make_model(config_lib.as_spec(config), train=False)
 
   def eval_step(state: State, batch: dict, threshold=None):
     logits, aux = model.apply({'params': state['params'], 'moe_state': state['moe_state']},
@@ -214,11 +215,12 @@ def _fetch(tree):
   return jax.device_get(tree)
 
 
-def evaluate(config, state, eval_step, batches, domains, threshold=None,
+def evaluate(config: Any, state, eval_step, batches, domains, threshold=None,
              histograms: dict | None = None, put: Callable | None = None) -> dict[str, float]:
   """Held-out quality *and* compute: per domain and per difficulty.
 
   If `histograms` is a dict, it is filled with per-token arrays for TensorBoard."""
+  spec = config_lib.as_spec(config)
   rows = {k: [] for k in ('loss_sum', 'weight_sum', 'correct_sum', 'layers_sum')}
   dom, diff, load, dropped, tok_layers, tok_w, top1 = [], [], [], [], [], [], []
   for b in batches:
@@ -240,7 +242,7 @@ def evaluate(config, state, eval_step, batches, domains, threshold=None,
   w = np.maximum(r['weight_sum'].sum(), 1.0)
   res = {'loss': r['loss_sum'].sum() / w, 'accuracy': r['correct_sum'].sum() / w,
          'layers_mean': r['layers_sum'].sum() / w,
-         'layers_full': float(config.model.num_layers)}
+         'layers_full': float(spec.model.num_layers)}
   # Exit-depth histogram: fraction of scored tokens that ran k layers.
   tl, tw = np.concatenate(tok_layers), np.concatenate(tok_w)
   if histograms is not None:
@@ -249,7 +251,7 @@ def evaluate(config, state, eval_step, batches, domains, threshold=None,
       histograms.update(telemetry.aux_histograms(
           {'layers': tl[None], 'moe': {'top1_expert': top1_all, 'load': np.sum(np.stack(load), 0)}},
           weights=tw[None], prefix='eval/'))
-  for k in range(config.model.num_layers + 1):
+  for k in range(spec.model.num_layers + 1):
     frac = tw[np.round(tl) == k].sum() / max(tw.sum(), 1e-9)
     if frac > 0:
       res[f'layers_hist/{k}'] = frac
@@ -311,35 +313,40 @@ def _host_batch(batch: dict, mesh) -> dict:
   return out
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+def train_and_evaluate(config: Any, workdir: str,
                        log: Callable[[str], None] = print) -> dict[str, float]:
-  """Trains (resuming from workdir if it holds a checkpoint), evaluates, returns eval metrics."""
-  config_lib.validate(config)
-  if config.train.multihost:
+  """Trains (resuming from workdir if it holds a checkpoint), evaluates, returns eval metrics.
+
+  config: a ConfigDict (resolved here, once) or a Spec."""
+  if not isinstance(config, Spec):
+    config = config_lib.complete(config)  # fields checked by resolve, below
+  if config.train.multihost:  # before resolve: the device count is global after this
     jax.distributed.initialize()
+  spec = config_lib.as_spec(config)
+  config_lib.check_training(spec)
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
-  mesh = sharding_lib.make_mesh(config.mesh)
-  dataset = data_lib.make_dataset(config.data, config.seed)
-  tcfg = config.train
+  mesh = sharding_lib.make_mesh(spec.mesh.shape)
+  dataset = data_lib.make_dataset(spec.data, spec.seed)
+  tcfg = spec.train
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                     save_every=tcfg.checkpoint_every,
                                     keep=tcfg.keep_checkpoints,
                                     async_save=tcfg.async_checkpointing)
-  abstract, shardings = state_shardings(config, mesh)
+  abstract, shardings = state_shardings(spec, mesh)
   latest = ckpt.latest_step()
   if latest is not None:
     state = ckpt.restore(latest, abstract)  # raises CheckpointError if incompatible
     log(f'resumed from step {latest} in {workdir}')
   else:
-    state = init_state(config, mesh, shardings)
+    state = init_state(spec, mesh, shardings)
   if is_main:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json(indent=2))
+      json.dump(spec.to_dict(), f, indent=2)
   start = int(jax.device_get(state['step']))
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract['params']))
-  log(f'model: {n_params:,} params, {config.model.num_layers} layers, halting='
-      f'{config.halting.name}, router={config.moe.router}; mesh {dict(mesh.shape)}; '
+  log(f'model: {n_params:,} params, {spec.model.num_layers} layers, halting='
+      f'{spec.halting.name}, router={spec.moe.router}; mesh {dict(mesh.shape)}; '
       f'{jax.device_count()} {jax.devices()[0].platform} device(s)')
   writer = telemetry.MetricsWriter(workdir, enabled=is_main)
   batch_sh = {k: sharding_lib.data_sharding(mesh, 2 if k in ('inputs', 'targets', 'weights')
@@ -348,11 +355,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   repl = sharding_lib.replicated(mesh)
   donate = (0,) if jax.default_backend() != 'cpu' else ()
   with sharding_lib.mesh_context(mesh):
-    train_step = jax.jit(make_train_step(config), in_shardings=(shardings, batch_sh, repl),
+    train_step = jax.jit(make_train_step(spec), in_shardings=(shardings, batch_sh, repl),
                          out_shardings=(shardings, repl), donate_argnums=donate)
-    eval_step = jax.jit(make_eval_step(config))
+    eval_step = jax.jit(make_eval_step(spec))
   eval_batches = dataset.eval_batches(tcfg.eval_batches)
-  tokens_per_step = config.data.batch_size * config.data.seq_len
+  tokens_per_step = spec.data.batch_size * spec.data.seq_len
   progress = telemetry.Progress(tcfg.steps, start=start)
   t_start = time.time()
   t_log, steps_since = time.time(), 0
@@ -362,20 +369,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     nonlocal eval_res
     hists: dict = {}
     with sharding_lib.mesh_context(mesh):
-      eval_res = evaluate(config, state, eval_step, eval_batches, dataset.domains,
+      eval_res = evaluate(spec, state, eval_step, eval_batches, dataset.domains,
                           histograms=hists, put=lambda b: _host_batch(b, mesh))
     writer.write_scalars(step, eval_res, split='eval')
     writer.write_histograms(step, hists)
     hist = ' '.join(f'{k.split("/")[1]}:{v:.0%}' for k, v in eval_res.items()
                     if k.startswith('layers_hist/'))
     log(f'eval step {step}: loss {eval_res["loss"]:.4f} acc {eval_res["accuracy"]:.4f} '
-        f'layers {eval_res["layers_mean"]:.2f}/{config.model.num_layers} [exit depth {hist}]')
+        f'layers {eval_res["layers_mean"]:.2f}/{spec.model.num_layers} [exit depth {hist}]')
 
   step = start
   with _Preemption() as pre:
     while step < tcfg.steps:
       batch = _host_batch(dataset.train_batch(step), mesh)
-      rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), step)
+      rng = jax.random.fold_in(jax.random.PRNGKey(spec.seed), step)
       with sharding_lib.mesh_context(mesh):
         new_state, metrics = train_step(state, batch, rng)
       metrics = _fetch(metrics)
@@ -413,15 +420,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   ckpt.close()
   eval_res['step'] = float(step)
   eval_res['train_seconds'] = time.time() - t_start
-  log(summary(config, eval_res, dataset.domains, workdir))
+  log(summary(spec, eval_res, dataset.domains, workdir))
   return eval_res
 
 
-def summary(config, res: dict[str, float], domains, workdir: str) -> str:
+def summary(spec: Spec, res: dict[str, float], domains, workdir: str) -> str:
   """The end-of-run block: quality, compute vs full depth, MoE balance, where to look."""
-  full = config.model.num_layers
-  lines = [f'== summary ({int(res["step"])} steps, {res["train_seconds"] / 60:.1f} min) ==',
-           f'held-out loss {res["loss"]:.4f} nats/token, accuracy {res["accuracy"]:.4f}',
+  lines = [f'== summary ({int(res["step"])} steps, {res["train_seconds"] / 60:.1f} min) ==']
+  lines += result_lines(spec, res, domains)
+  lines.append(f'metrics: {workdir}/metrics.jsonl, TensorBoard: {workdir}/tb; plots: '
+               f'python -m experiments.report --workdir={workdir}')
+  return '\n'.join(lines)
+
+
+def evaluation_summary(spec: Spec, res: dict[str, float], domains, workdir: str, step: int,
+                       op: OperatingPoint, source: str, num_batches: int) -> str:
+  """experiments.evaluate's block: which checkpoint, at which operating point, on what."""
+  cap = '' if op.max_layers is None else f', max_layers {op.max_layers}'
+  lines = [f'== evaluation of {workdir} (checkpoint step {step}) ==',
+           f'operating point: threshold {op.threshold:g}{cap} ({source}); '
+           f'{num_batches} held-out batches of {spec.data.batch_size}x{spec.data.seq_len}']
+  return '\n'.join(lines + result_lines(spec, res, domains))
+
+
+def result_lines(spec: Spec, res: dict[str, float], domains) -> list[str]:
+  """Quality, compute vs full depth, per domain / difficulty, MoE balance (shared lines)."""
+  full = spec.model.num_layers
+  lines = [f'held-out loss {res["loss"]:.4f} nats/token, accuracy {res["accuracy"]:.4f}',
            f'mean layers executed {res["layers_mean"]:.2f} of {full} '
            f'({full / max(res["layers_mean"], 1e-9):.2f}x fewer than full depth)']
   for d in domains:
@@ -438,6 +463,4 @@ def summary(config, res: dict[str, float], domains, workdir: str) -> str:
   if 'moe/load_imbalance' in res:
     lines.append(f'experts: load max/mean {res["moe/load_imbalance"]:.2f}, dropped '
                  f'{res["moe/dropped_frac"]:.2%}, unused {int(res["moe/unused_experts"])}')
-  lines.append(f'metrics: {workdir}/metrics.jsonl, TensorBoard: {workdir}/tb; plots: '
-               f'python -m experiments.report --workdir={workdir}')
-  return '\n'.join(lines)
+  return lines

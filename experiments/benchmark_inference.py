@@ -2,9 +2,9 @@ r"""Decode speed vs full depth for a range of thresholds, measured side by side 
 
   python -m experiments.benchmark_inference --workdir=RUN
 """
-from absl import app, flags
+from absl import flags
 
-from experiments import define_max_layers_flag, quiet_logs
+from experiments import define_max_layers_flag, quiet_logs, run
 
 from act_jax import operating_point
 
@@ -29,4 +29,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run(main)

@@ -7,8 +7,9 @@ Example:
 The logic lives in act_jax.moe.bench.run_benchmark (callable from Colab); see its docstring for
 what is measured and why the dense reference has hidden top_k * d_ff.
 """
-from absl import app
 from absl import flags
+
+from experiments import run
 
 from act_jax.moe import bench
 
@@ -37,4 +38,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run(main)

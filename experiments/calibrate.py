@@ -8,9 +8,9 @@ Writes RUN/calibration.json (the frontier + the chosen threshold) and RUN/calibr
 """
 import json
 
-from absl import app, flags
+from absl import flags
 
-from experiments import define_max_layers_flag, quiet_logs
+from experiments import define_max_layers_flag, quiet_logs, run
 
 from act_jax import operating_point
 
@@ -51,4 +51,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run(main)

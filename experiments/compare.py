@@ -7,7 +7,7 @@ full depth, tokens/s, dropped fraction, load imbalance ('-' where a run has no s
 """
 from absl import app, flags
 
-from experiments import quiet_logs
+from experiments import quiet_logs, run
 
 from act_jax import compare
 
@@ -29,4 +29,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run(main)

@@ -2,13 +2,15 @@ r"""Evaluates a trained run: quality and compute per domain / difficulty, at thr
 
   python -m experiments.evaluate --workdir=runs/parity_act --thresholds=0.5,0.9,0.99
 """
-from absl import app, flags
+from absl import flags
 
-from experiments import define_max_layers_flag, quiet_logs
+from experiments import define_max_layers_flag, quiet_logs, run
+
 from act_jax import operating_point
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.')
-_THR = flags.DEFINE_list('thresholds', [], 'Thresholds in (0, 1]; empty = policy default.')
+_THR = flags.DEFINE_list('thresholds', [], 'Thresholds in (0, 1]; empty = the run\'s operating '
+                         'point (calibration.json, else the policy default).')
 _BATCHES = flags.DEFINE_integer('num_batches', None, 'Held-out batches (default: config).')
 _MAX_LAYERS = define_max_layers_flag()
 flags.mark_flag_as_required('workdir')
@@ -22,4 +24,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run(main)

@@ -4,9 +4,9 @@ r"""Fewest mean layers at a held-out accuracy tolerance, per depth cap, vs stati
 The threshold is picked on one half of the held-out batches and reported on the other
 (max_layers 0 = no cap). What the README's early-exit table was measured with.
 """
-from absl import app, flags
+from absl import flags
 
-from experiments import quiet_logs
+from experiments import quiet_logs, run
 
 from act_jax import operating_point
 
@@ -30,4 +30,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run(main)

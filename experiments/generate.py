@@ -2,9 +2,9 @@ r"""Continues a prompt with early-exit decoding and shows the exit layer of ever
 
   python -m experiments.generate --workdir=RUN --prompt='def fib(n):' --threshold=0.9
 """
-from absl import app, flags
+from absl import flags
 
-from experiments import define_max_layers_flag, quiet_logs
+from experiments import define_max_layers_flag, quiet_logs, run
 
 from act_jax import operating_point
 
@@ -27,4 +27,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run(main)

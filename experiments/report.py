@@ -8,7 +8,7 @@ when RUN/calibration.json exists (see act_jax/report.py).
 """
 from absl import app, flags
 
-from experiments import quiet_logs
+from experiments import quiet_logs, run
 
 from act_jax import report
 
@@ -31,4 +31,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run(main)

@@ -4,9 +4,9 @@ r"""Trains an adaptive-computation transformer; resumes when --workdir holds a c
   python -m experiments.train --config=experiments/configs/lm.py:halting=act,runlocal \
       --workdir=/tmp/lm --config.model.num_layers=4
 """
-from absl import app, flags
+from absl import flags
 
-from experiments import quiet_logs
+from experiments import quiet_logs, run
 from ml_collections import config_flags
 
 from act_jax import training
@@ -24,4 +24,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run(main)

@@ -6,7 +6,7 @@ After the import, NEWRUN works with evaluate / calibrate / generate / benchmark_
 """
 from absl import app, flags
 
-from experiments import quiet_logs
+from experiments import quiet_logs, run
 
 from act_jax import export
 
@@ -35,4 +35,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run(main)

@@ -50,17 +50,17 @@ def _known_risk_scores():
     conf += [c] * size
     pred0 += [1] * wrong + [0] * (size - wrong)
   T = len(conf)
-  conf_TN = np.stack([np.array(conf), np.full(T, 0.99)], axis=1)
-  pred_TN = np.stack([np.array(pred0), np.zeros(T, int)], axis=1)
-  return conf_TN, pred_TN, np.array([4, 12])
+  conf_ZX = np.stack([np.array(conf), np.full(T, 0.99)], axis=1)
+  pred_ZX = np.stack([np.array(pred0), np.zeros(T, int)], axis=1)
+  return conf_ZX, pred_ZX, np.array([4, 12])
 
 
 THRESHOLDS = [0.9, 0.8, 0.7, 0.6]
 
 
 def test_sweep_and_ltt_pick_known_threshold():
-  conf_TN, pred_TN, layers = _known_risk_scores()
-  sweep = cal.sweep_thresholds(conf_TN, pred_TN, layers, THRESHOLDS)
+  conf_ZX, pred_ZX, layers = _known_risk_scores()
+  sweep = cal.sweep_thresholds(conf_ZX, pred_ZX, layers, THRESHOLDS)
   np.testing.assert_allclose(sweep['risk'], [0.0, 0.005, 0.02, 0.10])
   np.testing.assert_array_equal(sweep['num_errors'], [0, 100, 400, 2000])
   # λ=0.9: 4000 tokens at layer 4, 16000 at 12 -> 10.4; λ=0.8: 6000 at 4 -> 9.6
@@ -121,7 +121,7 @@ def test_sweep_thresholds_three_token_hand_example():
                       [0, 0, 1],
                       [1, 1, 1]])
   layers = [2, 4, 6]
-  s = cal.sweep_thresholds(conf, pred, layers, [0.9, 0.8, 0.05], correct_TN=correct)
+  s = cal.sweep_thresholds(conf, pred, layers, [0.9, 0.8, 0.05], correct_ZX=correct)
   # λ=0.9: exits (0, 2, 2) -> layers 2, 6, 6; wrong: token 0 only.
   # λ=0.8: exits (0, 1, 2) -> layers 2, 4, 6; wrong: tokens 0, 1.
   # λ=0.05: exits (0, 0, 0) -> layers 2, 2, 2; all wrong.
@@ -132,26 +132,26 @@ def test_sweep_thresholds_three_token_hand_example():
   np.testing.assert_allclose(s['exit_fraction'],
                              [[1 / 3, 0, 2 / 3], [1 / 3, 1 / 3, 1 / 3], [1, 0, 0]])
   # An explicit reference (e.g. gold labels) instead of the last exit.
-  s2 = cal.sweep_thresholds(conf, pred, layers, [0.9], full_pred_T=[1, 6, 0])
+  s2 = cal.sweep_thresholds(conf, pred, layers, [0.9], full_pred_Z=[1, 6, 0])
   np.testing.assert_allclose(s2['risk'], [1 / 3])
-  with pytest.raises(ValueError, match='exit_layers_N'):
+  with pytest.raises(ValueError, match='exit_layers_X'):
     cal.sweep_thresholds(conf, pred, [2, 4], [0.9])
 
 
 def test_calibrate_reports_on_test_split_and_is_json():
-  conf_TN, pred_TN, layers = _known_risk_scores()
-  conf_TN = np.concatenate([conf_TN, conf_TN])  # 40000 tokens -> 20000 per split
-  pred_TN = np.concatenate([pred_TN, pred_TN])
-  correct = (pred_TN == 0).astype(float)
-  out = cal.calibrate(conf_TN, pred_TN, layers, THRESHOLDS, tolerance=0.01, risk_level=0.05,
-                      seed=3, correct_TN=correct)
+  conf_ZX, pred_ZX, layers = _known_risk_scores()
+  conf_ZX = np.concatenate([conf_ZX, conf_ZX])  # 40000 tokens -> 20000 per split
+  pred_ZX = np.concatenate([pred_ZX, pred_ZX])
+  correct = (pred_ZX == 0).astype(float)
+  out = cal.calibrate(conf_ZX, pred_ZX, layers, THRESHOLDS, tolerance=0.01, risk_level=0.05,
+                      seed=3, correct_ZX=correct)
   json.dumps(out, allow_nan=False)
   assert out['threshold'] == 0.8 and out['certified'] and out['mode'] == 'ltt'
   assert out['n_calib'] == out['n_test'] == 20000
   # Recompute the test split independently.
   test_idx = np.random.default_rng(3).permutation(40000)[20000:]
-  ref = cal.sweep_thresholds(conf_TN[test_idx], pred_TN[test_idx], layers, [0.8],
-                             correct_TN=correct[test_idx])
+  ref = cal.sweep_thresholds(conf_ZX[test_idx], pred_ZX[test_idx], layers, [0.8],
+                             correct_ZX=correct[test_idx])
   assert out['test']['risk'] == pytest.approx(ref['risk'][0])
   assert out['test']['mean_layers'] == pytest.approx(ref['mean_layers'][0])
   assert out['test']['accuracy'] == pytest.approx(ref['accuracy'][0])
@@ -162,16 +162,16 @@ def test_calibrate_reports_on_test_split_and_is_json():
 
 
 def test_calibrate_budget_and_full_depth_fallback():
-  conf_TN, pred_TN, layers = _known_risk_scores()
-  out = cal.calibrate(conf_TN, pred_TN, layers, THRESHOLDS, 0.01, 0.05,
+  conf_ZX, pred_ZX, layers = _known_risk_scores()
+  out = cal.calibrate(conf_ZX, pred_ZX, layers, THRESHOLDS, 0.01, 0.05,
                       budget_layers=8.0, method='binomial')
   # Only λ=0.6 (about 7.2 layers) fits a budget of 8; its risk (10%) is not certified.
   assert out['mode'] == 'budget' and out['threshold'] == 0.6 and not out['certified']
   assert out['test']['mean_layers'] < 8.0
   # Every early exit now disagrees at the most conservative threshold -> full depth.
-  worse = pred_TN.copy()
+  worse = pred_ZX.copy()
   worse[:, 0] = 1 - worse[:, 0]  # every early exit now disagrees with the full model
-  fb = cal.calibrate(conf_TN, worse, layers, THRESHOLDS, 0.01, 0.05)
+  fb = cal.calibrate(conf_ZX, worse, layers, THRESHOLDS, 0.01, 0.05)
   assert fb['threshold'] is None and fb['index'] is None and not fb['certified']
   assert fb['test'] == {'accuracy': None, 'mean_layers': 12.0, 'risk': 0.0,
                         'num_errors': 0, 'consistency': 1.0}
@@ -179,15 +179,15 @@ def test_calibrate_budget_and_full_depth_fallback():
 
 
 def test_calibrate_bad_input():
-  conf_TN, pred_TN, layers = _known_risk_scores()
+  conf_ZX, pred_ZX, layers = _known_risk_scores()
   with pytest.raises(ValueError, match='tolerance'):
-    cal.calibrate(conf_TN, pred_TN, layers, THRESHOLDS, 0.0, 0.05)
+    cal.calibrate(conf_ZX, pred_ZX, layers, THRESHOLDS, 0.0, 0.05)
   with pytest.raises(ValueError, match='risk_level'):
-    cal.calibrate(conf_TN, pred_TN, layers, THRESHOLDS, 0.01, 1.0)
+    cal.calibrate(conf_ZX, pred_ZX, layers, THRESHOLDS, 0.01, 1.0)
   with pytest.raises(ValueError, match='thresholds'):
-    cal.calibrate(conf_TN, pred_TN, layers, [], 0.01, 0.05)
+    cal.calibrate(conf_ZX, pred_ZX, layers, [], 0.01, 0.05)
   with pytest.raises(cal.InsufficientCalibrationData):
-    cal.calibrate(conf_TN[:100], pred_TN[:100], layers, THRESHOLDS, 0.01, 0.05)
+    cal.calibrate(conf_ZX[:100], pred_ZX[:100], layers, THRESHOLDS, 0.01, 0.05)
 
 
 # ---------------------------------------------------------------- accuracy-drop risk

@@ -7,8 +7,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from act_jax.data import (BOS, EOS, PAD, VOCAB_SIZE, decode, default_config, encode,
-                          make_dataset)
+from act_jax import config as config_lib
+from act_jax.data import BOS, EOS, PAD, VOCAB_SIZE, decode, encode, make_dataset
 from act_jax.data import corpus
 from act_jax.errors import ConfigError
 
@@ -18,7 +18,7 @@ SMALL = 300_000  # bytes per domain: keeps corpus loading well under a second
 def cfg(**overrides) -> ml_collections.ConfigDict:
   # built in one go so a wrongly typed value reaches validate() rather than ConfigDict's checks
   return ml_collections.ConfigDict(
-      {**default_config().to_dict(), 'seq_len': 64, 'batch_size': 8, 'max_bytes': SMALL,
+      {**config_lib.default_config().data.to_dict(), 'seq_len': 64, 'batch_size': 8, 'max_bytes': SMALL,
        **overrides})
 
 
@@ -243,8 +243,8 @@ def test_boundary_seq_lens_work():
 
 def test_hops_target_follows_the_listed_edges_k_times():
   from act_jax.data import make_dataset, decode
-  ds = make_dataset({'name': 'hops', 'seq_len': 20, 'batch_size': 64, 'num_nodes': 8,
-                     'max_hops': 6}, seed=3)
+  ds = make_dataset(config_lib.data_spec(name='hops', seq_len=20, batch_size=64, num_nodes=8,
+                                         max_hops=6), seed=3)
   b = ds.train_batch(7)
   for row, tgt, k in zip(b['inputs'], b['targets'], b['difficulty']):
     text = decode(row)

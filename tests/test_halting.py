@@ -9,23 +9,22 @@ import math
 import chex
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
+from act_jax import config as config_lib
 from act_jax.errors import ConfigError
-from act_jax.halting import (HALTING_DEFAULTS, POLICIES, exit_labels, geometric_log_prior,
-                             make_policy, mod_capacity_k, mod_decode_select,
-                             mod_predictor_loss, mod_route, validate_halting)
+from act_jax.halting import (POLICIES, exit_labels, geometric_log_prior, make_policy,
+                             mod_capacity_k, mod_decode_select, mod_predictor_loss, mod_route,
+                             validate_halting)
 from act_jax.halting.base import drive, exit_distill_kl
 
 
 # ---------------------------------------------------------------- helpers
 
-def make_cfg(**overrides) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict(dict(HALTING_DEFAULTS))
-  c.update(overrides)
-  return c
+def make_cfg(**overrides):
+  """The default config.halting with overrides, as the HaltingSpec policies take."""
+  return config_lib.halting_spec(**overrides)
 
 
 def policy_of(name: str, num_steps: int, **overrides):
@@ -144,7 +143,7 @@ def test_act_eval_threshold_and_train_uses_eps():
 
 
 def test_act_bias_must_be_negative():
-  assert HALTING_DEFAULTS['bias_init'] < 0
+  assert config_lib.default_config().halting.bias_init < 0
   policy = policy_of('act', 12)
   h0 = jnp.zeros((1, 2, 4))
   for bias, n_expected in ((0.0, 2), (-2.0, 9)):  # b=0: p=0.5 -> everything halts at step 2
@@ -484,8 +483,8 @@ def test_mod_predictor_loss_and_decode():
   np.testing.assert_allclose(mod_predictor_loss(pred, sel, w), expected, rtol=1e-6)
   np.testing.assert_array_equal(mod_decode_select(pred, jnp.asarray([[True, True, False]])),
                                 [[True, False, False]])
-  assert POLICIES['mod'].uses_mod_blocks
-  assert not any(POLICIES[n].uses_mod_blocks for n in POLICIES if n != 'mod')
+  assert POLICIES['mod'].gates_blocks
+  assert not any(POLICIES[n].gates_blocks for n in POLICIES if n != 'mod')
   policy = policy_of('mod', 2, classifier_loss_weight=2.0)
   _, extra = policy.loss_terms({'mod_pred_logit': pred[None], 'mod_selected': sel[None]},
                                jnp.zeros((1, 3), jnp.int32), w)
@@ -631,17 +630,16 @@ BAD = [
 
 
 def test_exit_aware_needs_an_early_exit_policy():
-  with pytest.raises(ConfigError, match=r"exit_aware=0\.5 needs an early-exit policy.*'act'"):
-    validate_halting(dict(HALTING_DEFAULTS, name='act', exit_aware=0.5), 4)
+  with pytest.raises(ConfigError, match=r"exit_aware=0\.5 needs a policy that supports "
+                     r"exit-aware training \(confidence, learned_exit\); halting.name='act'"):
+    validate_halting(make_cfg(name='act', exit_aware=0.5), 4)
   for name in ('confidence', 'learned_exit'):
-    validate_halting(dict(HALTING_DEFAULTS, name=name, exit_aware=0.5), 4)
+    validate_halting(make_cfg(name=name, exit_aware=0.5), 4)
 
 
 @pytest.mark.parametrize('field,value,num_steps,msg', BAD)
 def test_validate_halting_rejects(field, value, num_steps, msg):
-  cfg = dict(HALTING_DEFAULTS, name='confidence')
-  if field is not None:
-    cfg[field] = value
+  cfg = make_cfg(**{'name': 'confidence', **({} if field is None else {field: value})})
   with pytest.raises(ConfigError, match=msg.replace('.', r'\.')) as err:
     validate_halting(cfg, num_steps)
   assert isinstance(err.value, ValueError)
@@ -653,7 +651,7 @@ def test_validate_halting_accepts_defaults_and_edges():
   for name in POLICIES:
     validate_halting(make_cfg(name=name), 1)
     assert make_policy(make_cfg(name=name), 3).name == name
-  validate_halting(dict(HALTING_DEFAULTS, threshold=1.0, mod_capacity=1.0, exit_every=4), 4)
+  validate_halting(make_cfg(threshold=1.0, mod_capacity=1.0, exit_every=4), 4)
 
 
 def test_exit_distill_kl_known_answer():
@@ -677,14 +675,14 @@ def test_exit_distill_kl_known_answer():
 
 
 def test_distill_weight_adds_a_loss_term():
-  policy = make_policy(dict(HALTING_DEFAULTS, name='confidence', distill=0.5), 3)
+  policy = make_policy(make_cfg(name='confidence', distill=0.5), 3)
   z = jnp.asarray(np.random.default_rng(0).normal(size=(3, 2, 4, 7)), jnp.float32)
   targets, w = jnp.zeros((2, 4), jnp.int32), jnp.ones((2, 4))
   task, extra = policy.loss_terms({'step_logits': z}, targets, w)
   np.testing.assert_allclose(float(extra['exit_distill']),
                              0.5 * float(exit_distill_kl(z, w, (0, 1))), rtol=1e-6)
-  le = make_policy(dict(HALTING_DEFAULTS, name='learned_exit', distill=0.5), 3)
+  le = make_policy(make_cfg(name='learned_exit', distill=0.5), 3)
   aux = {'step_logits': z, 'exit_classifier_logit': jnp.zeros((3, 2, 4))}
   assert set(le.loss_terms(aux, targets, w)[1]) == {'exit_distill', 'exit_bce'}
-  assert make_policy(dict(HALTING_DEFAULTS, name='confidence'), 3).loss_terms(
+  assert make_policy(make_cfg(name='confidence'), 3).loss_terms(
       {'step_logits': z}, targets, w)[1] == {}

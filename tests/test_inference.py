@@ -212,8 +212,10 @@ def test_caps_do_not_recompile_and_bad_caps_are_refused():
 
   maxes = [int(fwd(v, tokens, inference.exit_threshold(c, 1.0, k)).max()) for k in (1, 2, 3)]
   assert maxes == [1, 2, 3] and len(traces) == 1
-  assert inference.exit_threshold(c, 0.5, None).ndim == 0
-  assert inference.exit_threshold(c, 0.5, 4).ndim == 0  # the full depth is no cap
+  # one encoded form for every operating point: a per-step vector [N]
+  np.testing.assert_array_equal(inference.exit_threshold(c, 0.5, None), [0.5] * 4)
+  np.testing.assert_array_equal(inference.exit_threshold(c, 0.5, 4), [0.5] * 4)  # no cap
+  np.testing.assert_array_equal(inference.exit_threshold(c, 0.5, 2), [0.5, -np.inf, 0.5, 0.5])
   for bad in (0, 5, 2.5, True):
     with pytest.raises(ConfigError, match='max_layers'):
       inference.exit_threshold(c, 0.5, bad)

@@ -10,10 +10,10 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
+from act_jax import config as config_lib
 from act_jax.errors import ConfigError
 from act_jax.layers.mlp import GatedMLP
 from act_jax.moe import ROUTERS, MoEFFN, capacity, update_bias, validate_moe
@@ -33,7 +33,8 @@ LOGITS_TOP1 = jnp.array([[[2., 0.], [0., 1.], [3., 0.], [1., 0.]]])  # [G=1, S=4
 
 
 def _cfg(**kw):
-  return ml_collections.ConfigDict(kw)
+  """A MoESpec: config.default_config().moe with router top_k and the given fields."""
+  return config_lib.moe_spec(**{'router': 'top_k', **kw})
 
 
 # ----------------------------------------------------------------------------- routing
@@ -272,9 +273,9 @@ def test_soft_moe_weights():
   logits = jax.random.normal(jax.random.key(7), (1, 5, 6))
   run = jnp.array([[True, True, False, True, True]])
   plan = soft_route(logits, 3, run)
-  np.testing.assert_allclose(jnp.sum(plan.dispatch_GSN, axis=1), 1.0, atol=1e-6)
-  np.testing.assert_allclose(jnp.sum(plan.combine_GSN, axis=2)[0], [1, 1, 0, 1, 1], atol=1e-6)
-  assert float(jnp.abs(plan.dispatch_GSN[0, 2]).max()) == 0.0
+  np.testing.assert_allclose(jnp.sum(plan.dispatch_GSP, axis=1), 1.0, atol=1e-6)
+  np.testing.assert_allclose(jnp.sum(plan.combine_GSP, axis=2)[0], [1, 1, 0, 1, 1], atol=1e-6)
+  assert float(jnp.abs(plan.dispatch_GSP[0, 2]).max()) == 0.0
 
 
 # ----------------------------------------------------------------------------- balancing
@@ -335,8 +336,7 @@ def test_bias_variable_collection():
     (dict(num_slots=0), False, 1, 'moe.num_slots'),
 ])
 def test_validate_moe_rejects(overrides, causal, mesh_expert, field):
-  cfg = _cfg(router='top_k', num_experts=8, top_k=2)
-  cfg.update(overrides)
+  cfg = _cfg(**{'router': 'top_k', 'num_experts': 8, 'top_k': 2, **overrides})
   with pytest.raises(ConfigError, match=field.replace('.', r'\.')):
     validate_moe(cfg, d_model=16, causal=causal, mesh_expert=mesh_expert)
 

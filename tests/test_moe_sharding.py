@@ -10,11 +10,11 @@ os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'  # before j
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import time
 from jax.sharding import PartitionSpec as P
 
+from act_jax import config as config_lib
 from act_jax import sharding
 from act_jax.moe import MoEFFN
 
@@ -29,7 +29,7 @@ CASES = [dict(router='top_k', shared_experts=1, priority='probability'),
          dict(router='expert_choice'),
          dict(router='soft', num_slots=2)]
 for case in CASES:
-  cfg = ml_collections.ConfigDict(dict(num_experts=E, top_k=2, capacity_factor=1.0, **case))
+  cfg = config_lib.moe_spec(**dict(num_experts=E, top_k=2, capacity_factor=1.0, **case))
   m = MoEFFN(cfg, d_model=D, d_ff=F, causal=False)
   boxed = jax.jit(m.init)(jax.random.key(3), x, run)['params']
   params = nn.meta.unbox(boxed)

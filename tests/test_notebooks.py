@@ -67,4 +67,5 @@ def test_compare_variants_runs(tmp_path):
 
 def test_calibrate_and_decode_runs(tmp_path):
   text = _outputs_text(_execute('03_calibrate_and_decode.ipynb', tmp_path))
-  assert 'chosen threshold' in text and 'mean layers over generated tokens' in text
+  assert 'operating point OperatingPoint(threshold=' in text
+  assert 'mean layers over generated tokens' in text

@@ -109,7 +109,10 @@ def test_benchmark_table(run):
 
 def test_evaluate_run_reports_each_threshold(run):
   rows = operating_point.evaluate_run(run, [None, 0.5], num_batches=2, log=lambda s: None)
-  assert [r['threshold'] for r in rows] == [None, 0.5]
+  # None: the run's operating point (its calibration.json if an earlier test wrote one)
+  want, _ = operating_point.run_operating_point(run, inference.read_config(run))
+  assert [(r['threshold'], r['max_layers']) for r in rows] == [
+      (want.threshold, want.max_layers), (0.5, None)]
   assert all('code/layers_mean' in r and 1.0 <= r['layers_mean'] <= 4.0 for r in rows)
 
 

@@ -1,8 +1,9 @@
 """Data for act_jax: a byte-level vocabulary, an embedded text corpus, and synthetic tasks.
 
-make_dataset(data_cfg, seed) validates the config (raising ConfigError naming the field),
-then returns a Dataset whose train_batch(step) is a pure function of (seed, step) and
-whose eval_batches(n) is a fixed held-out set. Datasets:
+make_dataset(data_spec, seed) validates the data spec (spec.data, or a mapping with every
+config.data field; ConfigError naming the field), then returns a Dataset whose
+train_batch(step) is a pure function of (seed, step) and whose eval_batches(n) is a fixed
+held-out set. Datasets:
   stdlib    causal LM on the running interpreter's stdlib source ('code') and docs ('prose')
   files     causal LM on files matching data.files ('.py' -> code, others -> prose)
   parity    ACT parity task, difficulty = number of bits (works for bidirectional models)
@@ -13,45 +14,37 @@ Everything is numpy; device placement and sharding happen in the trainer.
 from __future__ import annotations
 
 import math
-from typing import Any
+import dataclasses
+from typing import Any, Mapping
 
-import ml_collections
 import numpy as np
 
 from act_jax.data.corpus import (BOS, EOS, PAD, SEP, VOCAB_SIZE, Dataset, TextDataset,
                                  build_splits, decode, encode, file_documents, stdlib_corpus)
 from act_jax.data.synthetic import AdditionDataset, HopsDataset, ParityDataset
 from act_jax.errors import ConfigError
+from act_jax.spec import DataSpec
 
-__all__ = ['BOS', 'EOS', 'PAD', 'SEP', 'VOCAB_SIZE', 'DEFAULTS', 'Dataset', 'decode',
-           'default_config', 'encode', 'make_dataset', 'validate', 'KNOWN_NAMES', 'CAUSAL_ONLY']
+__all__ = ['BOS', 'EOS', 'PAD', 'SEP', 'VOCAB_SIZE', 'Dataset', 'DataSpec', 'decode', 'encode',
+           'make_dataset', 'validate', 'KNOWN_NAMES', 'CAUSAL_ONLY']
 
 KNOWN_NAMES = ('stdlib', 'files', 'parity', 'addition', 'hops')
 # Tasks whose targets are only valid for a causal model (teacher forcing / next token).
 CAUSAL_ONLY = ('stdlib', 'files', 'addition')
 
-DEFAULTS: dict[str, Any] = {
-    'name': 'stdlib',
-    'files': '',
-    'seq_len': 128,
-    'batch_size': 16,
-    'heldout_fraction': 0.1,
-    'max_bytes': 4_000_000,  # per domain: keeps start-up to a second or two
-    'code_fraction': 0.5,
-    'num_bits': 16,
-    'max_digits': 6,
-    'num_nodes': 8,
-    'max_hops': 6,
-}
-
-
-def default_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(DEFAULTS))
-
-
-def _get(cfg: Any, key: str) -> Any:
-  # Missing fields fall back to DEFAULTS so partial configs (tests, notebooks) work.
-  return cfg.get(key, DEFAULTS[key])
+def as_data_spec(data_cfg: DataSpec | Mapping[str, Any]) -> DataSpec:
+  """A DataSpec as it is; a complete mapping of the config.data fields (e.g. a config's
+  data section) as a DataSpec. A missing or unknown field is a ConfigError naming it."""
+  if isinstance(data_cfg, DataSpec):
+    return data_cfg
+  values = dict(data_cfg.items())
+  names = [f.name for f in dataclasses.fields(DataSpec)]
+  unknown = sorted(set(values) - set(names))
+  missing = [n for n in names if n not in values]
+  if unknown or missing:
+    raise ConfigError(f'data: unknown field(s) {unknown}, missing field(s) {missing}; the fields '
+                      f'are {", ".join(names)} (config.default_config().data has them all)')
+  return DataSpec(**values)
 
 
 def _is_int(v: Any) -> bool:
@@ -63,34 +56,35 @@ def _is_real(v: Any) -> bool:
           and not isinstance(v, (bool, np.bool_)) and math.isfinite(v))
 
 
-def validate(data_cfg: Any) -> None:
+def validate(data_cfg: DataSpec | Mapping[str, Any]) -> None:
   """Raises ConfigError naming the first bad field of data_cfg; returns None when valid."""
-  name = _get(data_cfg, 'name')
+  data_cfg = as_data_spec(data_cfg)
+  name = data_cfg.name
   if name not in KNOWN_NAMES:
     raise ConfigError(f'data.name={name!r}: unknown; known: {", ".join(KNOWN_NAMES)}')
   for key in ('seq_len', 'batch_size', 'max_bytes', 'num_bits', 'max_digits', 'num_nodes',
               'max_hops'):
-    v = _get(data_cfg, key)
+    v = getattr(data_cfg, key)
     if not _is_int(v) or v < 1:
       raise ConfigError(f'data.{key}={v!r}: must be a positive integer')
-  v = _get(data_cfg, 'heldout_fraction')
+  v = data_cfg.heldout_fraction
   if not _is_real(v) or not 0 < v < 1:
     raise ConfigError(f'data.heldout_fraction={v!r}: must be a number in (0, 1)')
-  v = _get(data_cfg, 'code_fraction')
+  v = data_cfg.code_fraction
   if not _is_real(v) or not 0 <= v <= 1:
     raise ConfigError(f'data.code_fraction={v!r}: must be a number in [0, 1]')
-  seq_len = _get(data_cfg, 'seq_len')
+  seq_len = data_cfg.seq_len
   if name == 'files':
-    v = _get(data_cfg, 'files')
+    v = data_cfg.files
     if not isinstance(v, str) or not v:
       raise ConfigError(f'data.files={v!r}: must be a non-empty glob when data.name=files')
   elif name == 'parity':
-    bits = _get(data_cfg, 'num_bits')
+    bits = data_cfg.num_bits
     if seq_len < bits + 2:  # BOS + bits + '='
       raise ConfigError(f'data.seq_len={seq_len}: parity with data.num_bits={bits} needs '
                         f'seq_len >= num_bits + 2 = {bits + 2}')
   elif name == 'hops':
-    nodes, hops = _get(data_cfg, 'num_nodes'), _get(data_cfg, 'max_hops')
+    nodes, hops = data_cfg.num_nodes, data_cfg.max_hops
     if nodes > 26:
       raise ConfigError(f'data.num_nodes={nodes}: must be at most 26 (letters a-z)')
     if hops > 9:
@@ -99,7 +93,7 @@ def validate(data_cfg: Any) -> None:
       raise ConfigError(f'data.seq_len={seq_len}: hops with data.num_nodes={nodes} needs '
                         f'seq_len >= 2 * num_nodes + 4 = {2 * nodes + 4}')
   elif name == 'addition':
-    digits = _get(data_cfg, 'max_digits')
+    digits = data_cfg.max_digits
     if digits > 18:  # operands are drawn as int64
       raise ConfigError(f'data.max_digits={digits}: must be at most 18')
     if seq_len < 3 * digits + 4:  # BOS a + b = (digits+1) EOS, minus the shift
@@ -107,30 +101,32 @@ def validate(data_cfg: Any) -> None:
                         f'needs seq_len >= 3 * max_digits + 4 = {3 * digits + 4}')
 
 
-def make_dataset(data_cfg: Any, seed: int) -> Dataset:
-  """Validates data_cfg (a ConfigDict or dict with the DEFAULTS fields) and builds the Dataset."""
+def make_dataset(data_cfg: DataSpec | Mapping[str, Any], seed: int) -> Dataset:
+  """Validates data_cfg (spec.data, or a mapping with every config.data field) and builds
+  the Dataset."""
+  data_cfg = as_data_spec(data_cfg)
   validate(data_cfg)
-  name = _get(data_cfg, 'name')
-  seq_len, batch_size = int(_get(data_cfg, 'seq_len')), int(_get(data_cfg, 'batch_size'))
+  name = data_cfg.name
+  seq_len, batch_size = int(data_cfg.seq_len), int(data_cfg.batch_size)
   if not _is_int(seed) or seed < 0:  # numpy's SeedSequence rejects negative entropy
     raise ConfigError(f'seed={seed!r}: must be a non-negative integer')
   seed = int(seed)
   if name == 'parity':
-    return ParityDataset(int(_get(data_cfg, 'num_bits')), seq_len, batch_size, seed)
+    return ParityDataset(int(data_cfg.num_bits), seq_len, batch_size, seed)
   if name == 'hops':
-    return HopsDataset(int(_get(data_cfg, 'num_nodes')), int(_get(data_cfg, 'max_hops')),
+    return HopsDataset(int(data_cfg.num_nodes), int(data_cfg.max_hops),
                        seq_len, batch_size, seed)
   if name == 'addition':
-    return AdditionDataset(int(_get(data_cfg, 'max_digits')), seq_len, batch_size, seed)
-  max_bytes = int(_get(data_cfg, 'max_bytes'))
-  heldout = float(_get(data_cfg, 'heldout_fraction'))
+    return AdditionDataset(int(data_cfg.max_digits), seq_len, batch_size, seed)
+  max_bytes = int(data_cfg.max_bytes)
+  heldout = float(data_cfg.heldout_fraction)
   if name == 'stdlib':
     splits = stdlib_corpus(max_bytes, heldout)
   else:
-    pattern = _get(data_cfg, 'files')
+    pattern = data_cfg.files
     docs = file_documents(pattern, max_bytes)
     if not docs:
       raise ConfigError(f'data.files={pattern!r}: the glob matches no non-empty files')
     splits = build_splits(docs, heldout)
   return TextDataset(name, splits, seq_len, batch_size,
-                     float(_get(data_cfg, 'code_fraction')), seed)
+                     float(data_cfg.code_fraction), seed)

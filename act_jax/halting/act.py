@@ -1,7 +1,7 @@
 """Adaptive Computation Time (Graves 2016, "Adaptive Computation Time for Recurrent Neural
 Networks"), applied over depth as in the Universal Transformer (Dehghani et al. 2019).
 
-Dims: B batch, L length, D d_model, V vocab, N depth steps.
+Dims (legend: act_jax/__init__.py): B batch, L length, D d_model, V vocab, N depth steps.
 
 Per token t and step n (1-based in the formulas, 0-based in code):
     p_t^n = σ(halt_logit_t^n)                           halting unit on the new state h_t^n
@@ -25,25 +25,28 @@ Notes.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 
-from act_jax.halting.base import (HaltingPolicy, State, StepOut, cfg_get, masked_mean,
-                                  pool_mean_over_row, record_exit)
+from act_jax.halting.base import (HaltingPolicy, State, StepOut, masked_mean,
+                                  pool_mean_over_row, record_exit, register)
+from act_jax.spec import HaltingSpec
 
 
+@register
 class ACT(HaltingPolicy):
   """ACT over depth; the output is Σ_n w^n h^n and the loss adds τ·mean(N + R)."""
 
   name = 'act'
   needs_halt_unit = True
+  can_exit = True
 
-  def __init__(self, cfg: Any, num_steps: int):
+  def __init__(self, cfg: HaltingSpec, num_steps: int):
     super().__init__(cfg, num_steps)
-    self.eps = float(cfg_get(cfg, 'eps'))
-    self.ponder_cost = float(cfg_get(cfg, 'ponder_cost'))
+    self.eps = float(cfg.eps)
+    self.ponder_cost = float(cfg.ponder_cost)
 
   def default_threshold(self) -> float:
     return 1.0 - self.eps

@@ -1,6 +1,7 @@
 """The halting-policy interface, shared helpers and a reference driver of the model's depth loop.
 
-Dims: B batch, L length, D d_model, V vocab, N depth steps (scan steps).
+Dims (legend: act_jax/__init__.py): B batch, L length, D d_model, V vocab, N depth steps,
+X exit steps (a subset of N).
 
 A halting policy is a set of PURE functions: the model owns every parameter (the halting unit,
 the shared LM head, the exit classifier) and hands the policy the resulting signals each step.
@@ -18,73 +19,78 @@ The model's loop, which `drive` below reproduces for tests, is
 
 Contract: a policy never changes its state for tokens whose `running_BL` is False; at the last
 step (i == N-1) every token stops; `i` and `threshold` are traced (no recompiles when the
-threshold changes); `train` is static.
+threshold changes); `train` is static. `threshold` is step i's value, a scalar or [B,1] per
+row (spec.threshold_at of the model's per-step form).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Callable, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from act_jax.spec import HaltingSpec, threshold_at, threshold_per_step
+
 State = dict[str, jax.Array]
 StepOut = dict[str, jax.Array]
 Aux = dict[str, jax.Array]
 
-# The defaults the lead's config.halting uses; read as a fallback when a field is missing.
-HALTING_DEFAULTS: dict[str, Any] = {
-    'name': 'none',
-    'threshold': 0.9,
-    'eps': 0.01,
-    'bias_init': -2.0,  # negative: with b >= 0 ACT halts every token after ~2 steps at init
-    'ponder_cost': 0.01,
-    'beta': 0.01,
-    'lambda_p': 0.2,
-    'exit_every': 1,
-    'exit_weights': 'linear',
-    'criterion': 'softmax',
-    'per_sequence': False,
-    'mod_capacity': 0.5,
-    'classifier_loss_weight': 1.0,
-    'sample': False,
-    'exit_aware': 0.0,
-    'distill': 0.0,
-}
+POLICIES: dict[str, type['HaltingPolicy']] = {}  # the registry: name -> policy class
 
 
-def cfg_get(cfg: Any, key: str) -> Any:
-  """Field `key` of a ConfigDict / dict / attribute object, else the library default."""
-  if cfg is None:
-    return HALTING_DEFAULTS[key]
-  if isinstance(cfg, Mapping) or hasattr(cfg, 'get'):
-    try:
-      value = cfg.get(key, None)
-    except TypeError:  # an object whose .get has another signature
-      value = getattr(cfg, key, None)
-  else:
-    value = getattr(cfg, key, None)
-  return HALTING_DEFAULTS[key] if value is None else value
-
+def register(cls: type['HaltingPolicy']) -> type['HaltingPolicy']:
+  """Class decorator: adds a policy to POLICIES under cls.name (the registry line)."""
+  if not isinstance(cls, type) or not issubclass(cls, HaltingPolicy) or not cls.name:
+    raise TypeError(f'{cls!r}: must be a HaltingPolicy subclass with a non-empty name')
+  POLICIES[cls.name] = cls
+  return cls
 
 class HaltingPolicy:
-  """Base class: one subclass per policy file, registered by `name` in halting.POLICIES."""
+  """Base class: one subclass per policy file, registered by `name` in halting.POLICIES.
+
+  What a policy can do is said by its class attributes (capabilities), never by its name:
+  the model computes only the signals it asks for, and inference, calibration and the
+  binaries check these flags."""
 
   name: ClassVar[str] = ''
-  needs_halt_unit: ClassVar[bool] = False  # signals['halt_logit'] f32 [B,L] each step
+  # signals the model computes each step
+  needs_halt_unit: ClassVar[bool] = False  # signals['halt_logit'] f32 [B,L]
   needs_exit_logits: ClassVar[bool] = False  # signals['exit_logits'] [B,L,V]; aux['step_logits']
   needs_exit_classifier: ClassVar[bool] = False  # signals['exit_classifier_logit'] f32 [B,L]
-  uses_mod_blocks: ClassVar[bool] = False  # the model routes tokens with halting.mod
+  # what it does with them
+  can_exit: ClassVar[bool] = False  # tokens stop at a threshold-dependent step in inference
+  can_cap_depth: ClassVar[bool] = False  # accepts a max-layers cap (-inf threshold at a step)
+  output_is_exit_head: ClassVar[bool] = False  # logits = the exit head's at the exit step
+  supports_exit_aware: ClassVar[bool] = False  # halting.exit_aware applies (state['met'])
+  gates_blocks: ClassVar[bool] = False  # the model routes tokens per block (mixture-of-depths)
 
-  def __init__(self, cfg: Any, num_steps: int):
+  def __init__(self, cfg: HaltingSpec, num_steps: int):
     self.cfg = cfg
     self.num_steps = int(num_steps)
-    self.per_sequence = bool(cfg_get(cfg, 'per_sequence'))
+    self.per_sequence = bool(cfg.per_sequence)
+
+  # Equal (and hashing alike) when built from the same spec: a policy is part of the
+  # hashable Spec, a jit static argument.
+  def __eq__(self, other: object) -> bool:
+    return type(self) is type(other) and (self.cfg, self.num_steps) == (other.cfg,
+                                                                      other.num_steps)
+
+  def __hash__(self) -> int:
+    return hash((type(self).__name__, self.cfg, self.num_steps))
+
+  def __repr__(self) -> str:
+    return f'{type(self).__name__}(num_steps={self.num_steps})'
+
+  @property
+  def needs_uniform(self) -> bool:
+    """signals['uniform'] ~ U[0, 1) [B,L] in inference (sampled halting)."""
+    return False
 
   # ---- static description ----
   def default_threshold(self) -> float:
-    return float(cfg_get(self.cfg, 'threshold'))
+    return float(self.cfg.threshold)
 
   def exit_steps(self) -> tuple[int, ...]:
     return tuple(range(self.num_steps))
@@ -183,9 +189,9 @@ def exit_distill_kl(step_logits_NBLV: jax.Array, weights_BL: jax.Array,
     return jnp.zeros((), jnp.float32)
   logits = step_logits_NBLV.astype(jnp.float32)
   logp_last = jax.lax.stop_gradient(jax.nn.log_softmax(logits[-1], -1))
-  logp_KBLV = jax.nn.log_softmax(logits[np.asarray(steps)], -1)
-  kl_KBL = (jnp.exp(logp_last) * (logp_last - logp_KBLV)).sum(-1)
-  return jnp.mean(jnp.stack([masked_mean(k, weights_BL) for k in kl_KBL]))
+  logp_XBLV = jax.nn.log_softmax(logits[np.asarray(steps)], -1)
+  kl_XBL = (jnp.exp(logp_last) * (logp_last - logp_XBLV)).sum(-1)
+  return jnp.mean(jnp.stack([masked_mean(k, weights_BL) for k in kl_XBL]))
 
 
 # ---------------------------------------------------------------- reference driver
@@ -207,7 +213,7 @@ def drive(policy: HaltingPolicy, h0_BLD: jax.Array, block_fn: BlockFn, signal_fn
   """
   B, L = h0_BLD.shape[:2]
   thr = policy.default_threshold() if threshold is None else threshold
-  thr = jnp.asarray(thr, jnp.float32)
+  thr_N = threshold_per_step(thr, policy.num_steps)
   run0_BL = jnp.ones((B, L), bool) if running_BL is None else jnp.asarray(running_BL, bool)
 
   def body(carry, i):
@@ -215,7 +221,8 @@ def drive(policy: HaltingPolicy, h0_BLD: jax.Array, block_fn: BlockFn, signal_fn
     h_new = block_fn(h_prev, i)
     h_new = jnp.where(running[..., None], h_new, h_prev)  # freeze stopped tokens
     signals = signal_fn(h_new, i)
-    state, run_next, out = policy.step(state, h_prev, h_new, signals, i, thr, running, train)
+    state, run_next, out = policy.step(state, h_prev, h_new, signals, i,
+                                       threshold_at(thr_N, i), running, train)
     layers = layers + running.astype(jnp.int32)
     logits = signals.get('exit_logits') if policy.needs_exit_logits else None
     return (state, h_new, running & run_next, layers), (out, logits)
@@ -239,20 +246,24 @@ class EarlyExitPolicy(HaltingPolicy):
 
   Subclasses define `score_key` and `score(...) -> (score_BL f32, extra step outputs)`.
   halting.distill > 0 adds distill · exit_distill_kl (exits imitate full depth).
-  The threshold is a scalar, a per-row [B,1] array (exit-aware training) or a per-step [N]
-  vector (inference.exit_threshold: a max-layers cap is -inf at the cap step).
+  Step i's threshold is a scalar or [B,1] per row (exit-aware training); a max-layers cap is
+  -inf at the cap step (spec.OperatingPoint.vector).
   aux: 'exit_step', 'criterion_step' (first exit step meeting the criterion, else N−1; in
   training, where every step runs, this is the depth the token WOULD have used), score_key [N,B,L].
   """
 
   needs_exit_logits = True  # the weighted per-exit CE needs every step's logits
+  can_exit = True
+  can_cap_depth = True
+  output_is_exit_head = True
+  supports_exit_aware = True
   score_key: ClassVar[str] = 'score'
 
-  def __init__(self, cfg: Any, num_steps: int):
+  def __init__(self, cfg: HaltingSpec, num_steps: int):
     super().__init__(cfg, num_steps)
-    self.exit_every = int(cfg_get(cfg, 'exit_every'))
-    self.exit_weights = str(cfg_get(cfg, 'exit_weights'))
-    self.distill = float(cfg_get(cfg, 'distill'))
+    self.exit_every = int(cfg.exit_every)
+    self.exit_weights = str(cfg.exit_weights)
+    self.distill = float(cfg.distill)
 
   def exit_steps(self) -> tuple[int, ...]:
     """0-based steps i with (i+1) % exit_every == 0, plus the last step (always an exit)."""
@@ -281,8 +292,6 @@ class EarlyExitPolicy(HaltingPolicy):
     if self.per_sequence:
       score_BL = pool_min_over_row(score_BL, running_BL)
     threshold = jnp.asarray(threshold, jnp.float32)
-    if threshold.ndim == 1:  # one threshold per step [N] (e.g. -inf at a max-layers cap)
-      threshold = threshold[i]
     crit_BL = self.exit_mask_N()[i] & (score_BL >= threshold)
     last = self.is_last(i)
     if train:

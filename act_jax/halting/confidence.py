@@ -1,7 +1,7 @@
 """Confident Adaptive Language Modeling, CALM (Schuster et al. 2022): early exit from the
 depth loop when an intermediate prediction is confident enough.
 
-Dims: B batch, L length, D d_model, V vocab, N depth steps.
+Dims (legend: act_jax/__init__.py): B batch, L length, D d_model, V vocab, N depth steps.
 
 Exit heads: the model applies the SHARED LM head (after the final norm) to the state after step
 l, for l in the exit set E = {l : (l+1) % exit_every == 0} ∪ {N−1} (0-based; the last step is
@@ -18,13 +18,14 @@ confidence over its running tokens passes the threshold (every token must be sur
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 
 from act_jax.errors import ConfigError
-from act_jax.halting.base import EarlyExitPolicy, StepOut, cfg_get
+from act_jax.halting.base import EarlyExitPolicy, StepOut, register
+from act_jax.spec import HaltingSpec
 
 CRITERIA = ('softmax', 'margin', 'saturation')
 
@@ -50,15 +51,16 @@ def saturation_confidence(h_prev_BLD: jax.Array, h_new_BLD: jax.Array) -> jax.Ar
   return num / jnp.maximum(den, 1e-12)
 
 
+@register
 class ConfidenceExit(EarlyExitPolicy):
   """CALM early exit by softmax / margin / saturation confidence."""
 
   name = 'confidence'
   score_key = 'confidence'
 
-  def __init__(self, cfg: Any, num_steps: int):
+  def __init__(self, cfg: HaltingSpec, num_steps: int):
     super().__init__(cfg, num_steps)
-    self.criterion = str(cfg_get(cfg, 'criterion'))
+    self.criterion = str(cfg.criterion)
     if self.criterion not in CRITERIA:
       raise ConfigError(f'halting.criterion={self.criterion!r}; known: {", ".join(CRITERIA)}')
 

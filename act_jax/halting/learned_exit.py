@@ -1,7 +1,7 @@
 """Learned early exit: a per-step exit classifier decides when a token's prediction is final
 (the "meta" classifier of CALM, Schuster et al. 2022, §4; cf. BERxiT / PABEE-style exits).
 
-Dims: B batch, L length, D d_model, V vocab, N depth steps.
+Dims (legend: act_jax/__init__.py): B batch, L length, D d_model, V vocab, N depth steps.
 
 The model computes c_t^l = classifier(stop_gradient(h_t^l)) (so the classifier never shapes the
 states) and supplies it as signals['exit_classifier_logit'] [B,L]. With ŷ_l the exit-head
@@ -16,14 +16,15 @@ per_sequence=True: a row exits when the MIN exit probability over its running to
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from act_jax.halting.base import EarlyExitPolicy, StepOut, cfg_get, masked_mean
+from act_jax.halting.base import EarlyExitPolicy, StepOut, masked_mean, register
+from act_jax.spec import HaltingSpec
 
 
 def exit_labels(step_logits_NBLV: jax.Array) -> jax.Array:
@@ -32,6 +33,7 @@ def exit_labels(step_logits_NBLV: jax.Array) -> jax.Array:
   return pred_NBL == pred_NBL[-1:]
 
 
+@register
 class LearnedExit(EarlyExitPolicy):
   """Early exit when the learned classifier's σ(c) ≥ threshold."""
 
@@ -39,9 +41,9 @@ class LearnedExit(EarlyExitPolicy):
   score_key = 'exit_prob'
   needs_exit_classifier = True
 
-  def __init__(self, cfg: Any, num_steps: int):
+  def __init__(self, cfg: HaltingSpec, num_steps: int):
     super().__init__(cfg, num_steps)
-    self.classifier_loss_weight = float(cfg_get(cfg, 'classifier_loss_weight'))
+    self.classifier_loss_weight = float(cfg.classifier_loss_weight)
 
   def score(self, h_prev_BLD: jax.Array, h_new_BLD: jax.Array,
             signals: Mapping[str, jax.Array]) -> tuple[jax.Array, StepOut]:
@@ -54,9 +56,9 @@ class LearnedExit(EarlyExitPolicy):
     steps = np.asarray([s for s in self.exit_steps() if s != self.num_steps - 1], np.int32)
     if steps.size == 0:
       return task, {**extra, 'exit_bce': jnp.zeros((), jnp.float32)}
-    labels_KBL = exit_labels(aux['step_logits'])[steps].astype(jnp.float32)
-    logits_KBL = aux['exit_classifier_logit'][steps].astype(jnp.float32)
-    bce_KBL = optax.sigmoid_binary_cross_entropy(logits_KBL, labels_KBL)
-    w_KBL = jnp.broadcast_to(weights_BL, bce_KBL.shape)
+    labels_XBL = exit_labels(aux['step_logits'])[steps].astype(jnp.float32)
+    logits_XBL = aux['exit_classifier_logit'][steps].astype(jnp.float32)
+    bce_XBL = optax.sigmoid_binary_cross_entropy(logits_XBL, labels_XBL)
+    w_XBL = jnp.broadcast_to(weights_BL, bce_XBL.shape)
     return task, {**extra,
-                  'exit_bce': self.classifier_loss_weight * masked_mean(bce_KBL, w_KBL)}
+                  'exit_bce': self.classifier_loss_weight * masked_mean(bce_XBL, w_XBL)}

@@ -1,7 +1,7 @@
 """Mixture-of-Depths routing (Raposo et al. 2024, "Mixture-of-Depths: Dynamically allocating
 compute in transformer-based language models") as pure functions for the model's block.
 
-Dims: B batch, L length, D d_model, V vocab, N depth steps.
+Dims (legend: act_jax/__init__.py): B batch, L length, D d_model, V vocab, N depth steps.
 
 Per block a router scores each token, r_t = w·h_t (the model computes router_logit_BL). The k
 highest-scoring running tokens of each sequence go through the block, the others pass by the
@@ -26,14 +26,15 @@ blocks, not by stopping the loop.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from act_jax.halting.base import cfg_get, masked_mean
+from act_jax.halting.base import masked_mean, register
 from act_jax.halting.none import NoHalting
+from act_jax.spec import HaltingSpec
 
 
 def mod_capacity_k(n_running_B: jax.Array, capacity: float) -> jax.Array:
@@ -75,6 +76,7 @@ def mod_decode_select(pred_logit_BL: jax.Array, running_BL: jax.Array) -> jax.Ar
   return jnp.asarray(running_BL, bool) & (pred_logit_BL >= 0.0)
 
 
+@register
 class MoDPolicy(NoHalting):
   """Mixture-of-Depths: the loop runs every step; routing happens inside the model's blocks.
 
@@ -83,12 +85,12 @@ class MoDPolicy(NoHalting):
   """
 
   name = 'mod'
-  uses_mod_blocks = True
+  gates_blocks = True
 
-  def __init__(self, cfg: Any, num_steps: int):
+  def __init__(self, cfg: HaltingSpec, num_steps: int):
     super().__init__(cfg, num_steps)
-    self.capacity = float(cfg_get(cfg, 'mod_capacity'))
-    self.predictor_weight = float(cfg_get(cfg, 'classifier_loss_weight'))
+    self.capacity = float(cfg.mod_capacity)
+    self.predictor_weight = float(cfg.classifier_loss_weight)
 
   def loss_terms(self, aux: Mapping[str, jax.Array], targets_BL: jax.Array,
                  weights_BL: jax.Array) -> tuple[jax.Array | None, dict[str, jax.Array]]:

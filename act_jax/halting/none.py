@@ -1,6 +1,6 @@
 """`none`: a fixed-depth loop, every token runs all N steps (the baseline without halting).
 
-Dims: B batch, L length, D d_model, V vocab, N depth steps.
+Dims (legend: act_jax/__init__.py): B batch, L length, D d_model, V vocab, N depth steps.
 
 running^n = 1 for n < N-1 and 0 after the last step; the output is the last state h^{N-1}.
 (Tokens the model starts as not running, e.g. padding, stay frozen at their input.)
@@ -11,9 +11,10 @@ from typing import Mapping
 
 import jax
 
-from act_jax.halting.base import HaltingPolicy, State, StepOut, record_exit
+from act_jax.halting.base import HaltingPolicy, State, StepOut, record_exit, register
 
 
+@register
 class NoHalting(HaltingPolicy):
   """Runs every step; only stops at the last one."""
 

@@ -1,7 +1,7 @@
 """PonderNet (Banino et al. 2021, "PonderNet: Learning to Ponder"): a probabilistic halting
 distribution over depth, trained by its expected loss plus a KL to a geometric prior.
 
-Dims: B batch, L length, D d_model, V vocab, N depth steps.
+Dims (legend: act_jax/__init__.py): B batch, L length, D d_model, V vocab, N depth steps.
 
 With λ_n = σ(halt_logit_n) the conditional probability of halting at step n (1-based):
     p_n     = λ_n Π_{j<n} (1 − λ_j)            for n < N_max
@@ -23,14 +23,15 @@ per_sequence=True: λ_n is the mean of λ over the row's running tokens, so a ro
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from act_jax.halting.base import (HaltingPolicy, State, StepOut, cfg_get, masked_mean,
-                                  per_step_ce, pool_mean_over_row, record_exit)
+from act_jax.halting.base import (HaltingPolicy, State, StepOut, masked_mean, per_step_ce,
+                                  pool_mean_over_row, record_exit, register)
+from act_jax.spec import HaltingSpec
 
 _TINY = 1e-30
 
@@ -50,19 +51,25 @@ def kl_to_prior(p_NBL: jax.Array, log_p_NBL: jax.Array, log_prior_N: jax.Array) 
   return terms_NBL.sum(0)
 
 
+@register
 class PonderNet(HaltingPolicy):
   """PonderNet halting distribution; loss = Σ p_n L_n + β KL(p ‖ p_G)."""
 
   name = 'pondernet'
   needs_halt_unit = True
   needs_exit_logits = True  # the expected loss Σ p_n L_n needs every step's logits
+  can_exit = True
 
-  def __init__(self, cfg: Any, num_steps: int):
+  def __init__(self, cfg: HaltingSpec, num_steps: int):
     super().__init__(cfg, num_steps)
-    self.beta = float(cfg_get(cfg, 'beta'))
-    self.lambda_p = float(cfg_get(cfg, 'lambda_p'))
-    self.sample = bool(cfg_get(cfg, 'sample'))
+    self.beta = float(cfg.beta)
+    self.lambda_p = float(cfg.lambda_p)
+    self.sample = bool(cfg.sample)
     self.log_prior_N = geometric_log_prior(self.lambda_p, self.num_steps)
+
+  @property
+  def needs_uniform(self) -> bool:
+    return self.sample
 
   def init(self, h_BLD: jax.Array) -> State:
     B, L = h_BLD.shape[:2]

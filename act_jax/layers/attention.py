@@ -6,7 +6,8 @@ Causal attention masks key positions > query position; bidirectional (encoder) a
 all valid keys. The KV cache is an explicit array pair (not a hidden collection) so that
 early-exit decoding can write the entries of skipped layers itself (inference.py).
 
-Dims: B batch, L query length, T key length (cache size), H heads, K head dim, D d_model.
+Dims (legend: act_jax/__init__.py): B batch, L query length, T key length (cache size),
+H heads, J head dim, D d_model.
 """
 from __future__ import annotations
 
@@ -16,21 +17,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Cache = dict  # {'k': [B,T,H,K], 'v': [B,T,H,K]}
+Cache = dict  # {'k': [B,T,H,J], 'v': [B,T,H,J]}
 
 
-def apply_rope(x_BLHK: jax.Array, positions_BL: jax.Array, base: float = 10000.0) -> jax.Array:
-  k = x_BLHK.shape[-1]
+def apply_rope(x_BLHJ: jax.Array, positions_BL: jax.Array, base: float = 10000.0) -> jax.Array:
+  k = x_BLHJ.shape[-1]
   inv_freq = base ** (-jnp.arange(0, k, 2, dtype=jnp.float32) / k)
   ang_BLk = positions_BL[..., None].astype(jnp.float32) * inv_freq
   sin, cos = jnp.sin(ang_BLk)[:, :, None, :], jnp.cos(ang_BLk)[:, :, None, :]
-  x = x_BLHK.astype(jnp.float32)
+  x = x_BLHJ.astype(jnp.float32)
   x1, x2 = x[..., 0::2], x[..., 1::2]
   out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
-  return out.reshape(x.shape).astype(x_BLHK.dtype)
+  return out.reshape(x.shape).astype(x_BLHJ.dtype)
 
 
-def project_kv(x_BLD: jax.Array, wk_DHK: jax.Array, wv_DHK: jax.Array, positions_BL: jax.Array,
+def project_kv(x_BLD: jax.Array, wk_DHJ: jax.Array, wv_DHJ: jax.Array, positions_BL: jax.Array,
                rope_base: float = 10000.0, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
   """Keys (rotated) and values of x: what later tokens read from a layer.
 
@@ -38,9 +39,9 @@ def project_kv(x_BLD: jax.Array, wk_DHK: jax.Array, wv_DHK: jax.Array, positions
   skipped layers without touching (or copying) the rest of their parameters.
   """
   x = x_BLD.astype(dtype)
-  k_BLHK = apply_rope(jnp.einsum('bld,dhk->blhk', x, wk_DHK.astype(dtype)), positions_BL,
+  k_BLHJ = apply_rope(jnp.einsum('bld,dhk->blhk', x, wk_DHJ.astype(dtype)), positions_BL,
                       rope_base)
-  return k_BLHK, jnp.einsum('bld,dhk->blhk', x, wv_DHK.astype(dtype))
+  return k_BLHJ, jnp.einsum('bld,dhk->blhk', x, wv_DHJ.astype(dtype))
 
 
 def init_cache(batch: int, max_len: int, num_heads: int, head_dim: int,
@@ -66,52 +67,52 @@ class Attention(nn.Module):
                                                 in_axis=(0, 1), out_axis=2)
     shape_in = (self.d_model, self.num_heads, self.head_dim)
     names_in = ('embed', 'heads', 'kv')
-    self.wq_DHK = self.param('wq', nn.with_logical_partitioning(init_in, names_in), shape_in,
+    self.wq_DHJ = self.param('wq', nn.with_logical_partitioning(init_in, names_in), shape_in,
                              self.param_dtype)
-    self.wk_DHK = self.param('wk', nn.with_logical_partitioning(init_in, names_in), shape_in,
+    self.wk_DHJ = self.param('wk', nn.with_logical_partitioning(init_in, names_in), shape_in,
                              self.param_dtype)
-    self.wv_DHK = self.param('wv', nn.with_logical_partitioning(init_in, names_in), shape_in,
+    self.wv_DHJ = self.param('wv', nn.with_logical_partitioning(init_in, names_in), shape_in,
                              self.param_dtype)
     self.wo = self.param('wo', nn.with_logical_partitioning(init_out, ('heads', 'kv', 'embed')),
                          (self.num_heads, self.head_dim, self.d_model), self.param_dtype)
 
-  def _proj(self, x_BLD, w_DHK):
-    return jnp.einsum('bld,dhk->blhk', x_BLD.astype(self.dtype), w_DHK.astype(self.dtype))
+  def _proj(self, x_BLD, w_DHJ):
+    return jnp.einsum('bld,dhk->blhk', x_BLD.astype(self.dtype), w_DHJ.astype(self.dtype))
 
   def kv(self, x_BLD: jax.Array, positions_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Keys (rotated) and values of x: what later tokens read from this layer."""
-    return project_kv(x_BLD, self.wk_DHK, self.wv_DHK, positions_BL, self.rope_base, self.dtype)
+    return project_kv(x_BLD, self.wk_DHJ, self.wv_DHJ, positions_BL, self.rope_base, self.dtype)
 
   def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, cache: Optional[Cache] = None,
                cache_index: Optional[jax.Array] = None, key_mask_BT: Optional[jax.Array] = None,
                kv_x_BLD: Optional[jax.Array] = None) -> tuple[jax.Array, Optional[Cache]]:
     """kv_x_BLD: the states keys/values are computed from, when they differ from the
     queries' (exit-aware training: exited tokens expose their exit state, as in decoding)."""
-    q_BLHK = apply_rope(self._proj(x_BLD, self.wq_DHK), positions_BL, self.rope_base)
-    k_BLHK, v_BLHK = self.kv(x_BLD if kv_x_BLD is None else kv_x_BLD, positions_BL)
+    q_BLHJ = apply_rope(self._proj(x_BLD, self.wq_DHJ), positions_BL, self.rope_base)
+    k_BLHJ, v_BLHJ = self.kv(x_BLD if kv_x_BLD is None else kv_x_BLD, positions_BL)
     if cache is not None:
       # Decoding: write this chunk's K/V at cache_index, attend over the filled buffer.
       idx = jnp.asarray(cache_index, jnp.int32)
-      k_BTHK = jax.lax.dynamic_update_slice(cache['k'], k_BLHK.astype(cache['k'].dtype),
+      k_BTHJ = jax.lax.dynamic_update_slice(cache['k'], k_BLHJ.astype(cache['k'].dtype),
                                             (0, idx, 0, 0))
-      v_BTHK = jax.lax.dynamic_update_slice(cache['v'], v_BLHK.astype(cache['v'].dtype),
+      v_BTHJ = jax.lax.dynamic_update_slice(cache['v'], v_BLHJ.astype(cache['v'].dtype),
                                             (0, idx, 0, 0))
-      cache = {'k': k_BTHK, 'v': v_BTHK}
-      b, t = x_BLD.shape[0], k_BTHK.shape[1]
+      cache = {'k': k_BTHJ, 'v': v_BTHJ}
+      b, t = x_BLD.shape[0], k_BTHJ.shape[1]
       key_pos_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
       filled_BT = key_pos_BT < idx + x_BLD.shape[1]
       key_mask_BT = filled_BT if key_mask_BT is None else key_mask_BT & filled_BT
     else:
-      k_BTHK, v_BTHK, key_pos_BT = k_BLHK, v_BLHK, positions_BL
-    out_BLD = attend(q_BLHK, k_BTHK.astype(self.dtype), v_BTHK.astype(self.dtype), positions_BL,
+      k_BTHJ, v_BTHJ, key_pos_BT = k_BLHJ, v_BLHJ, positions_BL
+    out_BLD = attend(q_BLHJ, k_BTHJ.astype(self.dtype), v_BTHJ.astype(self.dtype), positions_BL,
                      key_pos_BT, self.causal, key_mask_BT, self.wo.astype(self.dtype))
     return out_BLD, cache
 
 
-def attend(q_BLHK, k_BTHK, v_BTHK, q_pos_BL, k_pos_BT, causal: bool, key_mask_BT, wo_HKD):
+def attend(q_BLHJ, k_BTHJ, v_BTHJ, q_pos_BL, k_pos_BT, causal: bool, key_mask_BT, wo_HJD):
   """Softmax attention in f32 followed by the output projection."""
-  scale = q_BLHK.shape[-1] ** -0.5
-  s_BHLT = jnp.einsum('blhk,bthk->bhlt', q_BLHK, k_BTHK,
+  scale = q_BLHJ.shape[-1] ** -0.5
+  s_BHLT = jnp.einsum('blhk,bthk->bhlt', q_BLHJ, k_BTHJ,
                       preferred_element_type=jnp.float32) * scale
   mask_BLT = jnp.ones(s_BHLT.shape[:1] + s_BHLT.shape[2:], bool)
   if causal:
@@ -119,6 +120,6 @@ def attend(q_BLHK, k_BTHK, v_BTHK, q_pos_BL, k_pos_BT, causal: bool, key_mask_BT
   if key_mask_BT is not None:
     mask_BLT = mask_BLT & key_mask_BT[:, None, :]
   s_BHLT = jnp.where(mask_BLT[:, None], s_BHLT, -1e30)
-  p_BHLT = jax.nn.softmax(s_BHLT, axis=-1).astype(v_BTHK.dtype)
-  o_BLHK = jnp.einsum('bhlt,bthk->blhk', p_BHLT, v_BTHK)
-  return jnp.einsum('blhk,hkd->bld', o_BLHK, wo_HKD)
+  p_BHLT = jax.nn.softmax(s_BHLT, axis=-1).astype(v_BTHJ.dtype)
+  o_BLHJ = jnp.einsum('bhlt,bthk->blhk', p_BHLT, v_BTHJ)
+  return jnp.einsum('blhk,hkd->bld', o_BLHJ, wo_HJD)

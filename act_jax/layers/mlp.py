@@ -25,6 +25,6 @@ class GatedMLP(nn.Module):
     w_out_FD = self.param('w_out', nn.with_logical_partitioning(init, ('mlp', 'embed')),
                           (self.d_ff, d), self.param_dtype)
     # 2-D matmuls: XLA:CPU runs [B*L, D] @ [D, F] (fwd+bwd) ~1.7x faster than the 3-D form.
-    x_TD = x_BLD.reshape(-1, d).astype(self.dtype)
-    h_TF = nn.silu(x_TD @ w_gate_DF.astype(self.dtype)) * (x_TD @ w_in_DF.astype(self.dtype))
-    return (h_TF @ w_out_FD.astype(self.dtype)).reshape(x_BLD.shape[:-1] + (d,))
+    x_ZD = x_BLD.reshape(-1, d).astype(self.dtype)
+    h_ZF = nn.silu(x_ZD @ w_gate_DF.astype(self.dtype)) * (x_ZD @ w_in_DF.astype(self.dtype))
+    return (h_ZF @ w_out_FD.astype(self.dtype)).reshape(x_BLD.shape[:-1] + (d,))

@@ -7,14 +7,14 @@ dropless top-k; V-MoE batch prioritized routing (Riquelme et al. 2021), ST-MoE z
 (Dai et al. 2024). See routers.py / dispatch.py / layer.py for the math.
 """
 from act_jax.moe.layer import AUX_KEYS, MoEFFN, router_aux
-from act_jax.moe.routers import (MOE_DEFAULTS, ROUTERS, RoutingPlan, SoftPlan, capacity,
+from act_jax.moe.routers import (ROUTERS, RouterInfo, RoutingPlan, SoftPlan, capacity,
                                  expert_choice_route, hash_route, soft_route, top_k_route,
                                  update_bias, validate_moe)
 
 MOE_STATE = 'moe_state'  # non-param variable collection holding the DeepSeek-V3 bias
 
 __all__ = [
-    'AUX_KEYS', 'MOE_DEFAULTS', 'MOE_STATE', 'MoEFFN', 'ROUTERS', 'RoutingPlan',
+    'AUX_KEYS', 'MOE_STATE', 'MoEFFN', 'ROUTERS', 'RouterInfo', 'RoutingPlan',
     'SoftPlan', 'capacity', 'expert_choice_route', 'hash_route', 'router_aux', 'soft_route',
     'top_k_route', 'update_bias', 'validate_moe',
 ]

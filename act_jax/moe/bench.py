@@ -11,7 +11,7 @@ top-K's buffers); hash uses K = 1 (half the active compute of the dense referenc
 Time = median over `repeats` of a jitted value_and_grad call (block_until_ready, one warm-up);
 the dense reference is timed interleaved with each case and the ratio is the median of the
 per-pair ratios, so load from other processes on a shared CPU cancels out. For dropless the
-C column shows the block size P of its sorted block-sparse path.
+C column shows the block size U of its sorted block-sparse path.
 
 Measured on a 2-core CPU (f32, T=4096, D=256, F=512, K=2, cf=1.25): top_k/gather 1.36x dense at
 E=8, 1.40x at E=32, 1.93x at E=128. What grows with E is not routing (<0.1x) but the expert
@@ -28,12 +28,12 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
+from act_jax import config as config_lib
 from act_jax.layers.mlp import GatedMLP
-from act_jax.moe.layer import MoEFFN
 from act_jax.moe.dispatch import dropless_block_size
-from act_jax.moe.routers import capacity
+from act_jax.moe.layer import MoEFFN
+from act_jax.moe.routers import ROUTERS, capacity
 
 DEFAULT_CASES: tuple[tuple[str, str], ...] = (
     ('top_k', 'gather'), ('top_k', 'einsum'), ('dropless', 'gather'),
@@ -105,22 +105,23 @@ def run_benchmark(num_experts: Sequence[int] = (8, 32, 128), tokens: int = 4096,
   for e_ in num_experts:
     c_ = capacity(seq_len, e_, top_k, capacity_factor)
     for router, disp in cases:
-      cfg = ml_collections.ConfigDict(dict(
-          router=router, num_experts=e_, top_k=top_k, capacity_factor=capacity_factor,
-          dispatch=disp, d_ff=d_ff, num_slots=c_))
+      cfg = config_lib.moe_spec(router=router, num_experts=e_, top_k=top_k,
+                                capacity_factor=capacity_factor, dispatch=disp, d_ff=d_ff,
+                                num_slots=c_)
       module = MoEFFN(cfg, d_model=d_model, d_ff=d_ff, causal=False)
-      extra = {'token_ids_BL': ids_BL} if router == 'hash' else {}
+      info = ROUTERS[router]
+      extra = {'token_ids_BL': ids_BL} if info.scores == 'token_ids' else {}
       step = _fwd_bwd(module, x_BLD, extra, jax.random.key(3))
       t, t_dense, ratio = _time_pair(step, dense_step, repeats)
-      # dropless+gather has no capacity: its C column shows the block size P instead.
-      c_col = (f'P={dropless_block_size(tokens * top_k, e_)}'
-               if (router, disp) == ('dropless', 'gather') else c_)
+      # dropless+gather has no capacity: its C column shows the block size U instead.
+      c_col = (f'U={dropless_block_size(tokens * top_k, e_)}'
+               if info.dropless and disp == 'gather' else c_)
       row = dict(E=e_, router=router, dispatch=disp, C=c_col,
                  ms=1e3 * t, dense_ms=1e3 * t_dense, us_per_token=1e6 * t / tokens,
                  ratio=ratio)
       rows.append(row)
       if log:
-        log(f'E={e_:4d} {router:14s} {disp:7s} C/P={row["C"]!s:>5} {row["ms"]:9.1f} ms '
+        log(f'E={e_:4d} {router:14s} {disp:7s} C/U={row["C"]!s:>5} {row["ms"]:9.1f} ms '
             f'(dense {row["dense_ms"]:.1f} ms) {ratio:6.2f}x dense')
   return rows
 

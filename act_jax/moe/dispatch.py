@@ -1,8 +1,9 @@
 """Moving tokens to expert buffers and back, and the batched expert MLP.
 
-Dims: G groups, S tokens per group, E experts, C capacity, K choices per token, D d_model,
-F expert d_ff, N = E*C flat slots (or E*num_slots for Soft MoE); dropless: T = G*S tokens,
-M = T*K assignments, Q blocks of P rows, R = Q*P rows.
+Dims (legend: act_jax/__init__.py): G groups, S tokens per group, E experts, C capacity,
+K choices per token, D d_model, F expert d_ff, Y = E*C flat slots, P = E*num_slots soft-MoE
+slots, R buffer rows (E-major: G*C; dropless: Q*U); dropless: Z = G*S tokens, M = Z*K
+assignments, Q blocks of U rows.
 
 Experts are gated MLPs (same as the dense FFN), run as ONE batched matmul over stacked weights:
   y_e(x) = (silu(x W_gate[e]) * (x W_in[e])) W_out[e].
@@ -12,7 +13,7 @@ Interchangeable paths (equal to float rounding; tests check it):
   token-choice plans combine by gathering, per token, the K rows (expert, slot) it went to:
   y_s = sum_k w_sk * out[e_sk, c_sk]  -- O(G*S*K*D), no scatter in the forward; expert-choice
   plans combine by a weighted scatter-add over the slots.
-* 'gather' for router='dropless': sort assignments by expert into blocks of P rows and run a
+* 'gather' for router='dropless': sort assignments by expert into blocks of U rows and run a
   block-sparse matmul (MegaBlocks-style, Gale et al. 2023) -- no [E, S] buffers.
 * 'einsum' (GShard, Lepikhin et al. 2021 / flaxformer reference): one-hot dispatch tensor
   dispatch_GSEC and combine_GSEC = dispatch * weight; x_GECD = einsum(dispatch, x),
@@ -50,12 +51,12 @@ def expert_mlp(x_GECD: jax.Array, w_in_EDF: jax.Array, w_gate_EDF: jax.Array,
   g, e_, c_, d = x_GECD.shape
   x_GECD = constrain(x_GECD, BUFFER_NAMES)
   x_EGCD = constrain(x_GECD.transpose(1, 0, 2, 3), EMAJOR_NAMES)
-  x_END = x_EGCD.reshape(e_, g * c_, d)
-  gate_ENF = jnp.einsum('end,edf->enf', x_END, w_gate_EDF)
-  up_ENF = jnp.einsum('end,edf->enf', x_END, w_in_EDF)
-  h_ENF = jax.nn.silu(gate_ENF) * up_ENF
-  y_END = jnp.einsum('enf,efd->end', h_ENF, w_out_EFD)
-  y_EGCD = constrain(y_END.reshape(e_, g, c_, d), EMAJOR_NAMES)
+  x_ERD = x_EGCD.reshape(e_, g * c_, d)
+  gate_ERF = jnp.einsum('erd,edf->erf', x_ERD, w_gate_EDF)
+  up_ERF = jnp.einsum('erd,edf->erf', x_ERD, w_in_EDF)
+  h_ERF = jax.nn.silu(gate_ERF) * up_ERF
+  y_ERD = jnp.einsum('erf,efd->erd', h_ERF, w_out_EFD)
+  y_EGCD = constrain(y_ERD.reshape(e_, g, c_, d), EMAJOR_NAMES)
   return constrain(y_EGCD.transpose(1, 0, 2, 3), BUFFER_NAMES)
 
 
@@ -64,30 +65,30 @@ def expert_mlp(x_GECD: jax.Array, w_in_EDF: jax.Array, w_gate_EDF: jax.Array,
 def gather_dispatch(x_GSD: jax.Array, token_for_slot_GEC: jax.Array) -> jax.Array:
   """x_GECD[g,e,c] = x_GSD[g, token_for_slot[g,e,c]]; empty slots (-1) read zeros."""
   g, e_, c_ = token_for_slot_GEC.shape
-  idx_GN = token_for_slot_GEC.reshape(g, e_ * c_)
+  idx_GY = token_for_slot_GEC.reshape(g, e_ * c_)
   # mode='fill' turns -1 into a zero row without materialising a padded copy of x.
-  take = jax.vmap(lambda x_SD, i_N: jnp.take(x_SD, i_N, axis=0, mode='fill', fill_value=0))
-  return take(x_GSD, idx_GN).reshape(g, e_, c_, x_GSD.shape[-1])
+  take = jax.vmap(lambda x_SD, i_Y: jnp.take(x_SD, i_Y, axis=0, mode='fill', fill_value=0))
+  return take(x_GSD, idx_GY).reshape(g, e_, c_, x_GSD.shape[-1])
 
 
 def gather_combine(y_GECD: jax.Array, plan: RoutingPlan, num_tokens: int) -> jax.Array:
   """Weighted sum of each token's expert outputs back in token order."""
   g, e_, c_, d = y_GECD.shape
-  y_GND = y_GECD.reshape(g, e_ * c_, d)
+  y_GYD = y_GECD.reshape(g, e_ * c_, d)
   if plan.slot_index_GSK is not None:
     # Token-choice: gather the K rows each token was sent to (faster than scatter on CPU).
     kept_GSK = plan.slot_index_GSK >= 0
     flat_GSK = jnp.where(kept_GSK, plan.expert_index_GSK * c_ + plan.slot_index_GSK, 0)
     s, k = flat_GSK.shape[1:]
-    rows_GMD = jax.vmap(lambda y, i: jnp.take(y, i, axis=0))(y_GND, flat_GSK.reshape(g, s * k))
+    rows_GMD = jax.vmap(lambda y, i: jnp.take(y, i, axis=0))(y_GYD, flat_GSK.reshape(g, s * k))
     w_GSK = plan.combine_weight_GSK.astype(y_GECD.dtype)  # already 0 where dropped
     return jnp.einsum('gskd,gsk->gsd', rows_GMD.reshape(g, s, k, d), w_GSK)
   # Expert-choice: a token can sit in 0..E slots, so scatter-add the weighted slot outputs.
-  w_GN1 = plan.weight_GEC.reshape(g, e_ * c_, 1).astype(y_GECD.dtype)
-  tok_GN = jnp.where(plan.token_for_slot_GEC >= 0, plan.token_for_slot_GEC,
+  w_GY1 = plan.weight_GEC.reshape(g, e_ * c_, 1).astype(y_GECD.dtype)
+  tok_GY = jnp.where(plan.token_for_slot_GEC >= 0, plan.token_for_slot_GEC,
                      num_tokens).reshape(g, e_ * c_)
   add = jax.vmap(lambda z, i, v: z.at[i].add(v, mode='drop'))
-  return add(jnp.zeros((g, num_tokens, d), y_GECD.dtype), tok_GN, y_GND * w_GN1)
+  return add(jnp.zeros((g, num_tokens, d), y_GECD.dtype), tok_GY, y_GYD * w_GY1)
 
 
 # ----------------------------------------------------------------------------- dropless
@@ -108,10 +109,10 @@ def dropless_forward(x_GSD: jax.Array, expert_index_GSK: jax.Array,
   """Dropless top-k without capacity padding: sort by expert, block-sparse matmul.
 
   The M assignments are sorted by expert (one sort, like MegaBlocks, Gale et al. 2023) and
-  each expert's run is padded to a multiple of P, so every block belongs to one expert; the
-  static bound Q = ceil(M/P) + E covers any load. Block q multiplies by W[expert(q)] (a
+  each expert's run is padded to a multiple of U, so every block belongs to one expert; the
+  static bound Q = ceil(M/U) + E covers any load. Block q multiplies by W[expert(q)] (a
   gather of Q weight copies), and each (token, k) reads its row back. Compute is at most
-  (M + E*P) rows instead of E*S per group for the C = S capacity buffer. Routing is over
+  (M + E*U) rows instead of E*S per group for the C = S capacity buffer. Routing is over
   all groups at once (no capacity, so groups do not matter); under a 'data' mesh this
   gathers the tokens, so dropless is meant for single-host runs.
   """
@@ -121,7 +122,7 @@ def dropless_forward(x_GSD: jax.Array, expert_index_GSK: jax.Array,
   p = block or dropless_block_size(m, e_)
   q = -(-m // p) + e_
   r = q * p
-  x_TD = x_GSD.reshape(t, d)
+  x_ZD = x_GSD.reshape(t, d)
   e_M = expert_index_GSK.reshape(m)
   key_M = jnp.where(e_M >= 0, e_M, e_)                      # halted -> pseudo-expert E
   sorted_M, src_M = jax.lax.sort_key_val(key_M, jnp.arange(m, dtype=jnp.int32))
@@ -132,18 +133,18 @@ def dropless_forward(x_GSD: jax.Array, expert_index_GSK: jax.Array,
   se_M = jnp.minimum(sorted_M, e_ - 1)
   row_sorted_M = jnp.where(sorted_M < e_, pstart_E[se_M] + jnp.arange(m) - start_E[se_M], r)
   token_R = jnp.full((r,), -1, jnp.int32).at[row_sorted_M].set(src_M // k, mode='drop')
-  x_QPD = jnp.take(x_TD, token_R, axis=0, mode='fill', fill_value=0).reshape(q, p, d)
+  x_QUD = jnp.take(x_ZD, token_R, axis=0, mode='fill', fill_value=0).reshape(q, p, d)
   # Expert of each block; unused tail blocks (all padding) borrow expert E-1 on zero rows.
   block_e_Q = jnp.searchsorted(jnp.cumsum(padded_E), jnp.arange(q) * p, side='right')
   block_e_Q = jnp.minimum(block_e_Q, e_ - 1)
   w_in_QDF, w_gate_QDF, w_out_QFD = (jnp.take(w, block_e_Q, axis=0) for w in weights)
-  h_QPF = (jax.nn.silu(jnp.einsum('qpd,qdf->qpf', x_QPD, w_gate_QDF))
-           * jnp.einsum('qpd,qdf->qpf', x_QPD, w_in_QDF))
-  y_RD = jnp.einsum('qpf,qfd->qpd', h_QPF, w_out_QFD).reshape(r, d)
+  h_QUF = (jax.nn.silu(jnp.einsum('qud,qdf->quf', x_QUD, w_gate_QDF))
+           * jnp.einsum('qud,qdf->quf', x_QUD, w_in_QDF))
+  y_RD = jnp.einsum('quf,qfd->qud', h_QUF, w_out_QFD).reshape(r, d)
   row_M = jnp.zeros((m,), jnp.int32).at[src_M].set(row_sorted_M)   # undo the sort
   y_MD = jnp.take(y_RD, row_M, axis=0, mode='fill', fill_value=0)  # halted: row r -> 0
-  w_TK = combine_weight_GSK.reshape(t, k).astype(y_RD.dtype)
-  return jnp.einsum('tkd,tk->td', y_MD.reshape(t, k, d), w_TK).reshape(g, s, d)
+  w_ZK = combine_weight_GSK.reshape(t, k).astype(y_RD.dtype)
+  return jnp.einsum('zkd,zk->zd', y_MD.reshape(t, k, d), w_ZK).reshape(g, s, d)
 
 
 # ----------------------------------------------------------------------------- einsum path
@@ -171,11 +172,11 @@ def soft_moe(x_GSD: jax.Array, plan: SoftPlan, weights: tuple[jax.Array, ...],
              num_experts: int) -> jax.Array:
   """slots = dispatch^T X; out = expert(slots); y = combine . out (Puigcerver et al. 2023)."""
   g, s, d = x_GSD.shape
-  n = plan.dispatch_GSN.shape[-1]
+  n = plan.dispatch_GSP.shape[-1]
   dt = x_GSD.dtype
-  slots_GND = jnp.einsum('gsn,gsd->gnd', plan.dispatch_GSN.astype(dt), x_GSD)
-  out_GECD = expert_mlp(slots_GND.reshape(g, num_experts, n // num_experts, d), *weights)
-  return jnp.einsum('gsn,gnd->gsd', plan.combine_GSN.astype(dt), out_GECD.reshape(g, n, d))
+  slots_GPD = jnp.einsum('gsp,gsd->gpd', plan.dispatch_GSP.astype(dt), x_GSD)
+  out_GECD = expert_mlp(slots_GPD.reshape(g, num_experts, n // num_experts, d), *weights)
+  return jnp.einsum('gsp,gpd->gsd', plan.combine_GSP.astype(dt), out_GECD.reshape(g, n, d))
 
 
 def moe_forward(x_GSD: jax.Array, plan: Any, weights: tuple[jax.Array, ...], mode: str,

@@ -1,7 +1,7 @@
 """MoEFFN: a drop-in replacement for the dense gated FFN of a transformer block.
 
-Dims: B batch, L length, G groups, S tokens per group, E experts, C capacity, K top-k,
-D d_model, F expert d_ff, N soft slots.
+Dims (legend: act_jax/__init__.py): B batch, L length, G groups, S tokens per group,
+E experts, C capacity, K top-k, D d_model, F expert d_ff, P soft slots.
 
   y = sum_{routed e} w_e(x) * MLP_e(x)  +  sum_{j < shared_experts} MLP_shared_j(x)
 (no residual: the block adds it). Tokens are routed in groups of S (one sequence per group by
@@ -13,7 +13,9 @@ their sum.
 Router (float32): logits = jitter(x) W_r (Switch, Fedus et al. 2021); for Soft MoE
 logits = x Phi (Puigcerver et al. 2023). DeepSeek-V3's selection bias lives in the non-param
 collection 'moe_state' ('bias', f32 [E]) and is only created when moe.bias_rate > 0 for
-top_k/dropless; update it with routers.update_bias(bias, aux['load'], rate).
+routers that learn a bias (top_k, dropless); update it with routers.update_bias(bias,
+aux['load'], rate). Which router runs, and which losses apply, is read from its
+registered RouterInfo (routers.ROUTERS), never from its name.
 
 aux (float32 unless noted, all unweighted, over running tokens only):
   load [E]       kept (token, choice) assignments per expert (soft: combine mass per expert)
@@ -40,6 +42,7 @@ from act_jax.layers.mlp import GatedMLP
 from act_jax.moe import dispatch as dispatch_lib
 from act_jax.moe import routers as R
 from act_jax.sharding import constrain
+from act_jax.spec import MoESpec
 
 ACT_NAMES = ('batch', 'length', 'embed')
 # Switch recommends a 10x smaller router init for stable routing early in training.
@@ -66,9 +69,10 @@ def _masked_mean(v_GS: jax.Array, run_GS: jax.Array, n: jax.Array) -> jax.Array:
 def router_aux(plan: Any, run_GS: jax.Array, router: str, shape_BL: tuple[int, int]
                ) -> dict[str, jax.Array]:
   """Losses and telemetry of one layer's routing (module docstring), running tokens only."""
+  info = R.ROUTERS[router]
   probs_GSE = plan.probs_GSE
   # Soft MoE: z-loss over the per-token slot logits (the softmax it actually takes).
-  logits_GSX = plan.logits_GSN if isinstance(plan, R.SoftPlan) else plan.logits_GSE
+  logits = plan.logits_GSP if isinstance(plan, R.SoftPlan) else plan.logits_GSE
   e_ = probs_GSE.shape[-1]
   run_f_GS = run_GS.astype(jnp.float32)
   n_run = jnp.maximum(jnp.sum(run_f_GS), 1.0)
@@ -95,49 +99,49 @@ def router_aux(plan: Any, run_GS: jax.Array, router: str, shape_BL: tuple[int, i
     k_eff = plan.expert_index_GSK.shape[-1]
     dropped = jnp.sum((plan.expert_index_GSK >= 0) & ~kept_GSK) / (n_run * k_eff)
     top1_GS = plan.first_choice_GS
-  if router in ('top_k', 'dropless'):
+  if info.balance_loss:
     f_E = jnp.sum(jax.nn.one_hot(plan.first_choice_GS, e_, dtype=jnp.float32), (0, 1)) / n_run
     p_mean_E = jnp.sum(probs_GSE * run_f_GS[..., None], axis=(0, 1)) / n_run
     lb_loss = e_ * jnp.sum(f_E * p_mean_E)
   else:
     lb_loss = zero
-  if router == 'hash':
-    z_loss = zero
+  if info.z_loss:
+    z_loss = _masked_mean(jax.nn.logsumexp(logits, -1) ** 2, run_GS, n_run)
   else:
-    z_loss = _masked_mean(jax.nn.logsumexp(logits_GSX, -1) ** 2, run_GS, n_run)
+    z_loss = zero
   return dict(load=load_E, dropped_frac=dropped.astype(jnp.float32), router_entropy=entropy,
               max_prob=max_prob, lb_loss=lb_loss, z_loss=z_loss,
               top1_expert=top1_GS.reshape(shape_BL))
 
 
 class MoEFFN(nn.Module):
-  """Routed (+ optional shared) experts FFN; see the module docstring for the math."""
-  moe_cfg: Any
+  """Routed (+ optional shared) experts FFN; see the module docstring for the math.
+
+  d_ff is the expert hidden size (the resolved spec's moe.d_ff) and also the dense FFN's
+  hidden size when the router is 'none'."""
+  moe_cfg: MoESpec
   d_model: int
   d_ff: int
   causal: bool
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  def _cfg(self, name: str) -> Any:
-    return R.cfg_get(self.moe_cfg, name)
-
   @nn.compact
   def __call__(self, x_BLD: jax.Array, running_BL: jax.Array | None = None,
                token_ids_BL: jax.Array | None = None, train: bool = False
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    router = self._cfg('router')
-    e_ = int(self._cfg('num_experts'))
-    f = int(self._cfg('d_ff')) or self.d_ff
+    m = self.moe_cfg
+    info = R.ROUTERS[m.router]
+    e_, f = m.num_experts, self.d_ff
     b, l, d = x_BLD.shape
     x_BLD = constrain(x_BLD, ACT_NAMES)
     run_BL = jnp.ones((b, l), bool) if running_BL is None else running_BL.astype(bool)
-    if router == 'none':
+    if not info.routed:
       y_BLD = _dense_ffn(GatedMLP(self.d_ff, self.dtype, self.param_dtype, name='dense'), x_BLD)
       return y_BLD, self._empty_aux(run_BL)
 
     # Groups: one sequence each by default, else contiguous chunks of group_size tokens.
-    gs = int(self._cfg('group_size'))
+    gs = m.group_size
     if gs == 0:
       g, s = b, l
     elif (b * l) % gs:
@@ -147,50 +151,42 @@ class MoEFFN(nn.Module):
     x_GSD = x_BLD.reshape(g, s, d)
     run_GS = run_BL.reshape(g, s)
 
-    plan = self._route(x_GSD, run_GS, token_ids_BL, train, g, s)
+    plan = self._route(info, x_GSD, run_GS, token_ids_BL, train, g, s)
     x_GSD = constrain(x_GSD.astype(self.dtype), ('expert_group', 'length', 'embed'))
     y_GSD = dispatch_lib.moe_forward(x_GSD, plan, self._expert_weights(e_, d, f),
-                                     self._cfg('dispatch'), e_, dropless=router == 'dropless')
+                                     m.dispatch, e_, dropless=info.dropless)
     # Halted tokens already get no slots; this also zeroes Soft MoE's combine for them.
     y_GSD = jnp.where(run_GS[..., None], y_GSD, 0).astype(self.dtype)
     y_BLD = constrain(y_GSD.reshape(b, l, d), ACT_NAMES)
-    n_shared = int(self._cfg('shared_experts'))
-    if n_shared:
-      shared = GatedMLP(n_shared * f, self.dtype, self.param_dtype, name='shared')
+    if m.shared_experts:
+      shared = GatedMLP(m.shared_experts * f, self.dtype, self.param_dtype, name='shared')
       y_BLD = y_BLD + _dense_ffn(shared, x_BLD).astype(self.dtype)
-    return y_BLD, router_aux(plan, run_GS, router, (b, l))
+    return y_BLD, router_aux(plan, run_GS, m.router, (b, l))
 
-  def _route(self, x_GSD: jax.Array, run_GS: jax.Array, token_ids_BL: jax.Array | None,
-             train: bool, g: int, s: int) -> Any:
-    router = self._cfg('router')
-    e_, k = int(self._cfg('num_experts')), int(self._cfg('top_k'))
-    cf = float(self._cfg('capacity_factor'))
-    d = x_GSD.shape[-1]
-    if router == 'hash':
+  def _route(self, info: R.RouterInfo, x_GSD: jax.Array, run_GS: jax.Array,
+             token_ids_BL: jax.Array | None, train: bool, g: int, s: int) -> Any:
+    m = self.moe_cfg
+    e_, d = m.num_experts, x_GSD.shape[-1]
+    if info.scores == 'token_ids':
       if token_ids_BL is None:
-        raise ConfigError("moe.router='hash' needs token_ids_BL passed to MoEFFN")
-      return R.hash_route(token_ids_BL.reshape(g, s), e_, R.capacity(s, e_, 1, cf), run_GS)
+        raise ConfigError(f'moe.router={m.router!r} routes by token id: pass token_ids_BL to '
+                          f'MoEFFN')
+      return info.plan(token_ids_BL.reshape(g, s), m, s, run_GS, None)
     xr_GSD = x_GSD.astype(jnp.float32)   # router always in float32
-    eps = float(self._cfg('jitter'))
-    if train and eps > 0:
-      xr_GSD = R.jitter_input(xr_GSD, eps, self.make_rng('jitter'))
-    if router == 'soft':
-      n = e_ * int(self._cfg('num_slots'))
-      phi_DN = self.param('soft_phi', nn.with_logical_partitioning(
-          nn.initializers.lecun_normal(), ('embed', None)), (d, n), jnp.float32)
-      return R.soft_route(xr_GSD @ phi_DN, e_, run_GS)
+    if train and m.jitter > 0:
+      xr_GSD = R.jitter_input(xr_GSD, m.jitter, self.make_rng('jitter'))
+    if info.scores == 'slots':
+      p = e_ * m.num_slots
+      phi_DP = self.param('soft_phi', nn.with_logical_partitioning(
+          nn.initializers.lecun_normal(), ('embed', None)), (d, p), jnp.float32)
+      return info.plan(xr_GSD @ phi_DP, m, s, run_GS, None)
     # Router kernel replicated (tiny; avoids an all-gather before softmax/top-k).
     w_DE = self.param('router', nn.with_logical_partitioning(ROUTER_INIT, ('embed', None)),
                       (d, e_), jnp.float32)
-    logits_GSE = xr_GSD @ w_DE
-    if router == 'expert_choice':
-      return R.expert_choice_route(logits_GSE, R.capacity(s, e_, k, cf), run_GS)
     bias_E = None
-    if float(self._cfg('bias_rate')) > 0:
+    if info.learns_bias and m.bias_rate > 0:
       bias_E = self.variable('moe_state', 'bias', jnp.zeros, (e_,), jnp.float32).value
-    cap = s if router == 'dropless' else R.capacity(s, e_, k, cf)
-    return R.top_k_route(logits_GSE, k, cap, renormalize=bool(self._cfg('renormalize')),
-                         priority=self._cfg('priority'), running_GS=run_GS, bias_E=bias_E)
+    return info.plan(xr_GSD @ w_DE, m, s, run_GS, bias_E)
 
   def _expert_weights(self, e_: int, d: int, f: int) -> tuple[jax.Array, ...]:
     init = _expert_init()
@@ -203,7 +199,7 @@ class MoEFFN(nn.Module):
 
   def _empty_aux(self, run_BL: jax.Array) -> dict[str, jax.Array]:
     """Same keys/shapes as a routed layer so nn.scan stacking works for router='none'."""
-    e_ = int(self._cfg('num_experts'))
+    e_ = self.moe_cfg.num_experts
     z = jnp.zeros((), jnp.float32)
     return dict(load=jnp.zeros((e_,), jnp.float32), dropped_frac=z, router_entropy=z,
                 max_prob=z, lb_loss=z, z_loss=z,

@@ -1,7 +1,8 @@
 """Mixture-of-experts routers: who goes to which expert, into which buffer slot, with what weight.
 
-Dims: G groups, S tokens per group, E experts, C capacity (slots per expert), K choices per
-token, N = E * num_slots (soft MoE), D d_model.
+Dims (legend: act_jax/__init__.py): G groups, S tokens per group, E experts, C capacity (slots
+per expert), K choices per token, M (token, choice) entries = S*K, Y flat slot table = E*C,
+P soft-MoE slots = E * num_slots, D d_model.
 
 Every router runs in float32 and returns a STATIC-shape plan (`RoutingPlan`). The one
 representation every dispatch path accepts is per slot:
@@ -42,29 +43,17 @@ exactly 1 under uniform routing) and the ST-MoE router z-loss mean_t (logsumexp_
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 from act_jax.errors import ConfigError
+from act_jax.spec import MoESpec
 
-# Defaults mirrored from the lead's config.py, so partial ConfigDicts (tests, Colab) still work.
-MOE_DEFAULTS: dict[str, Any] = dict(
-    router='top_k', num_experts=8, top_k=2, capacity_factor=1.25, every=2, shared_experts=0,
-    d_ff=0, dispatch='gather', renormalize=True, priority='position', group_size=0,
-    jitter=0.0, lb_loss_weight=0.01, z_loss_weight=0.001, bias_rate=0.0, num_slots=1)
 DISPATCHES = ('gather', 'einsum')
 PRIORITIES = ('position', 'probability')
 HASH_MULTIPLIER = 2654435761  # Knuth's multiplicative hash constant (~2^32 / golden ratio)
-
-
-def cfg_get(moe_cfg: Any, name: str) -> Any:
-  """moe_cfg.<name>, falling back to MOE_DEFAULTS for fields a partial config leaves out."""
-  getter = getattr(moe_cfg, 'get', None)
-  if getter is not None:
-    return getter(name, MOE_DEFAULTS[name])
-  return getattr(moe_cfg, name, MOE_DEFAULTS[name])
 
 
 class RoutingPlan(NamedTuple):
@@ -81,29 +70,15 @@ class RoutingPlan(NamedTuple):
 
 class SoftPlan(NamedTuple):
   """Soft MoE weights: dense by construction (Puigcerver et al. 2023)."""
-  dispatch_GSN: jax.Array   # f32, softmax over S per slot n (halted tokens 0)
-  combine_GSN: jax.Array    # f32, softmax over N per token (halted tokens 0)
+  dispatch_GSP: jax.Array   # f32, softmax over S per slot n (halted tokens 0)
+  combine_GSP: jax.Array    # f32, softmax over N per token (halted tokens 0)
   probs_GSE: jax.Array      # combine mass per expert (sums to 1 per running token)
-  logits_GSN: jax.Array     # f32 slot logits x . Phi
+  logits_GSP: jax.Array     # f32 slot logits x . Phi
 
 
-class RouterInfo(NamedTuple):
-  causal_ok: bool   # False: selection for a token looks at later tokens of the group
-  uses_top_k: bool  # capacity / selection depends on moe.top_k
-
-ROUTERS: dict[str, RouterInfo] = {
-    'none': RouterInfo(causal_ok=True, uses_top_k=False),         # dense FFN
-    'top_k': RouterInfo(causal_ok=True, uses_top_k=True),
-    'dropless': RouterInfo(causal_ok=True, uses_top_k=True),
-    'expert_choice': RouterInfo(causal_ok=False, uses_top_k=True),
-    'soft': RouterInfo(causal_ok=False, uses_top_k=False),
-    'hash': RouterInfo(causal_ok=True, uses_top_k=False),
-}
-
-
-def validate_moe(moe_cfg: Any, *, d_model: int, causal: bool, mesh_expert: int = 1) -> None:
+def validate_moe(moe_cfg: MoESpec, *, d_model: int, causal: bool, mesh_expert: int = 1) -> None:
   """Raises ConfigError naming the offending moe.<field> before anything is traced."""
-  g = lambda name: cfg_get(moe_cfg, name)  # noqa: E731
+  g = lambda name: getattr(moe_cfg, name)  # noqa: E731
   router = g('router')
   if router not in ROUTERS:
     raise ConfigError(f'moe.router={router!r} is unknown; known routers: {sorted(ROUTERS)}')
@@ -125,7 +100,7 @@ def validate_moe(moe_cfg: Any, *, d_model: int, causal: bool, mesh_expert: int =
     raise ConfigError(
         f'moe.router={router!r} leaks future tokens (each routing decision looks at the whole '
         f'group), so it is for encoder only (causal=False) models; use top_k/dropless/hash')
-  if router != 'none' and e % int(mesh_expert):
+  if ROUTERS[router].routed and e % int(mesh_expert):
     raise ConfigError(f'moe.num_experts={e} must be divisible by mesh.expert={mesh_expert}')
   for name in ('shared_experts', 'd_ff', 'group_size'):
     if int(g(name)) < 0:
@@ -211,10 +186,10 @@ def assign_slots(expert_index_GSK: jax.Array, weight_GSK: jax.Array,
   tok_GM = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[:, None], (s, k)).reshape(1, s * k)
   tok_GM = jnp.broadcast_to(tok_GM, (g, s * k))
   scatter = jax.vmap(lambda t, i, v: t.at[i].set(v, mode='drop'))
-  token_for_slot_GN = scatter(jnp.full((g, e_ * c_), -1, jnp.int32), flat_GM, tok_GM)
-  weight_GN = scatter(jnp.zeros((g, e_ * c_), jnp.float32), flat_GM, combine_GSK.reshape(g, -1))
-  return (slot_index_GSK, combine_GSK, token_for_slot_GN.reshape(g, e_, c_),
-          weight_GN.reshape(g, e_, c_))
+  token_for_slot_GY = scatter(jnp.full((g, e_ * c_), -1, jnp.int32), flat_GM, tok_GM)
+  weight_GY = scatter(jnp.zeros((g, e_ * c_), jnp.float32), flat_GM, combine_GSK.reshape(g, -1))
+  return (slot_index_GSK, combine_GSK, token_for_slot_GY.reshape(g, e_, c_),
+          weight_GY.reshape(g, e_, c_))
 
 
 def top_k_route(logits_GSE: jax.Array, k: int, expert_capacity: int, *,
@@ -278,17 +253,78 @@ def expert_choice_route(logits_GSE: jax.Array, expert_capacity: int,
   return RoutingPlan(token_GEC, weight_GEC, None, None, None, top1_GS, probs_GSE, logits_GSE)
 
 
-def soft_route(logits_GSN: jax.Array, num_experts: int,
+def soft_route(logits_GSP: jax.Array, num_experts: int,
                running_GS: jax.Array | None = None) -> SoftPlan:
   """Puigcerver et al. 2023: dispatch = softmax over tokens, combine = softmax over slots."""
-  logits_GSN = logits_GSN.astype(jnp.float32)
-  g, s, n = logits_GSN.shape
+  logits_GSP = logits_GSP.astype(jnp.float32)
+  g, s, n = logits_GSP.shape
   if running_GS is None:
     running_GS = jnp.ones((g, s), bool)
   run_GS1 = running_GS[..., None]
   # Finite mask value: an all-halted group gives a uniform softmax that the *run mask zeroes.
-  masked_GSN = jnp.where(run_GS1, logits_GSN, -1e30)
-  dispatch_GSN = jax.nn.softmax(masked_GSN, axis=1) * run_GS1
-  combine_GSN = jax.nn.softmax(logits_GSN, axis=-1) * run_GS1
-  probs_GSE = combine_GSN.reshape(g, s, num_experts, n // num_experts).sum(-1)
-  return SoftPlan(dispatch_GSN, combine_GSN, probs_GSE, logits_GSN)
+  masked_GSP = jnp.where(run_GS1, logits_GSP, -1e30)
+  dispatch_GSP = jax.nn.softmax(masked_GSP, axis=1) * run_GS1
+  combine_GSP = jax.nn.softmax(logits_GSP, axis=-1) * run_GS1
+  probs_GSE = combine_GSP.reshape(g, s, num_experts, n // num_experts).sum(-1)
+  return SoftPlan(dispatch_GSP, combine_GSP, probs_GSE, logits_GSP)
+
+
+# ----------------------------------------------------------------------------- the registry
+# Each router as a plan function of one signature: (scores, moe spec, tokens per group S,
+# running_GS, DeepSeek-V3 bias or None) -> plan. `scores` is what RouterInfo.scores names.
+
+def _plan_top_k(logits_GSE, m: MoESpec, s: int, run_GS, bias_E):
+  return top_k_route(logits_GSE, m.top_k, capacity(s, m.num_experts, m.top_k,
+                                                   m.capacity_factor),
+                     renormalize=m.renormalize, priority=m.priority, running_GS=run_GS,
+                     bias_E=bias_E)
+
+
+def _plan_dropless(logits_GSE, m: MoESpec, s: int, run_GS, bias_E):
+  return top_k_route(logits_GSE, m.top_k, s, renormalize=m.renormalize, priority=m.priority,
+                     running_GS=run_GS, bias_E=bias_E)
+
+
+def _plan_expert_choice(logits_GSE, m: MoESpec, s: int, run_GS, bias_E):
+  del bias_E
+  return expert_choice_route(logits_GSE, capacity(s, m.num_experts, m.top_k,
+                                                  m.capacity_factor), run_GS)
+
+
+def _plan_soft(logits_GSP, m: MoESpec, s: int, run_GS, bias_E):
+  del s, bias_E
+  return soft_route(logits_GSP, m.num_experts, run_GS)
+
+
+def _plan_hash(token_ids_GS, m: MoESpec, s: int, run_GS, bias_E):
+  del bias_E
+  return hash_route(token_ids_GS, m.num_experts,
+                    capacity(s, m.num_experts, 1, m.capacity_factor), run_GS)
+
+
+class RouterInfo(NamedTuple):
+  """A registered router and what it can do (read by the layer, validation and losses)."""
+  plan: Optional[Callable[..., Any]]  # None: no routing, the dense FFN
+  scores: str = 'experts'   # its input: 'experts' logits x W_r [G,S,E], 'slots' x Φ [G,S,P],
+                            # 'token_ids' [G,S] (hash), or 'none'
+  causal_ok: bool = True    # False: a token's routing looks at later tokens of its group
+  uses_top_k: bool = False  # capacity / selection depends on moe.top_k
+  balance_loss: bool = False  # the Switch load-balance loss applies (token choice)
+  z_loss: bool = True       # the router z-loss applies (there are learned logits)
+  learns_bias: bool = False  # DeepSeek-V3 selection bias applies (moe.bias_rate)
+  dropless: bool = False    # never drops: the gather path runs the block-sparse kernel
+
+  @property
+  def routed(self) -> bool:
+    return self.plan is not None
+
+
+ROUTERS: dict[str, RouterInfo] = {
+    'none': RouterInfo(None, scores='none', z_loss=False),
+    'top_k': RouterInfo(_plan_top_k, uses_top_k=True, balance_loss=True, learns_bias=True),
+    'dropless': RouterInfo(_plan_dropless, uses_top_k=True, balance_loss=True,
+                           learns_bias=True, dropless=True),
+    'expert_choice': RouterInfo(_plan_expert_choice, causal_ok=False, uses_top_k=True),
+    'soft': RouterInfo(_plan_soft, scores='slots', causal_ok=False),
+    'hash': RouterInfo(_plan_hash, scores='token_ids', z_loss=False),
+}

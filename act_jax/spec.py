@@ -1,0 +1,263 @@
+"""The resolved spec: every fact the library derives from a config, computed once.
+
+A config (`ml_collections.ConfigDict`, built by `experiments/configs/*.py` on top of
+`config.default_config()`, the one table of defaults) is the command-line and config.json
+form. `config.resolve(config)` validates it and returns a `Spec`: frozen, hashable
+dataclasses (usable as jit static arguments and cache keys) with the section names of the
+config, the derived facts filled in (head dim, max length, layers per scan step, expert
+hidden size, mesh shape) and the built halting policy. Modules, policies, inference,
+calibration and the binaries take a Spec; nothing below the boundary reads a raw config.
+
+An operating point is a value too (`OperatingPoint`: threshold + optional depth cap). The
+model takes its threshold in one internal form, a per-step vector [N] (or [B, N] per row,
+exit-aware training), made by `threshold_per_step`; a policy sees `threshold_at(thr, i)`.
+Both live here, so the form is encoded and decoded in one file.
+
+Dims: B batch, N depth steps (scan steps).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from act_jax.errors import ConfigError
+
+NEVER_EXIT = 2.0  # above any probability: runs every layer through the same code path
+
+_DERIVED = {'derived': True}  # metadata: computed by resolve, not a config field
+
+
+def _derived(**kw):
+  return dataclasses.field(metadata=_DERIVED, **kw)
+
+
+def _raw_dict(section: Any) -> dict[str, Any]:
+  return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
+          if not f.metadata.get('derived')}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """config.model with head_dim, max_len and group_size resolved (never 0 here)."""
+  vocab_size: int
+  d_model: int
+  num_heads: int
+  head_dim: int          # model.head_dim, else d_model // num_heads
+  d_ff: int
+  num_layers: int
+  causal: bool
+  share_weights: bool
+  tie_embeddings: bool
+  max_len: int           # model.max_len, else data.seq_len
+  rope_base: float
+  dtype: str
+  param_dtype: str
+  remat: str
+  group_size: int        # layers per scan step (model.group_size, else moe.every or 1)
+  layer_kinds: tuple[str, ...] = _derived()  # 'dense' | 'moe' for the layers of one step
+  num_steps: int = _derived()                 # scan steps (= halting steps) over depth
+
+
+@dataclasses.dataclass(frozen=True)
+class HaltingSpec:
+  """config.halting, typed; the policy built from it is Spec.policy."""
+  name: str
+  threshold: float
+  eps: float
+  bias_init: float
+  ponder_cost: float
+  beta: float
+  lambda_p: float
+  exit_every: int
+  exit_weights: str
+  criterion: str
+  per_sequence: bool
+  mod_capacity: float
+  classifier_loss_weight: float
+  sample: bool
+  exit_aware: float
+  distill: float
+
+
+@dataclasses.dataclass(frozen=True)
+class MoESpec:
+  """config.moe with d_ff resolved (moe.d_ff, else model.d_ff)."""
+  router: str
+  num_experts: int
+  top_k: int
+  capacity_factor: float
+  every: int
+  shared_experts: int
+  d_ff: int
+  dispatch: str
+  renormalize: bool
+  priority: str
+  group_size: int
+  jitter: float
+  lb_loss_weight: float
+  z_loss_weight: float
+  bias_rate: float
+  num_slots: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """config.data (see act_jax.data for the datasets)."""
+  name: str
+  files: str
+  seq_len: int
+  batch_size: int
+  heldout_fraction: float
+  max_bytes: int
+  code_fraction: float
+  num_bits: int
+  max_digits: int
+  num_nodes: int
+  max_hops: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+  """config.train."""
+  steps: int
+  lr: float
+  min_lr_ratio: float
+  warmup_steps: int
+  weight_decay: float
+  b1: float
+  b2: float
+  clip_norm: float
+  log_every: int
+  eval_every: int
+  eval_batches: int
+  checkpoint_every: int
+  keep_checkpoints: int
+  async_checkpointing: bool
+  nonfinite: str
+  multihost: bool
+  max_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+  """config.mesh with data=-1 resolved against the device count."""
+  data: int
+  expert: int
+  model: int
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    return (self.data, self.expert, self.model)
+
+
+SECTIONS = {'model': ModelSpec, 'halting': HaltingSpec, 'moe': MoESpec, 'data': DataSpec,
+            'train': TrainSpec, 'mesh': MeshSpec}
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatingPoint:
+  """Where a trained early-exit model runs: exit threshold and an optional depth cap.
+
+  threshold: a token exits when its policy's score reaches it (NEVER_EXIT: full depth).
+  max_layers: tokens still running exit after this layer (an exit layer; None: no cap).
+  `vector(spec)` is its one encoded form, the model's per-step threshold [N]: the threshold
+  at every step and -inf at the cap step. Values are traced, so moving the operating point
+  never recompiles."""
+  threshold: float
+  max_layers: Optional[int] = None
+
+  @classmethod
+  def full_depth(cls) -> 'OperatingPoint':
+    return cls(NEVER_EXIT)
+
+  def validate(self, spec: 'Spec', name: str = 'threshold') -> 'OperatingPoint':
+    """Raises ConfigError for a threshold outside (0, 1] or a cap that is not an exit layer
+    of a policy that can be capped; returns self."""
+    t = self.threshold
+    if isinstance(t, bool) or not isinstance(t, (int, float, np.number)) or \
+        not (0.0 < float(t) <= 1.0 or float(t) == NEVER_EXIT):
+      raise ConfigError(f'{name}={t!r}: must be in (0, 1]')
+    cap = self.max_layers
+    if cap is None or cap == spec.model.num_layers:
+      return self
+    if not spec.policy.can_cap_depth:
+      raise ConfigError(f'max_layers={cap}: a layer cap needs an early-exit policy that '
+                        f'accepts one ({", ".join(spec.capped_policies)}); '
+                        f'halting.name={spec.halting.name!r}')
+    if isinstance(cap, bool) or not isinstance(cap, (int, np.integer)) or \
+        cap not in spec.exit_layers:
+      raise ConfigError(f'max_layers={cap!r}: must be an exit layer of this model, one of '
+                        f'{list(spec.exit_layers)} (depth {spec.model.num_layers}, '
+                        f'{spec.model.group_size} layer(s) per step)')
+    return self
+
+  def vector(self, spec: 'Spec') -> jax.Array:
+    """f32 [N]: the threshold per step, -inf at the cap step (validated first)."""
+    self.validate(spec)
+    vec = np.full((spec.model.num_steps,), float(self.threshold), np.float32)
+    if self.max_layers is not None and self.max_layers != spec.model.num_layers:
+      vec[self.max_layers // spec.model.group_size - 1] = -np.inf
+    return jnp.asarray(vec)
+
+
+def threshold_per_step(threshold: Any, num_steps: int) -> jax.Array:
+  """The model's threshold argument in its internal form: f32 [N], or [B, N] per row.
+
+  Accepts a scalar (every step), a per-step vector [N] (OperatingPoint.vector), or a per-row
+  [B, 1] / [B, N] array (exit-aware training draws one threshold per row)."""
+  t = jnp.asarray(threshold, jnp.float32)
+  if t.ndim == 0:
+    return jnp.full((num_steps,), t)
+  if t.ndim == 1:
+    if t.shape[0] != num_steps:
+      raise ConfigError(f'threshold vector of length {t.shape[0]}: must have one entry per '
+                        f'depth step ({num_steps})')
+    return t
+  if t.ndim == 2 and t.shape[1] in (1, num_steps):
+    return jnp.broadcast_to(t, (t.shape[0], num_steps))
+  raise ConfigError(f'threshold of shape {t.shape}: must be a scalar, [N], [B, 1] or [B, N] '
+                    f'(N = {num_steps} depth steps)')
+
+
+def threshold_at(threshold_N: jax.Array, i: jax.Array) -> jax.Array:
+  """Step i's threshold from the per-step form: a scalar, or [B, 1] per row."""
+  if threshold_N.ndim == 1:
+    return threshold_N[i]
+  return jax.lax.dynamic_index_in_dim(threshold_N, i, axis=1, keepdims=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """One run, resolved. Section names follow the config; derived facts are attributes."""
+  seed: int
+  model: ModelSpec
+  halting: HaltingSpec
+  moe: MoESpec
+  data: DataSpec
+  train: TrainSpec
+  mesh: MeshSpec
+  policy: Any                      # the built halting policy (hashable, see HaltingPolicy)
+  exit_layers: tuple[int, ...]     # 1-based layer after which each exit step's tokens leave
+  capped_policies: tuple[str, ...]  # registered policies that accept a depth cap (messages)
+
+  @property
+  def default_operating_point(self) -> OperatingPoint:
+    """The policy's own default (ACT: 1 − ε; others: halting.threshold), no cap. A run's
+    calibrated point, when it has one, is operating_point.run_operating_point's answer."""
+    return OperatingPoint(float(self.policy.default_threshold()))
+
+  def to_dict(self) -> dict[str, Any]:
+    """The config.json form: every config field (derived values resolved, mesh as used)."""
+    out: dict[str, Any] = {'seed': self.seed}
+    for name in SECTIONS:
+      out[name] = _raw_dict(getattr(self, name))
+    return out
+
+
+__all__ = ['DataSpec', 'HaltingSpec', 'MeshSpec', 'MoESpec', 'ModelSpec', 'NEVER_EXIT',
+           'OperatingPoint', 'SECTIONS', 'Spec', 'TrainSpec', 'threshold_at',
+           'threshold_per_step']
