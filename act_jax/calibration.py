@@ -126,16 +126,16 @@ def sweep_thresholds(conf_ZX: Any, pred_ZX: Any, exit_layers_X: Any, thresholds:
   """Per threshold [K]: 'thresholds', 'mean_layers', 'risk', 'num_errors', ['accuracy'],
   and 'exit_fraction' [K, N] (share of tokens leaving at each exit).
 
-  conf_ZX [T, N] confidence of each token at each of N exits (nan = never exit there);
-  pred_ZX [T, N] predictions; exit_layers_X [N] depth of each exit; full_pred_Z [T] the
-  reference (default pred_ZX[:, -1]); correct_ZX [T, N] optional 0/1 correctness.
+  conf_ZX [Z, X] confidence of each of Z tokens at each of X exits (nan = never exit there);
+  pred_ZX [Z, X] predictions; exit_layers_X [X] depth of each exit; full_pred_Z [Z] the
+  reference (default pred_ZX[:, -1]); correct_ZX [Z, X] optional 0/1 correctness.
   """
   conf = np.asarray(conf_ZX, np.float64)
   pred = np.asarray(pred_ZX)
   layers = np.asarray(exit_layers_X, np.float64)
   thr = _check_thresholds(thresholds)
   if conf.ndim != 2 or conf.shape[0] < 1 or conf.shape[1] < 1:
-    raise ValueError(f'conf_ZX shape {conf.shape}: must be [T, N] with T, N >= 1')
+    raise ValueError(f'conf_ZX shape {conf.shape}: must be [Z, X] (tokens, exits), both >= 1')
   T, N = conf.shape
   if pred.shape != conf.shape:
     raise ValueError(f'pred_ZX shape {pred.shape} != conf_ZX shape {conf.shape}')
@@ -324,7 +324,7 @@ def calibrate(conf_ZX: Any, pred_ZX: Any, exit_layers_X: Any, thresholds: Sequen
   conf = np.asarray(conf_ZX, np.float64)
   pred = np.asarray(pred_ZX)
   if conf.ndim != 2 or pred.shape != conf.shape:
-    raise ValueError(f'conf_ZX {conf.shape} and pred_ZX {pred.shape} must both be [T, N]')
+    raise ValueError(f'conf_ZX {conf.shape} and pred_ZX {pred.shape} must both be [Z, X] (tokens, exits)')
   T = conf.shape[0]
   n_cal = int(round(calib_fraction * T))
   if not 0 < n_cal < T:

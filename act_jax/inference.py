@@ -89,6 +89,9 @@ def threshold_arg(spec: Spec, threshold: Any) -> jax.Array:
   take: one shape for every operating point, so none of them recompiles."""
   if isinstance(threshold, OperatingPoint):
     return threshold.vector(spec)
+  if jnp.ndim(threshold) > 1:  # row compaction and decoding keep no per-row thresholds
+    raise ConfigError(f'threshold of shape {jnp.shape(threshold)}: inference takes one '
+                      f'operating point per call (an OperatingPoint, a scalar or [N])')
   return threshold_per_step(threshold, spec.model.num_steps)
 
 

@@ -193,7 +193,7 @@ def calibrate_run(workdir: str, tolerance: float = 0.01, risk: float = 0.05,
     raise ConfigError(f'--budget_layers={budget_layers}: must be in (0, '
                       f'{spec.model.num_layers}] (the model depth)')
   variables = {'params': state['params'], 'moe_state': state['moe_state']}
-  inference.exit_threshold(spec, 0.5, max_layers)  # a bad cap fails before any sweep
+  OperatingPoint(0.5, max_layers).validate(spec)  # a bad cap fails before any sweep
   if measure not in MEASURES:
     raise ConfigError(f'--measure={measure!r}: allowed: {", ".join(MEASURES)}')
   ds = data_lib.make_dataset(spec.data, spec.seed)
@@ -271,7 +271,7 @@ def accuracy_frontier(workdir: str, thresholds: Sequence[float],
   if not 0 < tolerance < 1:
     raise ConfigError(f'--tolerance={tolerance}: must be in (0, 1)')
   for cap in max_layers:
-    inference.exit_threshold(spec, 0.5, cap)  # bad caps fail before any sweep
+    OperatingPoint(0.5, cap).validate(spec)  # bad caps fail before any sweep
   variables = {'params': state['params'], 'moe_state': state['moe_state']}
   batches = data_lib.make_dataset(spec.data, spec.seed).eval_batches(num_batches)
   calib, test = batches[0::2], batches[1::2]
@@ -358,7 +358,7 @@ def benchmark_rows(workdir: str, thresholds: Sequence[float], batch_sizes: Seque
                    max_layers: Optional[int] = None) -> list[dict]:
   """Decode speed per threshold against full depth, side by side in one process."""
   spec, state = inference.load_run(workdir)
-  inference.exit_threshold(spec, 0.5, max_layers)  # a bad cap fails before any timing
+  OperatingPoint(0.5, max_layers).validate(spec)  # a bad cap fails before any timing
   variables = {'params': state['params'], 'moe_state': state['moe_state']}
   limit = spec.model.max_len
   new_tokens = min(new_tokens, limit - prompt_len)

@@ -144,6 +144,10 @@ def test_operating_point_vector_known_answers():
                    (OperatingPoint(1.5), 'threshold'), (OperatingPoint(True), 'threshold')):
     with pytest.raises(ConfigError, match=msg):
       bad.vector(spec)
+  with pytest.raises(ConfigError, match='one operating point per call'):
+    inference.threshold_arg(spec, jnp.full((2, 1), 0.5))  # per-row: training only
+  np.testing.assert_array_equal(inference.threshold_arg(spec, OperatingPoint(0.7, 2)),
+                                OperatingPoint(0.7, 2).vector(spec))
   act = config_lib.resolve(tiny('act'))
   with pytest.raises(ConfigError, match=r"early-exit policy.*confidence, learned_exit.*'act'"):
     OperatingPoint(0.7, 2).vector(act)

@@ -64,7 +64,7 @@ class HaltingPolicy:
   can_cap_depth: ClassVar[bool] = False  # accepts a max-layers cap (-inf threshold at a step)
   output_is_exit_head: ClassVar[bool] = False  # logits = the exit head's at the exit step
   supports_exit_aware: ClassVar[bool] = False  # halting.exit_aware applies (state['met'])
-  gates_blocks: ClassVar[bool] = False  # the model routes tokens per block (mixture-of-depths)
+  gates_blocks: ClassVar[bool] = False  # the model routes tokens per block (MoD; has .capacity)
 
   def __init__(self, cfg: HaltingSpec, num_steps: int):
     self.cfg = cfg
