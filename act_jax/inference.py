@@ -85,8 +85,11 @@ def exit_threshold(config: Any, threshold: float, max_layers: Optional[int] = No
 
 
 def threshold_arg(spec: Spec, threshold: Any) -> jax.Array:
-  """Any accepted threshold (OperatingPoint, scalar, [N]) as the f32 [N] the jitted loops
-  take: one shape for every operating point, so none of them recompiles."""
+  """Any accepted threshold (OperatingPoint, scalar, [N]; None: the spec's default operating
+  point) as the f32 [N] the jitted loops take: one shape for every operating point, so none
+  of them recompiles."""
+  if threshold is None:
+    threshold = spec.default_operating_point
   if isinstance(threshold, OperatingPoint):
     return threshold.vector(spec)
   if jnp.ndim(threshold) > 1:  # row compaction and decoding keep no per-row thresholds
@@ -171,17 +174,13 @@ def _write_position(full_NBTHJ, new_BTHJ, i, index, length, rows):
   return full_NBTHJ.at[i, rows[:, None], pos[None, :]].set(chunk)
 
 
-def _threshold_or_default(spec: Spec, threshold: Any) -> jax.Array:
-  return threshold_arg(spec, spec.default_operating_point if threshold is None else threshold)
-
-
 def forward_while(config: Any, variables: dict, tokens_BL: jax.Array,
                   threshold: Any = None) -> tuple[jax.Array, dict]:
   """Batch forward that stops the depth loop once every token has exited (threshold: an
   OperatingPoint, [N] or scalar; default: the spec's default operating point)."""
   spec = config_lib.as_spec(config)
   carry, bcast = prepare_inputs(spec, _top(variables), tokens_BL,
-                                _threshold_or_default(spec, threshold))
+                                threshold_arg(spec, threshold))
   carry, ys, _ = _depth_while(spec, variables, carry, bcast)
   return finish_outputs(spec, carry, ys, bcast['head'], tokens_BL)
 
@@ -231,7 +230,7 @@ def forward_compact(config: Any, variables: dict, tokens_BL: jax.Array,
   """
   spec = config_lib.as_spec(config)
   carry, bcast = prepare_inputs(spec, _top(variables), tokens_BL,
-                                _threshold_or_default(spec, threshold))
+                                threshold_arg(spec, threshold))
   carry, ys, _ = _run_compacted(spec, variables, carry, bcast, None, min_rows)
   return finish_outputs(spec, carry, ys, bcast['head'], tokens_BL)
 
