@@ -24,5 +24,8 @@ setup(
         'test': ['pytest>=8.0', 'nbclient>=0.10', 'nbformat>=5.10', 'ipykernel>=6.29',
                  'scipy>=1.11'],
         'colab': ['treescope>=0.1.5', 'nbformat>=5.10'],
+        # TPU runtime; on a CPU machine it lets experiments.compile compile for named TPU
+        # topologies (jax.experimental.topologies) without a TPU.
+        'tpu': ['libtpu>=0.0.40'],
     },
 )

@@ -13,6 +13,7 @@ Variants are chosen by registered name: `config.halting.name` (act_jax.halting.P
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Optional
 
 import jax
@@ -41,18 +42,23 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       vocab_size=260, d_model=128, num_heads=4, head_dim=0, d_ff=384, num_layers=6,
       causal=True, share_weights=False, tie_embeddings=True, max_len=0, rope_base=10000.0,
-      dtype='float32', param_dtype='float32', remat='none', group_size=0))
+      dtype='float32', param_dtype='float32', remat='none', group_size=0, scan_unroll=1))
   # bias_init negative: with b >= 0 ACT halts every token after ~2 steps at init
   c.halting = ml_collections.ConfigDict(dict(
       name='none', threshold=0.9, eps=0.01, bias_init=-2.0, ponder_cost=0.01, beta=0.01,
       lambda_p=0.2, exit_every=1, exit_weights='linear', criterion='softmax',
       per_sequence=False, mod_capacity=0.5, classifier_loss_weight=1.0, sample=False,
       exit_aware=0.0, distill=0.0))
+  # moe.renormalize: top_k weight p_e / sum of the K chosen p; ignored for top_k=1, whose
+  # weight stays p_e (Switch: p_e / p_e = 1 gives the router no task-loss gradient)
   c.moe = ml_collections.ConfigDict(dict(
       router='none', num_experts=8, top_k=2, capacity_factor=1.25, every=2, shared_experts=0,
       d_ff=0, dispatch='gather', renormalize=True, priority='position', group_size=0,
       jitter=0.0, lb_loss_weight=0.01, z_loss_weight=0.001, bias_rate=0.0, num_slots=1))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, expert=1, model=1))
+  # Mesh axes (act_jax/sharding.py): data parallel, FSDP (batch + every weight's d_model
+  # split), expert parallel, tensor parallel. data * fsdp * expert * model = device count;
+  # data=-1 takes the devices the others leave.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, model=1))
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, lr=3e-3, min_lr_ratio=0.1, warmup_steps=100, weight_decay=0.01, b1=0.9,
       b2=0.95, clip_norm=1.0, log_every=25, eval_every=250, eval_batches=8,
@@ -156,10 +162,11 @@ def resolve(config: Any, device_count: Optional[int] = None) -> Spec:
   moe_values = {**c.moe.to_dict(), 'd_ff': c.moe.d_ff or m.d_ff}
   moe = _section(MoESpec, moe_values)
   if moe_lib.ROUTERS[moe.router].routed:
-    moe_lib.validate_moe(moe, d_model=m.d_model, causal=m.causal, mesh_expert=mesh[1])
+    moe_lib.validate_moe(moe, d_model=m.d_model, causal=m.causal, mesh_expert=mesh[2])
     _require(not (m.causal and moe.priority == 'probability'), 'moe.priority', moe.priority,
              "'probability' ranks tokens by the whole group's router scores, which leaks "
              "future tokens in a causal model; use 'position'")
+  _check_layout(model, moe, mesh)
   halting = _section(HaltingSpec, c.halting.to_dict())
   policy = halting_lib.make_policy(halting, model.num_steps)  # validates config.halting
   return Spec(seed=int(c.seed), model=model, halting=halting, moe=moe,
@@ -177,9 +184,10 @@ def check_training(spec: Spec) -> None:
   if spec.data.name in data_lib.CAUSAL_ONLY:
     _require(spec.model.causal, 'model.causal', spec.model.causal,
              f'data.name={spec.data.name!r} is a causal LM task; needs model.causal=True')
-  split = spec.mesh.data * spec.mesh.expert
+  split = spec.mesh.data * spec.mesh.fsdp * spec.mesh.expert
   _require(spec.data.batch_size % split == 0, 'data.batch_size', spec.data.batch_size,
-           f'must be divisible by mesh.data*mesh.expert ({split}): the batch is split over both')
+           f'must be divisible by mesh.data*mesh.fsdp*mesh.expert ({split}): the batch is '
+           f'split over all three')
 
 
 def validate(config: Any, device_count: Optional[int] = None) -> Spec:
@@ -236,6 +244,8 @@ def _check(config: ml_collections.ConfigDict) -> None:
   _require(m.max_len == 0 or m.max_len >= config.data.seq_len, 'model.max_len', m.max_len,
            f'must be >= data.seq_len={config.data.seq_len}')
   _require(m.rope_base > 0, 'model.rope_base', m.rope_base, 'must be > 0')
+  _require(isinstance(m.scan_unroll, int) and m.scan_unroll >= 1, 'model.scan_unroll',
+           m.scan_unroll, 'must be a positive integer (scan steps per loop iteration)')
   _require(isinstance(m.group_size, int) and m.group_size >= 0, 'model.group_size',
            m.group_size, 'must be 0 (automatic) or a positive integer')
   _require(t.lr > 0, 'train.lr', t.lr, 'must be > 0')
@@ -269,20 +279,43 @@ def _check(config: ml_collections.ConfigDict) -> None:
            f'(moe.every / model.group_size)')
 
 
-def mesh_shape(mesh_cfg, n: int) -> tuple[int, int, int]:
-  """(data, expert, model) for n devices; mesh.data=-1 takes all remaining devices."""
-  data, expert, model = mesh_cfg.data, mesh_cfg.expert, mesh_cfg.model
-  for name, v in (('mesh.expert', expert), ('mesh.model', model)):
-    _require(isinstance(v, int) and v >= 1, name, v, 'must be a positive integer')
-  if data == -1:
-    _require(n % (expert * model) == 0, 'mesh.expert*mesh.model', expert * model,
-             f'must divide the device count {n}')
-    data = n // (expert * model)
-  _require(isinstance(data, int) and data >= 1, 'mesh.data', data,
-           'must be a positive integer or -1 (all remaining devices)')
-  _require(data * expert * model == n, 'mesh', (data, expert, model),
-           f'data*expert*model={data * expert * model} must equal the device count {n}')
-  return data, expert, model
+def mesh_shape(mesh_cfg, n: int) -> tuple[int, int, int, int]:
+  """(data, fsdp, expert, model) for n devices; one axis may be -1: it takes the devices the
+  others leave (default: mesh.data)."""
+  names = ('data', 'fsdp', 'expert', 'model')
+  sizes = {k: mesh_cfg[k] for k in names}
+  fill = [k for k, v in sizes.items() if v == -1]
+  _require(len(fill) <= 1, 'mesh', sizes, 'at most one axis may be -1 (all remaining devices)')
+  for k, v in sizes.items():
+    if k not in fill:
+      _require(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f'mesh.{k}', v,
+               'must be a positive integer or -1 (all remaining devices)')
+  rest = math.prod(v for k, v in sizes.items() if k not in fill)
+  if fill:
+    others = '*'.join(f'mesh.{k}' for k in names if k not in fill)
+    _require(n % rest == 0, others, rest, f'must divide the device count {n}')
+    sizes[fill[0]] = n // rest
+  total = math.prod(sizes.values())
+  _require(total == n, 'mesh', sizes,
+           f'data*fsdp*expert*model={total} must equal the device count {n}')
+  return tuple(sizes[k] for k in names)
+
+
+def _check_layout(model: ModelSpec, moe: MoESpec, mesh: tuple[int, int, int, int]) -> None:
+  """The dimensions the rule table (act_jax/sharding.py) splits must divide by their axis."""
+  _, fsdp, _, tp = mesh
+  _require(model.d_model % fsdp == 0, 'mesh.fsdp', fsdp,
+           f'must divide model.d_model={model.d_model} (FSDP splits every weight\'s d_model '
+           f'dimension)')
+  if tp > 1:
+    sizes = {'model.num_heads': model.num_heads, 'model.d_ff': model.d_ff,
+             'model.vocab_size': model.vocab_size}
+    if moe_lib.ROUTERS[moe.router].routed or moe.router == 'none':
+      sizes['moe.d_ff'] = moe.d_ff
+    for field, v in sizes.items():
+      _require(v % tp == 0, 'mesh.model', tp,
+               f'must divide {field}={v} (tensor parallelism splits heads, FFN hidden units '
+               f'and the vocabulary)')
 
 
 def apply_common_args(config, args: dict[str, Any]) -> ml_collections.ConfigDict:

@@ -88,7 +88,7 @@ def import_run(src_dir: str, workdir: str, log: Callable[[str], None] = print) -
   config = config_lib.complete(manifest['config'])
   config.mesh.update(data=1, expert=1, model=1)
   spec = config_lib.resolve(config, device_count=1)
-  mesh = sharding.make_mesh(shape=(1, 1, 1))
+  mesh = sharding.make_mesh(shape=(1, 1, 1, 1))
   abstract, shardings = training.state_shardings(spec, mesh)
   want = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in _leaves(abstract)}
   have = manifest['arrays']

@@ -66,7 +66,7 @@ def load_run(workdir: str, step: Optional[int] = None) -> tuple[Spec, dict]:
   step = ck.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(f'no complete checkpoint in {workdir}/checkpoints')
-  mesh = sharding.make_mesh(shape=(1, 1, 1))
+  mesh = sharding.make_mesh(shape=(1, 1, 1, 1))
   abstract, _ = training.state_shardings(spec, mesh)
   state = ck.restore(step, abstract)
   return spec, {'params': state['params'], 'moe_state': state['moe_state'], 'step': step}

@@ -233,11 +233,11 @@ class AdaptiveTransformer(nn.Module):
     if m.share_weights:
       scan = nn.scan(step_cls, variable_broadcast=['params', 'moe_state'],
                      split_rngs={'params': False, 'jitter': True, 'halting': True},
-                     in_axes=(0, nn.broadcast), length=n_steps)
+                     in_axes=(0, nn.broadcast), length=n_steps, unroll=m.scan_unroll)
     else:
       scan = nn.scan(step_cls, variable_axes={'params': 0, 'moe_state': 0},
                      split_rngs={'params': True, 'jitter': True, 'halting': True},
-                     in_axes=(0, nn.broadcast), length=n_steps,
+                     in_axes=(0, nn.broadcast), length=n_steps, unroll=m.scan_unroll,
                      metadata_params={nn.PARTITION_NAME: 'layers'})
     carry, ys = scan(cfg, self.train, name='stack')(carry, cache, bcast)
     return finish_outputs(cfg, carry, ys, bcast['head'], tokens_BL)

@@ -58,6 +58,7 @@ class ModelSpec:
   param_dtype: str
   remat: str
   group_size: int        # layers per scan step (model.group_size, else moe.every or 1)
+  scan_unroll: int       # depth-scan steps per loop iteration (XLA scheduling; 1 = rolled)
   layer_kinds: tuple[str, ...] = _derived()  # 'dense' | 'moe' for the layers of one step
   num_steps: int = _derived()                 # scan steps (= halting steps) over depth
 
@@ -146,12 +147,14 @@ class TrainSpec:
 class MeshSpec:
   """config.mesh with data=-1 resolved against the device count."""
   data: int
+  fsdp: int
   expert: int
   model: int
 
   @property
-  def shape(self) -> tuple[int, int, int]:
-    return (self.data, self.expert, self.model)
+  def shape(self) -> tuple[int, int, int, int]:
+    """In act_jax.sharding.MESH_AXES order."""
+    return (self.data, self.fsdp, self.expert, self.model)
 
 
 SECTIONS = {'model': ModelSpec, 'halting': HaltingSpec, 'moe': MoESpec, 'data': DataSpec,

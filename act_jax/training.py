@@ -24,11 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from act_jax import checkpointing
 from act_jax import config as config_lib
 from act_jax import data as data_lib
 from act_jax import moe as moe_lib
+from act_jax import multihost
 from act_jax import sharding as sharding_lib
 from act_jax import telemetry
 from act_jax.model import make_model
@@ -119,6 +121,7 @@ def state_shardings(config: Any, mesh) -> tuple[State, State]:
                            is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nn.unbox(boxed), shardings)
+  sharding_lib.check_divisible(abstract['params'])  # backstop to config._check_layout
   return abstract, shardings
 
 
@@ -208,11 +211,28 @@ def make_eval_step(config: Any) -> Callable:
 
 
 def _fetch(tree):
-  """Device -> host; on multi-host, gathers the rows every process holds."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    return multihost_utils.process_allgather(tree, tiled=True)
-  return jax.device_get(tree)
+  """Device -> host: the global value on every process (multi-host: gathers the rows the
+  other processes hold; a replicated leaf is read from a local copy, no collective)."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+      return multihost_utils.process_allgather(x, tiled=True)
+    return jax.device_get(x)
+
+  return jax.tree.map(get, tree)
+
+
+def _agree(flag: bool) -> bool:
+  """True on every process if it is True on any. A stop decided by one process alone (its
+  own SIGTERM, its own clock) would leave the others waiting in the next step's collectives
+  and saving a checkpoint that process never joins."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.bool_))))
 
 
 def evaluate(config: Any, state, eval_step, batches, domains, threshold=None,
@@ -302,26 +322,28 @@ class _Preemption:
 
 
 def _host_batch(batch: dict, mesh) -> dict:
-  """This process's rows of the global batch, as global arrays sharded on 'data'."""
-  pc, pi = jax.process_count(), jax.process_index()
+  """The global batch (numpy, the same on every process) as global arrays sharded over the
+  batch axes; each process places only the rows its own devices hold. The rows come from
+  the sharding, not from process_index: with a 'model' axis spanning processes, or devices
+  not ordered by process, a process holds other rows than its 1/process_count slice."""
   out = {}
   for k, v in batch.items():
-    rows = v.shape[0] // pc
-    local = v[pi * rows:(pi + 1) * rows]
-    out[k] = jax.make_array_from_process_local_data(
-        sharding_lib.data_sharding(mesh, v.ndim), local, v.shape)
+    out[k] = jax.make_array_from_callback(
+        v.shape, sharding_lib.data_sharding(mesh, v.ndim), lambda idx, v=v: v[idx])
   return out
 
 
-def train_and_evaluate(config: Any, workdir: str,
-                       log: Callable[[str], None] = print) -> dict[str, float]:
+def train_and_evaluate(config: Any, workdir: str, log: Callable[[str], None] = print,
+                       cluster: multihost.Cluster | None = None) -> dict[str, float]:
   """Trains (resuming from workdir if it holds a checkpoint), evaluates, returns eval metrics.
 
-  config: a ConfigDict (resolved here, once) or a Spec."""
+  config: a ConfigDict (resolved here, once) or a Spec. With train.multihost=True every
+  process of the job runs this same call (see act_jax/multihost.py); `cluster` names the
+  coordinator and this process (None: auto-detected, e.g. on a TPU pod)."""
   if not isinstance(config, Spec):
     config = config_lib.complete(config)  # fields checked by resolve, below
-  if config.train.multihost:  # before resolve: the device count is global after this
-    jax.distributed.initialize()
+  # Before resolve: the device count is global after this.
+  multihost.maybe_initialize(bool(config.train.multihost), cluster)
   spec = config_lib.as_spec(config)
   config_lib.check_training(spec)
   os.makedirs(workdir, exist_ok=True)
@@ -343,7 +365,7 @@ def train_and_evaluate(config: Any, workdir: str,
   if is_main:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       json.dump(spec.to_dict(), f, indent=2)
-  start = int(jax.device_get(state['step']))
+  start = int(_fetch(state['step']))
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract['params']))
   log(f'model: {n_params:,} params, {spec.model.num_layers} layers, halting='
       f'{spec.halting.name}, router={spec.moe.router}; mesh {dict(mesh.shape)}; '
@@ -404,14 +426,15 @@ def train_and_evaluate(config: Any, workdir: str,
         log(f'{progress.update(step)} loss {scal["loss"]:.4f} '
             f'{scal["tokens_per_sec"]:,.0f} tok/s layers {scal["layers_mean"]:.2f}')
         t_log, steps_since = time.time(), 0
-      stop = pre.requested or (tcfg.max_seconds and time.time() - t_start > tcfg.max_seconds)
+      stop = _agree(bool(pre.requested or (
+          tcfg.max_seconds and time.time() - t_start > tcfg.max_seconds)))
       ckpt.save(step, state, force=bool(stop) or step == tcfg.steps)
       if step % tcfg.eval_every == 0 and step != tcfg.steps:
         run_eval(step)
         t_log = time.time()  # keep eval time out of tokens/s
       if stop:
-        log(f'stopping at step {step} ({"SIGTERM" if pre.requested else "time budget"}); '
-            f'checkpoint saved')
+        why = 'SIGTERM' if pre.requested else 'time budget, or another process stopped'
+        log(f'stopping at step {step} ({why}); checkpoint saved')
         break
   ckpt.wait()
   run_eval(step)

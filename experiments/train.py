@@ -3,24 +3,40 @@ r"""Trains an adaptive-computation transformer; resumes when --workdir holds a c
   python -m experiments.train --config=experiments/configs/lm.py --workdir=runs/lm
   python -m experiments.train --config=experiments/configs/lm.py:halting=act,runlocal \
       --workdir=/tmp/lm --config.model.num_layers=4
+
+Multi-process (act_jax/multihost.py): every process runs this same command with
+--config.train.multihost=True. On a TPU pod pass nothing else (the job is auto-detected);
+elsewhere add --coordinator_address, --num_processes and --process_id, which
+experiments/launch_local.py does for N local CPU processes:
+  python -m experiments.launch_local --num_processes=2 --devices_per_process=2 -- \
+      python -m experiments.train --config=experiments/configs/lm.py:runlocal \
+      --workdir=/tmp/mp --config.train.multihost=True
 """
 from absl import flags
 
 from experiments import quiet_logs, run
 from ml_collections import config_flags
 
-from act_jax import training
+from act_jax import multihost, training
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics.jsonl, TensorBoard.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0 of a multi-process run (only with '
+    '--config.train.multihost=True; unset on a TPU pod: auto-detected).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the multi-process '
+                                      'run (with --coordinator_address).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, in [0, num_processes) '
+                                   '(with --coordinator_address).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   del argv
   quiet_logs()
-  training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  training.train_and_evaluate(_CONFIG.value, _WORKDIR.value, cluster=multihost.Cluster(
+      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value))
 
 
 if __name__ == '__main__':

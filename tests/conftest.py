@@ -6,6 +6,10 @@ import textwrap
 
 import pytest
 
+# With the 'tpu' extra installed on a CPU machine, jax would probe for a TPU at start-up;
+# the tests run on the CPU (AOT tests reach libtpu through jax.experimental.topologies).
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

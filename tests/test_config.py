@@ -58,6 +58,33 @@ def test_unknown_names_list_the_known_ones():
     assert known in str(e.value)
 
 
+@pytest.mark.parametrize('mesh, model, named, words', [
+    (dict(fsdp=3), {}, 'mesh', 'must divide the device count 8'),
+    (dict(data=2, fsdp=2), {}, 'mesh', 'must equal the device count 8'),  # 2*2*1*1 != 8
+    (dict(fsdp=0), {}, 'mesh.fsdp', 'positive integer'),
+    (dict(fsdp=8), dict(d_model=36, num_heads=2), 'mesh.fsdp', 'd_model=36'),
+    (dict(model=8), dict(num_heads=4), 'mesh.model', 'num_heads=4'),
+    (dict(data=2, fsdp=2, model=2), dict(vocab_size=261), 'mesh.model', 'vocab_size=261'),
+])
+def test_layout_errors_name_the_field(mesh, model, named, words):
+  config = lm.get_config()
+  config.mesh.update(mesh)
+  config.model.update(model)
+  with pytest.raises(ConfigError, match=named.replace('.', r'\.')) as e:
+    config_lib.validate(config, device_count=8)
+  assert words in str(e.value)
+
+
+def test_batch_splits_over_data_fsdp_and_expert():
+  config = lm.get_config('router=top_k')
+  config.mesh.update(data=1, fsdp=4, expert=2)
+  config.data.batch_size = 12
+  with pytest.raises(ConfigError, match='mesh.data\\*mesh.fsdp\\*mesh.expert \\(8\\)'):
+    config_lib.validate(config, device_count=8)
+  config.data.batch_size = 16
+  assert config_lib.validate(config, device_count=8).mesh.shape == (1, 4, 2, 1)
+
+
 def test_layers_must_divide_into_scan_groups():
   config = lm.get_config('router=top_k')
   config.model.num_layers = 5  # MoE every 2 layers: groups of 2

@@ -50,9 +50,11 @@ def test_switch_top1_known_answer():
   np.testing.assert_array_equal(plan.token_for_slot_GEC[0], [[0, 2], [1, -1]])
   np.testing.assert_allclose(plan.weight_GEC[0], [[0.880797, 0.952574], [0.731059, 0.0]],
                              atol=1e-6)
-  # renormalised over k = 1 choice: weight 1 for kept tokens
+  # renormalize is ignored for K = 1 (Switch keeps p_e; renormalised weights would all be 1
+  # and give the router no task-loss gradient): same weights as above
   plan = top_k_route(LOGITS_TOP1, 1, c, renormalize=True)
-  np.testing.assert_allclose(plan.combine_weight_GSK[0, :, 0], [1, 1, 1, 0], atol=1e-6)
+  np.testing.assert_allclose(plan.combine_weight_GSK[0, :, 0],
+                             [0.880797, 0.731059, 0.952574, 0.0], atol=1e-6)
 
 
 def test_top2_known_answer_all_first_choices_first():
@@ -149,6 +151,31 @@ def test_lb_loss_is_one_under_uniform_routing():
   np.testing.assert_allclose(aux['lb_loss'], 1.0, atol=1e-6)
 
 
+def test_lb_loss_is_per_group():
+  # 2 groups, E = 2, K = 1: group 0 sends every token to e0 with logits (2, 0), group 1 every
+  # token to e1 with logits (0, 2); a 3rd group is all halted and must not count.
+  # Per group: f = (1, 0), mean p = (0.880797, 0.119203) -> 2 * 0.880797 = 1.761594 (the
+  # mirror image for group 1); mean over the 2 running groups = 1.761594.
+  # Pooled over groups it would be f = (1/2, 1/2), mean p = (1/2, 1/2) -> 2 * (1/4 + 1/4) = 1.0
+  # (the minimum, with zero gradient) although half the tokens are dropped (C = 2 of S = 4).
+  row = jnp.array([2., 0.])
+  logits = jnp.stack([jnp.tile(row, (4, 1)), jnp.tile(row[::-1], (4, 1)), jnp.zeros((4, 2))])
+  run = jnp.array([[True] * 4, [True] * 4, [False] * 4])
+  plan = top_k_route(logits, 1, capacity(4, 2, 1, 1.0), running_GS=run)
+  aux = router_aux(plan, run, 'top_k', (3, 4))
+  np.testing.assert_allclose(aux['lb_loss'], 2 * 0.880797, atol=1e-5)
+  np.testing.assert_allclose(aux['dropped_frac'], 0.5)
+  p = np.asarray(plan.probs_GSE)[:2]
+  f_pooled = np.eye(2)[np.asarray(plan.first_choice_GS)[:2]].mean((0, 1))
+  pooled = 2 * np.sum(f_pooled * p.mean((0, 1)))
+  np.testing.assert_allclose(pooled, 1.0, atol=1e-6)
+  assert float(aux['lb_loss']) - pooled > 0.7
+  # uniform routing is still exactly 1 per group, with one group partly halted
+  run = jnp.array([[True] * 4, [True, False, True, False]])
+  plan = top_k_route(jnp.zeros((2, 4, 2)), 1, 4, running_GS=run)
+  np.testing.assert_allclose(router_aux(plan, run, 'top_k', (2, 4))['lb_loss'], 1.0, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- layer
 
 ROUTED = ['top_k', 'dropless', 'expert_choice', 'soft', 'hash']
@@ -181,12 +208,16 @@ def _run_layer(router, dispatch, x, run=None, ids=None, grad=True, **kw):
 
 
 @pytest.mark.parametrize('router', ROUTED)
-def test_gather_equals_einsum(router):
+@pytest.mark.parametrize('other', ['einsum', 'ragged'])
+def test_gather_equals_einsum_and_ragged(router, other):
+  # capacity_factor 1.0 with K=2 drops assignments: ragged must drop exactly the same ones.
   x = jax.random.normal(jax.random.key(1), (2, 10, 8))
   ids = jax.random.randint(jax.random.key(2), (2, 10), 0, 50)
   run = jax.random.bernoulli(jax.random.key(3), 0.8, (2, 10))
   yg, auxg, gg, _ = _run_layer(router, 'gather', x, run, ids, priority='probability')
-  ye, auxe, ge, _ = _run_layer(router, 'einsum', x, run, ids, priority='probability')
+  ye, auxe, ge, _ = _run_layer(router, other, x, run, ids, priority='probability')
+  if router == 'top_k':
+    assert float(auxg['dropped_frac']) > 0   # the case where the paths could differ
   np.testing.assert_allclose(yg, ye, atol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), gg, ge)
   jax.tree.map(np.testing.assert_array_equal, auxg, auxe)
@@ -253,6 +284,29 @@ def test_dropped_token_gets_exactly_shared_expert():
   np.testing.assert_array_equal(np.asarray(y)[0, dropped], np.asarray(shared)[0, dropped])
   assert not np.allclose(np.asarray(y)[0, ~dropped], np.asarray(shared)[0, ~dropped])
   np.testing.assert_allclose(aux['dropped_frac'], dropped.mean(), atol=1e-6)
+
+
+def test_top1_router_gets_task_gradient_with_default_renormalize():
+  # K = 1 with the default renormalize=True: the combine weight must stay p_e (Switch), not
+  # p_e / p_e = 1, else the task loss gives the router ~no gradient (measured 7e-7 vs 6).
+  cfg = _cfg(router='top_k', num_experts=2, top_k=1, capacity_factor=2.0)
+  assert cfg.renormalize
+  m = MoEFFN(cfg, d_model=8, d_ff=16, causal=False)
+  x = jax.random.normal(jax.random.key(11), (1, 4, 8))
+  v = jax.jit(m.init)(jax.random.key(0), x)
+
+  def task_loss(params):
+    y, _ = m.apply({**v, 'params': params}, x)
+    return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape)))
+
+  g = nn.meta.unbox(jax.jit(jax.grad(task_loss))(v['params']))
+  assert float(jnp.linalg.norm(g['router'])) > 1e-3
+  w_DE = nn.meta.unbox(v['params'])['router']
+  plan = jax.jit(ROUTERS['top_k'].plan, static_argnums=(1, 2))(x @ w_DE, cfg, 4, None, None)
+  assert np.all(np.asarray(plan.slot_index_GSK) >= 0)   # C = S: nothing dropped
+  np.testing.assert_allclose(plan.combine_weight_GSK[..., 0], jnp.max(plan.probs_GSE, -1),
+                             atol=1e-6)
+  assert float(jnp.max(plan.combine_weight_GSK)) < 1.0
 
 
 def test_groups_and_jitter():

@@ -14,7 +14,7 @@ def test_tiny_moe_lm_trains_and_uses_every_expert(tmp_path):
   config.model.num_layers = 4
   config.moe.update(num_experts=4, bias_rate=1e-3, shared_experts=1)
   config.train.update(steps=60, eval_every=1000, checkpoint_every=60)
-  mesh = sharding.make_mesh(shape=(1, 1, 1))
+  mesh = sharding.make_mesh(shape=(1, 1, 1, 1))
   _, sh = training.state_shardings(config, mesh)
   init = training.init_state(config, mesh, sh)
   ds = data.make_dataset(config.data, config.seed)

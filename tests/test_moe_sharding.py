@@ -2,7 +2,8 @@
 
 Runs in a subprocess because the 8 fake CPU devices must be requested through XLA_FLAGS before
 jax is imported. Parameters are sharded by their logical names (LOGICAL_RULES), inputs on
-'data'; meshes (data, expert, model) = (8,1,1), (2,4,1), (1,8,1), (2,2,2).
+'data'; meshes (data, fsdp, expert, model) = (8,1,1,1), (2,1,4,1), (1,1,8,1), (2,1,2,2),
+(1,2,2,2) (the last with the expert weights' d_model split over fsdp too).
 """
 CHILD = r'''
 import os
@@ -40,11 +41,11 @@ for case in CASES:
 
   step = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
   (ref_l, ref_y), ref_g = jax.jit(step)(params, x, run)
-  for shape in [(8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2)]:
+  for shape in [(8, 1, 1, 1), (2, 1, 4, 1), (1, 1, 8, 1), (2, 1, 2, 2), (1, 2, 2, 2)]:
     mesh = sharding.make_mesh(shape=shape)
     p_sh = jax.device_put(params, sharding.params_shardings(boxed, mesh))
     if case['router'] != 'soft':
-      assert p_sh['w_in'].sharding.spec == P('expert', None, 'model'), p_sh['w_in'].sharding
+      assert p_sh['w_in'].sharding.spec == P('expert', 'fsdp', 'model'), p_sh['w_in'].sharding
     xs = jax.device_put(x, sharding.data_sharding(mesh, 3))
     rs = jax.device_put(run, sharding.data_sharding(mesh, 2))
     with sharding.mesh_context(mesh):

@@ -54,7 +54,7 @@ def test_resolve_derives_every_fact_once():
   assert spec.exit_layers == (2, 4, 6)
   assert isinstance(spec.policy, halting_lib.ConfidenceExit)
   assert spec.policy.num_steps == 3
-  assert spec.mesh.shape == (1, 1, 1)
+  assert spec.mesh.shape == (1, 1, 1, 1)
   assert spec.default_operating_point == OperatingPoint(c.halting.threshold)
 
 

@@ -22,9 +22,11 @@ aux (float32 unless noted, all unweighted, over running tokens only):
   dropped_frac   dropped (token, choice) / (running tokens * K) (expert_choice: fraction of
                  running tokens no expert took; soft: 0)
   router_entropy mean_t -sum_e p_e log p_e;   max_prob  mean_t max_e p_e
-  lb_loss        Switch: E * sum_e f_e * mean_t p_e, f_e = share of first choices (pre-capacity)
-                 on e; 1 under uniform routing. 0 for expert_choice and soft (balanced by
-                 construction) and hash (nothing to learn).
+  lb_loss        Switch, per group g (capacity is per group): mean_g E * sum_e f_ge * p_ge,
+                 f_ge = share of g's running tokens whose first choice (pre-capacity) is e,
+                 p_ge = their mean p_e; mean over groups with a running token; 1 under
+                 uniform routing. 0 for expert_choice and soft (balanced by construction) and
+                 hash (nothing to learn).
   z_loss         ST-MoE (Zoph et al. 2022): mean_t logsumexp(logits)^2 (soft: over the N slot
                  logits); 0 for hash.
   top1_expert    int32 [B, L] first-choice expert, -1 for halted tokens.
@@ -100,9 +102,14 @@ def router_aux(plan: Any, run_GS: jax.Array, router: str, shape_BL: tuple[int, i
     dropped = jnp.sum((plan.expert_index_GSK >= 0) & ~kept_GSK) / (n_run * k_eff)
     top1_GS = plan.first_choice_GS
   if info.balance_loss:
-    f_E = jnp.sum(jax.nn.one_hot(plan.first_choice_GS, e_, dtype=jnp.float32), (0, 1)) / n_run
-    p_mean_E = jnp.sum(probs_GSE * run_f_GS[..., None], axis=(0, 1)) / n_run
-    lb_loss = e_ * jnp.sum(f_E * p_mean_E)
+    # Per group, as capacity is: pooled f and p let groups that overload opposite experts
+    # cancel out (loss 1, no gradient) while half their tokens are dropped.
+    n_G = jnp.sum(run_f_GS, axis=1)
+    n_G1 = jnp.maximum(n_G, 1.0)[:, None]
+    f_GE = jnp.sum(jax.nn.one_hot(plan.first_choice_GS, e_, dtype=jnp.float32), 1) / n_G1
+    p_mean_GE = jnp.sum(probs_GSE * run_f_GS[..., None], axis=1) / n_G1
+    lb_G = e_ * jnp.sum(f_GE * p_mean_GE, axis=-1)   # 0 for a group with no running token
+    lb_loss = jnp.sum(lb_G) / jnp.maximum(jnp.sum(n_G > 0), 1)
   else:
     lb_loss = zero
   if info.z_loss:

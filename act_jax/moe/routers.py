@@ -18,8 +18,10 @@ also return the same plan seen from the token side (expert_index/slot_index/comb
   choice; within a choice rank by position ('position', causal-safe: a token's slot depends
   only on earlier tokens) or by max_e p_e descending ('probability': Batch Prioritized Routing,
   V-MoE, Riquelme et al. 2021; uses the whole group, so not causal-safe). A (token, choice)
-  whose expert is full is dropped (weight 0). Weight = p_e, or p_e / sum_{chosen k} p (the
-  renormalisation is done over the K choices BEFORE dropping).
+  whose expert is full is dropped (weight 0). Weight = p_e, or with renormalize (K > 1 only)
+  p_e / sum_{chosen k} p (done over the K choices BEFORE dropping). For K = 1 renormalize is
+  ignored and the weight stays p_e (Switch): p_e / p_e = 1 would leave the router no gradient
+  from the task loss.
 * dropless: top_k with C = S, so no expert can overflow (each token picks an expert at most
   once).
 * expert_choice (Zhou et al. 2022): scores p = softmax over experts; every expert takes its
@@ -35,10 +37,12 @@ also return the same plan seen from the token side (expert_index/slot_index/comb
   combine weight uses the unbiased p; b is updated outside the optimizer by `update_bias`.
 * jitter (Switch): router input x * U(1 - eps, 1 + eps) in training.
 
-Losses (computed by the layer from the plan): Switch load-balance loss
-E * sum_e f_e * mean_t p_e (f_e = fraction of tokens whose FIRST choice is e, before capacity;
-exactly 1 under uniform routing) and the ST-MoE router z-loss mean_t (logsumexp_e l_e)^2
-(Zoph et al. 2022).
+Losses (computed by the layer from the plan): Switch load-balance loss per routing group,
+mean_g E * sum_e f_ge * p_ge (f_ge = fraction of group g's running tokens whose FIRST choice is
+e, before capacity; p_ge = mean of p_e over them; groups with no running token are left out of
+the mean; exactly 1 under uniform routing). Per group because capacity is per group: pooled
+over groups, two groups routing all tokens to opposite experts would score the minimum 1.
+Plus the ST-MoE router z-loss mean_t (logsumexp_e l_e)^2 (Zoph et al. 2022).
 """
 from __future__ import annotations
 
@@ -51,7 +55,7 @@ import jax.numpy as jnp
 from act_jax.errors import ConfigError
 from act_jax.spec import MoESpec
 
-DISPATCHES = ('gather', 'einsum')
+DISPATCHES = ('gather', 'ragged', 'einsum')
 PRIORITIES = ('position', 'probability')
 HASH_MULTIPLIER = 2654435761  # Knuth's multiplicative hash constant (~2^32 / golden ratio)
 
@@ -205,7 +209,7 @@ def top_k_route(logits_GSE: jax.Array, k: int, expert_capacity: int, *,
   select_GSE = logits_GSE if bias_E is None else logits_GSE + bias_E.astype(jnp.float32)
   _, expert_GSK = jax.lax.top_k(select_GSE, k)   # bias only changes WHO is chosen
   weight_GSK = jnp.take_along_axis(probs_GSE, expert_GSK, axis=-1)
-  if renormalize:
+  if renormalize and k > 1:   # K = 1: keep p_e (Switch), else every weight is 1, no gradient
     weight_GSK = weight_GSK / jnp.sum(weight_GSK, axis=-1, keepdims=True)
   expert_GSK = jnp.where(running_GS[..., None], expert_GSK, -1).astype(jnp.int32)
   weight_GSK = jnp.where(running_GS[..., None], weight_GSK, 0.0)

@@ -1,0 +1,48 @@
+r"""Compiles the real train and decode steps for a TPU topology you do not have; prints the
+per-chip memory, FLOPs, estimated step time / MFU and collectives (act_jax/aot.py).
+
+  pip install -e '.[tpu]'          # libtpu: TPU compiles on any machine, no TPU needed
+  python -m experiments.compile --config=experiments/configs/pod.py:size=1b --topology=v5e:4x4
+  python -m experiments.compile --config=experiments/configs/pod.py:size=8b \
+      --topology=v5p:4x4x4 --config.mesh.expert=8 --config.moe.dispatch=ragged
+Exits with status 1 (and says why, with a suggestion) when the layout does not fit the
+chip's HBM; status 2 on a bad flag or config.
+"""
+import json
+import os
+import sys
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # the host compiles; libtpu only describes
+
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from act_jax import aot  # noqa: E402
+from experiments import quiet_logs, run  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).',
+                                          lock_config=True)
+_TOPOLOGY = flags.DEFINE_string('topology', None, 'TPU slice, e.g. ' +
+                                ', '.join(aot.TOPOLOGY_EXAMPLES))
+_PROBES = flags.DEFINE_bool('probes', True, 'Compile 2- and 3-step probes to correct XLA\'s '
+                            'per-loop-body FLOP count (2 extra compiles).')
+_DECODE = flags.DEFINE_bool('decode', True, 'Also compile the early-exit decode step.')
+_JSON = flags.DEFINE_string('json', None, 'Also write the report as JSON to this path.')
+flags.mark_flags_as_required(['config', 'topology'])
+
+
+def main(argv):
+  del argv
+  quiet_logs()
+  report = aot.compile_report(_CONFIG.value, _TOPOLOGY.value, probes=_PROBES.value,
+                              decode=_DECODE.value)
+  print(aot.format_report(report))
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
+      json.dump(report, f, indent=2)
+  if not report['fits']:
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  run(main)
