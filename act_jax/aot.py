@@ -31,6 +31,7 @@ Dims (legend: act_jax/__init__.py): B batch, L length, D d_model, N depth steps,
 from __future__ import annotations
 
 import dataclasses
+import glob
 import importlib.util
 import math
 import os
@@ -228,6 +229,34 @@ def collectives(hlo: str) -> dict[str, dict[str, float]]:
   return out
 
 
+def dumped_hlo(module: str) -> str | None:
+  """The newest optimized HLO text XLA dumped for `module` (XLA_FLAGS --xla_dump_to=DIR
+  --xla_dump_hlo_as_text, which experiments.compile sets), else None."""
+  m = re.search(r'--xla_dump_to=(\S+)', os.environ.get('XLA_FLAGS', ''))
+  if not m:
+    return None
+  files = glob.glob(os.path.join(m.group(1), f'*.{module}.*after_optimizations.txt'))
+  if not files:
+    return None
+  with open(max(files, key=os.path.getmtime)) as f:
+    return f.read()
+
+
+def optimized_collectives(compiled: Any, module: str) -> dict[str, dict[str, float]]:
+  """collectives() of an executable's optimized HLO. For large TPU programs `as_text()` can
+  fail (a RET_CHECK on async-update ops); XLA's own dump of the module is read instead, and
+  without one the counts are zero with an 'error' entry."""
+  try:
+    return collectives(compiled.as_text())
+  except jax.errors.JaxRuntimeError as e:
+    text = dumped_hlo(module)
+    if text is not None:
+      return collectives(text)
+    out = {k: {'count': 0.0, 'bytes': 0.0} for k in COLLECTIVES}
+    out['error'] = {'message': str(e).strip().splitlines()[0]}  # type: ignore[dict-item]
+    return out
+
+
 # ----------------------------------------------------------------------------- compiling
 def _batch_abstract(spec: Spec, mesh) -> dict[str, jax.ShapeDtypeStruct]:
   shape = (spec.data.batch_size, spec.data.seq_len)
@@ -336,8 +365,8 @@ def compile_report(config: ml_collections.ConfigDict, topology: str, probes: boo
   tokens = spec.data.batch_size * spec.data.seq_len
   total_params, active = param_counts(spec, abstract['params'])
   mf = model_flops(spec, spec.data.batch_size, spec.data.seq_len)
-  coll = collectives(compiled.as_text())
-  coll_bytes = sum(v['bytes'] for v in coll.values())
+  coll = optimized_collectives(compiled, 'jit_train_step')
+  coll_bytes = sum(coll[k]['bytes'] for k in COLLECTIVES)
   raw = _cost(compiled)
   est = probe_costs(config, spec, devices) if probes else dict(raw)
   # Hardware FLOPs: full remat reruns each forward once more in the backward (8NT, not 6NT).
@@ -374,7 +403,7 @@ def compile_report(config: ml_collections.ConfigDict, topology: str, probes: boo
                  - dmem.alias_size_in_bytes + dmem.temp_size_in_bytes),
         # A decode step reads every weight and the whole KV cache once: HBM-bound.
         'seconds_per_token': (dec_bytes['params'] + dec_bytes['cache']) / chip.hbm_bw,
-        'collectives': collectives(dec.as_text())}
+        'collectives': optimized_collectives(dec, 'jit_step')}
   report['advice'] = advice(report, spec)
   return report
 
@@ -461,7 +490,11 @@ def format_report(r: dict[str, Any]) -> str:
            f'{r["roofline_seconds"] * 1e3:.1f} ms -> using {r["time_source"]}',
            f'  {r["tokens_per_s_per_chip"]:,.0f} tokens/s/chip, MFU {r["mfu"]:.1%}',
            'collectives per chip per step (loop trip counts applied):']
-  for k, v in r['collectives'].items():
+  if 'error' in r['collectives']:
+    lines.append(f'  not available: XLA could not print the optimized HLO '
+                 f'({r["collectives"]["error"]["message"]}); the roofline omits them')
+  for k in COLLECTIVES:
+    v = r['collectives'][k]
     if v['count']:
       lines.append(f'  {k:<19}{v["count"]:7.0f} x   {v["bytes"] / GiB:9.3f} GiB')
   if 'decode' in r:

@@ -8,11 +8,21 @@ per-chip memory, FLOPs, estimated step time / MFU and collectives (act_jax/aot.p
 Exits with status 1 (and says why, with a suggestion) when the layout does not fit the
 chip's HBM; status 2 on a bad flag or config.
 """
+import atexit
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # the host compiles; libtpu only describes
+if '--xla_dump_to' not in os.environ.get('XLA_FLAGS', ''):
+  # XLA's own text dump of the optimized train / decode step: for large TPU programs
+  # Compiled.as_text() can fail, and the collectives table reads this instead.
+  _DUMP = tempfile.mkdtemp(prefix='act_jax_hlo_')
+  atexit.register(shutil.rmtree, _DUMP, ignore_errors=True)
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + f' --xla_dump_to={_DUMP} '
+                             '--xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_(train_)?step')
 
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -146,3 +146,19 @@ def test_multi_host_slice_layout_is_the_rule_table():
   per_chip = np.prod(w_in.sharding.shard_shape(w_in.shape))
   assert per_chip * 8 == np.prod(w_in.shape)
   assert sharding.BATCH_AXES == ('data', 'fsdp', 'expert')
+
+
+def test_collectives_fall_back_to_xla_dump(tmp_path, monkeypatch):
+  """Compiled.as_text() fails for some large TPU programs: read XLA's own dump instead."""
+  (tmp_path / 'module_0003.jit_train_step.cl_7.after_optimizations.txt').write_text(HLO)
+  (tmp_path / 'module_0003.jit_train_step.cl_7.after_codegen.txt').write_text('junk')
+
+  class Broken:
+    def as_text(self):
+      raise jax.errors.JaxRuntimeError('INTERNAL: RET_CHECK failure')
+
+  monkeypatch.setenv('XLA_FLAGS', f'--xla_dump_to={tmp_path} --xla_dump_hlo_as_text')
+  assert aot.optimized_collectives(Broken(), 'jit_train_step')['all-gather']['count'] == 3.0
+  monkeypatch.setenv('XLA_FLAGS', '')
+  out = aot.optimized_collectives(Broken(), 'jit_train_step')
+  assert out['all-gather']['count'] == 0 and 'RET_CHECK' in out['error']['message']
