@@ -2,9 +2,10 @@ r"""Compiles the real train and decode steps for a TPU topology you do not have;
 per-chip memory, FLOPs, estimated step time / MFU and collectives (act_jax/aot.py).
 
   pip install -e '.[tpu]'          # libtpu: TPU compiles on any machine, no TPU needed
-  python -m experiments.compile --config=experiments/configs/pod.py:size=1b --topology=v5e:4x4
-  python -m experiments.compile --config=experiments/configs/pod.py:size=8b \
-      --topology=v5p:4x4x4 --config.mesh.expert=8 --config.moe.dispatch=ragged
+  python -m experiments.compile --config=experiments/configs/pod.py:size=1b,kind=moe \
+      --topology=v5e:4x4
+  python -m experiments.compile --config=experiments/configs/pod.py:size=8b,kind=moe \
+      --topology=v5p:4x4x4 --config.mesh.expert=8
 Exits with status 1 (and says why, with a suggestion) when the layout does not fit the
 chip's HBM; status 2 on a bad flag or config.
 """
