@@ -80,9 +80,6 @@ CHIPS: dict[str, Chip] = {
     # cloud.google.com/tpu/docs/v6e: 32 GB HBM at 1638 GB/s, 918 TFLOP/s bf16,
     # bidirectional ICI 800 GB/s per chip.
     'v6e': Chip('TPU v6e', 32 * GiB, 918e12, 1638e9, 800e9),
-    # nvidia.com H200 SXM datasheet: 141 GB HBM3e at 4.8 TB/s, 989 TFLOP/s dense bf16,
-    # NVLink 900 GB/s. Not a TPU topology: used to compare a measured GPU run.
-    'h200': Chip('NVIDIA H200', 141e9, 989e12, 4.8e12, 900e9),
 }
 TOPOLOGY_EXAMPLES = ('v5e:2x2', 'v5e:4x4', 'v5e:16x16', 'v5p:2x2x2', 'v5p:4x4x4', 'v6e:2x2',
                      'v6e:16x16', 'v4:2x2x2')

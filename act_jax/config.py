@@ -57,7 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
       jitter=0.0, lb_loss_weight=0.01, z_loss_weight=0.001, bias_rate=0.0, num_slots=1))
   # Mesh axes (act_jax/sharding.py): data parallel, FSDP (batch + every weight's d_model
   # split), expert parallel, tensor parallel. data * fsdp * expert * model = device count;
-  # data=-1 takes the devices the others leave.
+  # one axis may be -1: it takes the devices the others leave.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, model=1))
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, lr=3e-3, min_lr_ratio=0.1, warmup_steps=100, weight_decay=0.01, b1=0.9,
