@@ -31,7 +31,8 @@ chip; README "Pod scale without a pod" has the table):
   same with --config.mesh.fsdp=1 --config.mesh.data=-1 (replicated): refused, needs 30.0 GiB
     (3.56 + 7.13 + 19.28 temporaries).
   size=1b,kind=moe on v5e:4x4 (fsdp 4 x expert 4; 6.68 B total, 0.89 B active): 15.16 GiB
-    (fits, 95 %); MFU 63.7 % (0.87x the dense model's).
+    (fits, 95 %); MFU 63.7 % (0.87x the dense model's; with --probes the HBM-bound
+    roofline gives 27.7 % vs 53.8 %, 0.51x: README).
   size=1b (adaptive) on v5e:4x4: refused, 66.5 GiB of temporaries (the 8 exits' logits).
   size=8b,kind=moe on v5p:4x4x4 --config.mesh.expert=8 (66.3 B total, 7.9 B active):
     34.4 GiB of 95 (fits); roofline MFU 64.8 % (8b dense, fsdp 64: 5.4 GiB, 70.8 %).
