@@ -268,10 +268,24 @@ def _shard_bytes(tree: Any) -> int:
                  for x in jax.tree.leaves(tree)))
 
 
-def compile_train_step(spec: Spec, devices: list[Any]) -> tuple[Any, dict[str, Any]]:
-  """(compiled train step, {'abstract', 'mesh'}) for `devices`, nothing allocated."""
+def layout(spec: Spec, devices: list[Any]) -> dict[str, Any]:
+  """{'mesh', 'abstract' (sharded ShapeDtypeStruct state), 'shardings'} for `devices`."""
   mesh = sharding_lib.make_mesh(spec.mesh.shape, devices)
   abstract, shardings = training.state_shardings(spec, mesh)
+  return {'mesh': mesh, 'abstract': abstract, 'shardings': shardings}
+
+
+def _state_bytes(abstract: Any) -> tuple[int, int]:
+  """(parameter bytes, optimizer + MoE-bias state bytes) per chip."""
+  return (_shard_bytes(abstract['params']),
+          _shard_bytes(abstract['opt_state']) + _shard_bytes(abstract['moe_state']))
+
+
+def compile_train_step(spec: Spec, devices: list[Any], lay: dict[str, Any] | None = None
+                       ) -> tuple[Any, dict[str, Any]]:
+  """(compiled train step, its layout) for `devices`, nothing allocated."""
+  lay = lay or layout(spec, devices)
+  mesh, abstract, shardings = lay['mesh'], lay['abstract'], lay['shardings']
   batch = _batch_abstract(spec, mesh)
   repl = sharding_lib.replicated(mesh)
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl)
@@ -280,14 +294,15 @@ def compile_train_step(spec: Spec, devices: list[Any]) -> tuple[Any, dict[str, A
                  in_shardings=(shardings, {k: v.sharding for k, v in batch.items()}, repl),
                  out_shardings=(shardings, repl), donate_argnums=(0,))
     compiled = fn.lower(abstract, batch, rng).compile()
-  return compiled, {'abstract': abstract, 'mesh': mesh}
+  return compiled, lay
 
 
-def compile_decode_step(spec: Spec, devices: list[Any]) -> tuple[Any, dict[str, int]]:
+def compile_decode_step(spec: Spec, devices: list[Any], lay: dict[str, Any] | None = None
+                        ) -> tuple[Any, dict[str, int]]:
   """The early-exit decode step (one token per row, KV cache of model.max_len) for a batch
   of data.batch_size rows. Parameters keep the training layout."""
-  mesh = sharding_lib.make_mesh(spec.mesh.shape, devices)
-  abstract, _ = training.state_shardings(spec, mesh)
+  lay = lay or layout(spec, devices)
+  mesh, abstract = lay['mesh'], lay['abstract']
   b = spec.data.batch_size
   m = spec.model
   cache_sh = jax.sharding.NamedSharding(
@@ -343,18 +358,18 @@ def compile_report(config: ml_collections.ConfigDict, topology: str, probes: boo
   devices = topology_devices(topology)
   config = config_lib.complete(config)
   spec = config_lib.validate(config, device_count=len(devices))
+  lay = layout(spec, devices)  # built once: train step, decode step and the OOM report
   t0 = time.time()
   try:
-    compiled, info = compile_train_step(spec, devices)
+    compiled, info = compile_train_step(spec, devices, lay)
   except jax.errors.JaxRuntimeError as e:
     if 'RESOURCE_EXHAUSTED' not in str(e) and 'Oom' not in str(e):
       raise
-    return _oom_report(spec, devices, chip, topology, str(e))
+    return _oom_report(spec, lay, chip, topology, len(devices), str(e))
   compile_s = time.time() - t0
   abstract = info['abstract']
   mem = compiled.memory_analysis()
-  params_b = _shard_bytes(abstract['params'])
-  opt_b = _shard_bytes(abstract['opt_state']) + _shard_bytes(abstract['moe_state'])
+  params_b, opt_b = _state_bytes(abstract)
   batch_b = _shard_bytes(_batch_abstract(spec, info['mesh']))
   peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
           + mem.temp_size_in_bytes)
@@ -392,7 +407,7 @@ def compile_report(config: ml_collections.ConfigDict, topology: str, probes: boo
       'collectives': coll, 'compile_seconds': compile_s,
   }
   if decode:
-    dec, dec_bytes = compile_decode_step(spec, devices)
+    dec, dec_bytes = compile_decode_step(spec, devices, lay)
     dmem = dec.memory_analysis()
     report['decode'] = {
         'params': dec_bytes['params'], 'cache': dec_bytes['cache'],
@@ -405,18 +420,16 @@ def compile_report(config: ml_collections.ConfigDict, topology: str, probes: boo
   return report
 
 
-def _oom_report(spec: Spec, devices: list[Any], chip: Chip, topology: str, error: str
-                ) -> dict[str, Any]:
+def _oom_report(spec: Spec, lay: dict[str, Any], chip: Chip, topology: str, chips: int,
+                error: str) -> dict[str, Any]:
   """The TPU compiler refused the layout as out of HBM: report what we know without an
   executable (state bytes from the shardings, the compiler's temporaries figure)."""
-  mesh = sharding_lib.make_mesh(spec.mesh.shape, devices)
-  abstract, _ = training.state_shardings(spec, mesh)
-  params_b = _shard_bytes(abstract['params'])
-  opt_b = _shard_bytes(abstract['opt_state']) + _shard_bytes(abstract['moe_state'])
+  mesh, abstract = lay['mesh'], lay['abstract']
+  params_b, opt_b = _state_bytes(abstract)
   m = re.search(r'temporaries \(([\d.]+)G\)', error)
   temp = float(m.group(1)) * GiB if m else 0.0
   total, active = param_counts(spec, abstract['params'])
-  report = {'topology': topology, 'chip': chip.name, 'chips': len(devices),
+  report = {'topology': topology, 'chip': chip.name, 'chips': chips,
             'mesh': dict(mesh.shape), 'hbm_bytes': chip.hbm_bytes, 'fits': False,
             'params_total': total, 'params_active': active,
             'bytes': {'params': params_b, 'optimizer': opt_b, 'temp': temp,

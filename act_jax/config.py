@@ -309,9 +309,7 @@ def _check_layout(model: ModelSpec, moe: MoESpec, mesh: tuple[int, int, int, int
            f'dimension)')
   if tp > 1:
     sizes = {'model.num_heads': model.num_heads, 'model.d_ff': model.d_ff,
-             'model.vocab_size': model.vocab_size}
-    if moe_lib.ROUTERS[moe.router].routed or moe.router == 'none':
-      sizes['moe.d_ff'] = moe.d_ff
+             'model.vocab_size': model.vocab_size, 'moe.d_ff': moe.d_ff}
     for field, v in sizes.items():
       _require(v % tp == 0, 'mesh.model', tp,
                f'must divide {field}={v} (tensor parallelism splits heads, FFN hidden units '

@@ -214,11 +214,7 @@ def launch_local(argv: list[str], num_processes: int, devices_per_process: int,
   is forwarded (SIGKILL after GRACE_SECONDS); Ctrl-C stops them all (SIGTERM, then
   SIGKILL after INTERRUPT_GRACE_SECONDS) and re-raises. Every child is reaped before this
   returns or raises. Returns the exit codes (-9: killed)."""
-  if not isinstance(num_processes, int) or num_processes < 1:
-    raise ConfigError(f'--num_processes={num_processes!r}: must be a positive integer')
-  if not isinstance(devices_per_process, int) or devices_per_process < 1:
-    raise ConfigError(f'--devices_per_process={devices_per_process!r}: must be a positive '
-                      f'integer')
+  _check_counts(num_processes, devices_per_process)
   if not argv:
     raise ConfigError('no command to launch: put it after --, e.g. -- python -m '
                       'experiments.train ...')
@@ -292,6 +288,14 @@ def launch_local(argv: list[str], num_processes: int, devices_per_process: int,
 
 
 # ----------------------------------------------------------------------------- benchmark
+def _check_counts(num_processes: int, devices_per_process: int) -> None:
+  if not isinstance(num_processes, int) or num_processes < 1:
+    raise ConfigError(f'--num_processes={num_processes!r}: must be a positive integer')
+  if not isinstance(devices_per_process, int) or devices_per_process < 1:
+    raise ConfigError(f'--devices_per_process={devices_per_process!r}: must be a positive '
+                      f'integer')
+
+
 def benchmark(config: str, overrides: Sequence[str] = (), steps: int = 30,
               num_processes: int = 2, devices_per_process: int = 2, warmup: int = 5,
               timeout: Optional[float] = None, workdir: Optional[str] = None) -> list[dict]:
@@ -303,6 +307,7 @@ def benchmark(config: str, overrides: Sequence[str] = (), steps: int = 30,
   syncs (metrics, the stop agreement). Each run is `python -m experiments.train` with
   log_every=1 and no checkpoint or evaluation until the end; the rate is 1 / the median
   step time of the steps after `warmup` (compilation), read from metrics.jsonl."""
+  _check_counts(num_processes, devices_per_process)  # before the 1-process run, not after
   if steps <= warmup:
     raise ConfigError(f'--steps={steps}: must exceed the {warmup} warm-up steps')
   total = num_processes * devices_per_process
