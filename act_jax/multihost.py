@@ -117,7 +117,8 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
       raise ConfigError(f'this process already joined a multi-process job with '
                         f'{dict(zip(_FLAGS, _joined))}; it cannot join another')
     return
-  if jax.distributed.is_initialized():  # the caller joined it (e.g. a notebook)
+  is_initialized = getattr(jax.distributed, 'is_initialized', lambda: False)  # not in all jax
+  if is_initialized():  # the caller joined it (e.g. a notebook)
     _joined = args
     return
   if explicit:
