@@ -15,6 +15,13 @@ stops as soon as no token is running — layers after that are never executed.
   K_j = RoPE(W_K^j · norm_j(h^{e})), V_j = W_V^j · norm_j(h^{e}) for every layer j past e
   (the public t5x code propagates the first segment's state instead — a known bug);
   kv_fill='copy' copies the exit layer's own K/V into the deeper layers.
+  kv_fill='lazy' computes the same K/V as 'project', but only when a later token first runs
+  that layer: each row keeps its tokens' exit states h_exit [B, T, D] and, per depth step,
+  how far its cache is filled (`filled` [B, N]). The positions still pending at step j are
+  always one contiguous range [filled[b, j], index_b), because a token that runs step j
+  fills everything before it; they are projected in chunks of LAZY_CHUNK positions (one
+  batched matmul per layer instead of one weight read per exited token and skipped layer),
+  and layers that no later token reaches are never filled at all.
 The threshold is a traced argument of every jitted function: changing the operating point
 never recompiles. An operating point (spec.OperatingPoint: threshold + optional depth cap)
 enters as its per-step vector [N] (OperatingPoint.vector: -inf at the cap step); every entry
@@ -41,7 +48,8 @@ from act_jax.model import (DepthStep, dtype_of, finish_outputs, init_cache, make
                            prepare_inputs)
 from act_jax.spec import NEVER_EXIT, OperatingPoint, Spec, threshold_per_step  # noqa: F401
 
-KV_FILL = ('project', 'copy')
+KV_FILL = ('project', 'copy', 'lazy')
+LAZY_CHUNK = 8  # positions projected per batched lazy fill (more pending: several chunks)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -117,7 +125,7 @@ def _top(variables: dict) -> dict:
 
 
 def _depth_while(spec: Spec, variables, carry, bcast, cache=None, keep_layer_aux=True,
-                 row_bucket: Optional[int] = None, bufs=None, rows=None):
+                 row_bucket: Optional[int] = None, bufs=None, rows=None, lazy=None):
   """Runs DepthStep i = carry['i'] .. while any token runs (and, with row_bucket, while
   more than row_bucket rows run). Returns (carry, ys stacked [N, ...], cache).
 
@@ -162,16 +170,95 @@ def _depth_while(spec: Spec, variables, carry, bcast, cache=None, keep_layer_aux
                      b, ys)
     return new_c, b, kv
 
-  return jax.lax.while_loop(cond, body, (carry, bufs, cache))
+  def lazy_body(st):
+    c, b, kv, lz = st
+    i = c['i']
+    r = _rows(rows, c['h'].shape[0])
+    index_R = jnp.broadcast_to(bcast['cache_index'], r.shape)
+    # the fill loop only when something is pending: entering it costs a copy of its carry
+    kv = jax.lax.cond(jnp.any(lz['filled'][r, i] < index_R),
+                      lambda kv: _fill_pending(spec, variables, kv, lz, i, bcast['cache_index'],
+                                               c['h'].shape[0], rows)[0],
+                      lambda kv: kv, kv)
+    c, b, kv = body((c, b, kv))
+    return c, b, kv, dict(lz, filled=lz['filled'].at[r, i].set(index_R + 1))
+
+  if lazy is None:
+    return jax.lax.while_loop(cond, body, (carry, bufs, cache))
+  carry, bufs, cache, lazy = jax.lax.while_loop(lambda st: cond(st[:3]), lazy_body,
+                                                (carry, bufs, cache, lazy))
+  return carry, bufs, (cache, lazy)
+
+
+def _rows(rows, size: int):
+  return jnp.arange(size) if rows is None else rows
+
+
+def _kv_params(spec: Spec, variables) -> list[dict]:
+  """Per layer of a step: the attention norm and K/V projections (stacked over steps).
+  Filling K/V reads only these: slicing a whole step's parameters would copy its MLP or
+  experts for nothing."""
+  stack = variables['params']['stack']
+  return [{'scale': stack[f'layer_{g}']['attn_norm']['scale'],
+           'wk': stack[f'layer_{g}']['attn']['wk'], 'wv': stack[f'layer_{g}']['attn']['wv']}
+          for g in range(len(spec.model.layer_kinds))]
+
+
+def init_lazy(spec: Spec, batch: int, max_len: int, filled: int = 0) -> dict:
+  """kv_fill='lazy' state: exit states [B, T, D] and the filled prefix per row and step
+  (`filled` positions of every step already hold K/V, e.g. a prefilled prompt)."""
+  m = spec.model
+  return {'h_exit': jnp.zeros((batch, max_len, m.d_model), dtype_of(m.dtype)),
+          'filled': jnp.full((batch, m.num_steps), filled, jnp.int32)}
+
+
+def _fill_pending(spec: Spec, variables, cache, lazy, j, index, batch: int, rows):
+  """Projects the K/V at step j of the positions [filled[r, j], index_r) of this batch's
+  rows from their exit states, LAZY_CHUNK positions per iteration."""
+  m = spec.model
+  r = _rows(rows, batch)
+  index_R = jnp.broadcast_to(index, r.shape)
+  t = lazy['h_exit'].shape[1]
+
+  def body(st):
+    kv, start_R = st
+    # sliced here, not outside the loop: a step with nothing pending reads no weights
+    params = [p if m.share_weights else _index(p, j) for p in _kv_params(spec, variables)]
+    pos_RW = start_R[:, None] + jnp.arange(LAZY_CHUNK, dtype=jnp.int32)
+    ok_RW = pos_RW < index_R[:, None]
+    pos_RW = jnp.minimum(pos_RW, t - 1)
+    h_RWD = lazy['h_exit'][r[:, None], pos_RW]
+    new = []
+    for g, p in enumerate(params):
+      k, v = project_kv(rms_norm(h_RWD, p['scale']), p['wk'], p['wv'], pos_RW, m.rope_base,
+                        dtype_of(m.dtype))
+      entry = {}
+      for name, val in (('k', k), ('v', v)):
+        full = kv[g][name]                                    # [N,B,T,H,J]
+        old = full[j, r[:, None], pos_RW]
+        val = jnp.where(ok_RW[..., None, None], val.astype(full.dtype), old)
+        entry[name] = full.at[j, r[:, None], pos_RW].set(val)
+      new.append(entry)
+    return new, jnp.minimum(start_R + LAZY_CHUNK, jnp.maximum(index_R, start_R))
+
+  cache, _ = jax.lax.while_loop(lambda st: jnp.any(st[1] < index_R), body,
+                                (cache, lazy['filled'][r, j]))
+  return cache, lazy
 
 
 def _write_position(full_NBTHJ, new_BTHJ, i, index, length, rows):
-  """full[i, rows, index:index+length] = new[:, index:index+length]."""
-  chunk = jax.lax.dynamic_slice_in_dim(new_BTHJ, index, length, axis=1)
-  if rows is None:  # 5-D in-place update: no per-layer copy of the cache
-    return jax.lax.dynamic_update_slice(full_NBTHJ, chunk[None], (i, 0, index, 0, 0))
-  pos = index + jnp.arange(length)
-  return full_NBTHJ.at[i, rows[:, None], pos[None, :]].set(chunk)
+  """full[i, rows, index:index+length] = new[:, index:index+length] (index: one position,
+  or one per row [B] of this batch)."""
+  if jnp.ndim(index) == 0:
+    chunk = jax.lax.dynamic_slice_in_dim(new_BTHJ, index, length, axis=1)
+    if rows is None:  # 5-D in-place update: no per-layer copy of the cache
+      return jax.lax.dynamic_update_slice(full_NBTHJ, chunk[None], (i, 0, index, 0, 0))
+    pos = index + jnp.arange(length)
+    return full_NBTHJ.at[i, rows[:, None], pos[None, :]].set(chunk)
+  pos_BL = index[:, None] + jnp.arange(length)
+  chunk = jnp.take_along_axis(new_BTHJ, pos_BL[:, :, None, None], axis=1)
+  rows = jnp.arange(new_BTHJ.shape[0]) if rows is None else rows
+  return full_NBTHJ.at[i, rows[:, None], pos_BL].set(chunk)
 
 
 def forward_while(config: Any, variables: dict, tokens_BL: jax.Array,
@@ -185,9 +272,11 @@ def forward_while(config: Any, variables: dict, tokens_BL: jax.Array,
   return finish_outputs(spec, carry, ys, bcast['head'], tokens_BL)
 
 
-def _run_compacted(spec: Spec, variables, carry, bcast, cache=None, min_rows: int = 1):
+def _run_compacted(spec: Spec, variables, carry, bcast, cache=None, min_rows: int = 1,
+                   lazy=None):
   """Depth loop over buckets B, B/2, ...: when at most half of a bucket's rows still run,
-  those rows are gathered into the next bucket (exited rows stop costing compute)."""
+  those rows are gathered into the next bucket (exited rows stop costing compute).
+  With lazy (kv_fill='lazy') the third result is (cache, lazy), as for _depth_while."""
   b = carry['h'].shape[0]
   sizes = [b]
   while sizes[-1] // 2 >= max(min_rows, 1) and sizes[-1] % 2 == 0:
@@ -195,11 +284,15 @@ def _run_compacted(spec: Spec, variables, carry, bcast, cache=None, min_rows: in
   rows = jnp.arange(b)
   full_carry, full_ys, ys = None, None, None
   row_keys = ('positions', 'tokens', 'key_mask')
+  if jnp.ndim(bcast['cache_index']) == 1:  # continuous batching: a position per row
+    row_keys += ('cache_index',)
   for s, size in enumerate(sizes):
     nxt = sizes[s + 1] if s + 1 < len(sizes) else None
     carry, ys, cache = _depth_while(spec, variables, carry, bcast, cache,
                                     keep_layer_aux=False, row_bucket=nxt, bufs=ys,
-                                    rows=None if s == 0 else rows)
+                                    rows=None if s == 0 else rows, lazy=lazy)
+    if lazy is not None:
+      cache, lazy = cache
     if full_carry is None:
       full_carry, full_ys = carry, ys
     else:  # scatter this bucket's rows back into the full-size results
@@ -218,7 +311,7 @@ def _run_compacted(spec: Spec, variables, carry, bcast, cache=None, min_rows: in
   full_carry['i'] = carry['i']
   full_ys = dict(full_ys)
   full_ys['layer_aux'] = []  # per-layer MoE telemetry is not tracked across buckets
-  return full_carry, full_ys, cache
+  return full_carry, full_ys, (cache if lazy is None else (cache, lazy))
 
 
 def forward_compact(config: Any, variables: dict, tokens_BL: jax.Array,
@@ -241,13 +334,10 @@ def _fill_skipped_kv(spec: Spec, variables, cache, h_BLD, exit_step_BL, executed
   """Writes K/V at `index` for every layer past each token's exit step (see module doc)."""
   m = spec.model
   n, kinds = m.num_steps, m.layer_kinds
-  stack = variables['params']['stack']
-  # Only the K/V projections and the attention norm of skipped layers are read: slicing a
-  # whole step's parameters would copy its MLP/experts for nothing.
-  kv_params = [{'scale': stack[f'layer_{g}']['attn_norm']['scale'],
-                'wk': stack[f'layer_{g}']['attn']['wk'], 'wv': stack[f'layer_{g}']['attn']['wv']}
-               for g in range(len(kinds))]
+  kv_params = _kv_params(spec, variables)
   e_B = exit_step_BL[:, -1]
+  per_row = jnp.ndim(index) == 1  # continuous batching: each row at its own position
+  rows_B = jnp.arange(e_B.shape[0])
   if kv_fill == 'project':
     start = executed  # steps before this ran with the frozen exit state: already projected
   else:
@@ -255,8 +345,11 @@ def _fill_skipped_kv(spec: Spec, variables, cache, h_BLD, exit_step_BL, executed
     last = len(kinds) - 1  # the exit layer: last layer of the exit step
     k_exit = jnp.take_along_axis(cache[last]['k'], e_B[None, :, None, None, None], 0)[0]
     v_exit = jnp.take_along_axis(cache[last]['v'], e_B[None, :, None, None, None], 0)[0]
-    k_exit = jax.lax.dynamic_slice_in_dim(k_exit, index, 1, axis=1)
-    v_exit = jax.lax.dynamic_slice_in_dim(v_exit, index, 1, axis=1)
+    if per_row:
+      k_exit, v_exit = k_exit[rows_B, index][:, None], v_exit[rows_B, index][:, None]
+    else:
+      k_exit = jax.lax.dynamic_slice_in_dim(k_exit, index, 1, axis=1)
+      v_exit = jax.lax.dynamic_slice_in_dim(v_exit, index, 1, axis=1)
 
   def body(j, kv):
     skipped_B = j > e_B
@@ -271,6 +364,11 @@ def _fill_skipped_kv(spec: Spec, variables, cache, h_BLD, exit_step_BL, executed
       entry = {}
       for name, val in (('k', k), ('v', v)):
         full = kv[g][name]                                    # [N,B,T,H,J]
+        if per_row:
+          old_BHJ = full[j, rows_B, index]
+          val_BHJ = jnp.where(skipped_B[:, None, None], val[:, 0].astype(full.dtype), old_BHJ)
+          entry[name] = full.at[j, rows_B, index].set(val_BHJ)
+          continue
         _, b, _, h, hk = full.shape
         at = (j, 0, index, 0, 0)  # 5-D in-place update: no per-layer copy of the cache
         old = jax.lax.dynamic_slice(full, at, (1, b, 1, h, hk))[0]
@@ -284,19 +382,36 @@ def _fill_skipped_kv(spec: Spec, variables, cache, h_BLD, exit_step_BL, executed
 
 def decode_step(config: Any, variables: dict, cache: list, token_B1: jax.Array,
                 index: jax.Array, threshold: Any, kv_fill: str = 'project',
-                compact: bool = False) -> tuple[jax.Array, dict]:
-  """One early-exit decoding step for a batch of single tokens at position `index`.
+                compact: bool = False, lazy: Optional[dict] = None) -> tuple[jax.Array, dict]:
+  """One early-exit decoding step for a batch of single tokens at position `index` (one
+  position, or one per row [B]: continuous batching, see act_jax/serving.py).
 
   compact=True: rows that exited stop costing compute (buckets B, B/2, ...), instead of the
-  batch waiting for its slowest row."""
+  batch waiting for its slowest row. kv_fill='lazy' needs `lazy` (init_lazy) and returns
+  the updated one in aux['lazy']."""
   spec = config_lib.as_spec(config)
+  if (kv_fill == 'lazy') != (lazy is not None):
+    raise ConfigError("kv_fill='lazy' and the lazy state (inference.init_lazy) go together")
   carry, bcast = prepare_inputs(spec, _top(variables), token_B1, threshold_arg(spec, threshold),
                                 cache_index=index, decoding=True)
   if compact:
-    carry, ys, cache = _run_compacted(spec, variables, carry, bcast, cache)
+    carry, ys, cache = _run_compacted(spec, variables, carry, bcast, cache, lazy=lazy)
   else:
-    carry, ys, cache = _depth_while(spec, variables, carry, bcast, cache)
+    carry, ys, cache = _depth_while(spec, variables, carry, bcast, cache, lazy=lazy)
   logits, aux = finish_outputs(spec, carry, ys, bcast['head'], token_B1)
+  if lazy is not None:
+    cache, lazy = cache
+    b = token_B1.shape[0]
+    index_B = jnp.broadcast_to(jnp.asarray(index, jnp.int32), (b,))
+    # every row's exit state (a full-depth row's is never read: it filled every step)
+    h_B1D = carry['h'][:, -1:].astype(lazy['h_exit'].dtype)
+    if jnp.ndim(index) == 0:  # in place, like the cache
+      h_exit = jax.lax.dynamic_update_slice(lazy['h_exit'], h_B1D, (0, index, 0))
+    else:
+      h_exit = lazy['h_exit'].at[jnp.arange(b), index_B].set(h_B1D[:, 0])
+    aux['lazy'] = dict(lazy, h_exit=h_exit)
+    aux['cache'] = cache
+    return logits, aux
   aux['cache'] = _fill_skipped_kv(spec, variables, cache, carry['h'], aux['exit_step'],
                                   carry['i'], index, bcast['positions'], kv_fill)
   return logits, aux
@@ -311,16 +426,18 @@ def _generate(spec: Spec, variables, prompt_BL, max_new: int, threshold_N, kv_fi
   logits, aux = model.apply(variables, prompt_BL, threshold=threshold_N, cache=cache,
                             cache_index=0)
   first = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
+  # the prompt ran as a masked scan: every layer of every prompt position is filled
+  lazy0 = init_lazy(spec, b, p + max_new, p) if kv_fill == 'lazy' else None
 
   def body(c, t):
-    cache, tok = c
+    cache, lazy, tok = c
     lg, a = decode_step(spec, variables, cache, tok[:, None], p + t, threshold_N, kv_fill,
-                        compact)
+                        compact, lazy)
     nxt = jnp.argmax(lg[:, -1], -1).astype(jnp.int32)
-    return (a['cache'], nxt), (tok, a['layers'][:, -1])
+    return (a['cache'], a.get('lazy'), nxt), (tok, a['layers'][:, -1])
 
-  (_, last), (toks, layers) = jax.lax.scan(body, (aux['cache'], first),
-                                           jnp.arange(max_new - 1, dtype=jnp.int32))
+  (_, _, last), (toks, layers) = jax.lax.scan(body, (aux['cache'], lazy0, first),
+                                              jnp.arange(max_new - 1, dtype=jnp.int32))
   tokens = jnp.concatenate([toks.T, last[:, None]], 1)
   # layers of generated token t are those of the step that consumed it (t < max_new - 1)
   return {'tokens': tokens, 'layers': layers.T, 'prompt_layers': aux['layers']}

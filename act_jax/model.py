@@ -103,7 +103,8 @@ class Layer(nn.Module):
       moe = self.config.moe
       ffn_BLD, aux['moe'] = MoEFFN(moe, d_model=m.d_model, d_ff=moe.d_ff, causal=m.causal,
                                    dtype=dtype, param_dtype=pdtype,
-                                   name='moe')(x, active_BL, token_ids_BL, self.train)
+                                   name='moe')(x, active_BL, token_ids_BL, self.train,
+                                                count_valid=cache is not None)
     else:
       ffn_BLD = GatedMLP(m.d_ff, dtype=dtype, param_dtype=pdtype, name='mlp')(x)
     out_BLD = h1_BLD + ffn_BLD.astype(h_BLD.dtype)
@@ -294,7 +295,9 @@ def prepare_inputs(spec: Spec, top_params: dict, tokens_BL, threshold=None, posi
   m, policy = spec.model, spec.policy
   b, l = tokens_BL.shape
   if positions_BL is None:
-    start = 0 if cache_index is None else cache_index
+    start = jnp.zeros((), jnp.int32) if cache_index is None else jnp.asarray(cache_index)
+    if start.ndim == 1:  # one position per row (continuous batching)
+      start = start[:, None]
     positions_BL = jnp.broadcast_to(start + jnp.arange(l, dtype=jnp.int32), (b, l))
   if threshold is None:
     threshold = policy.default_threshold()

@@ -177,13 +177,20 @@ def calibrate_run(workdir: str, tolerance: float = 0.01, risk: float = 0.05,
                   thresholds: Sequence[float] = DEFAULT_THRESHOLDS, num_batches: int = 16,
                   method: str = 'binomial', time_tokens: int = 32,
                   log: Callable[[str], None] = print,
-                  max_layers: Optional[int] = None, measure: str = 'consistency') -> dict:
+                  max_layers: Optional[int] = None, measure: str = 'consistency',
+                  caps: Optional[Sequence[Optional[int]]] = None) -> dict:
   """Picks the operating point on half the held-out batches, reports it on the other half.
 
   measure='consistency': at most `tolerance` of the tokens may change their prediction vs
   full depth; 'accuracy': the held-out accuracy may drop by at most `tolerance` RELATIVE to
   full depth (turned into an absolute bound with the calibration half's full accuracy).
-  max_layers caps depth at every candidate threshold (the cap is part of the operating point)."""
+  max_layers caps depth at every candidate threshold (the cap is part of the operating point).
+
+  caps (instead of max_layers; None or 0 = uncapped): certify the thresholds under each cap,
+  every cap's fixed sequence at risk / len(caps) (Bonferroni), so that ALL certified points
+  hold together with probability >= 1 - risk; the chosen point is the certified one with the
+  fewest calibration layers. result['points'] lists every (threshold, cap) tried with its
+  `certified` flag: the frontier a serving controller moves along (act_jax/serving.py)."""
   spec, state = inference.load_run(workdir)
   require_exits(spec)
   for name, v in (('tolerance', tolerance), ('risk', risk)):
@@ -201,24 +208,51 @@ def calibrate_run(workdir: str, tolerance: float = 0.01, risk: float = 0.05,
   calib, test = batches[0::2], batches[1::2]
   if not test:
     raise ConfigError(f'--num_batches={num_batches}: need at least 2 (calibration + test)')
-  log(f'calibration split ({len(calib)} batches):')
-  cal = sweep(spec, variables, calib, thresholds, log, max_layers)
-  log(f'test split ({len(test)} batches):')
-  tst = sweep(spec, variables, test, thresholds, log, max_layers)
-  if budget_layers is not None:
-    chosen = calibration.budget_select(thresholds, cal['mean_layers'], budget_layers)
-    index = None if chosen is None else list(thresholds).index(chosen)
-    mode, pvalues = 'budget', None
-  else:
-    if measure == 'accuracy':  # refuses too little data, like ltt_select
-      sel = calibration.ltt_select_accuracy(thresholds, cal['n'], cal['broken'], cal['fixed'],
-                                            tolerance * cal['full_accuracy'], risk)
-      method = 'bernstein'
+  if caps is not None:
+    if max_layers is not None:
+      raise ConfigError('give --max_layers or --caps, not both')
+    caps = [None if c in (None, 0, spec.model.num_layers) else int(c) for c in caps]
+    if not caps or len(set(caps)) != len(caps):
+      raise ConfigError(f'--caps={caps}: give distinct depth caps (0 = uncapped)')
+    if budget_layers is not None:
+      raise ConfigError('--caps certifies points with Learn-then-Test; drop --budget_layers')
+    for c in caps:
+      OperatingPoint(0.5, c).validate(spec)
+  family = caps if caps is not None else [max_layers]
+  level = risk / len(family)  # Bonferroni over the caps: all certified points hold jointly
+  per_cap, points = {}, []
+  for cap in family:
+    tag = '' if cap is None else f' (cap {cap})'
+    log(f'calibration split ({len(calib)} batches){tag}:')
+    cal = sweep(spec, variables, calib, thresholds, log, cap)
+    log(f'test split ({len(test)} batches){tag}:')
+    tst = sweep(spec, variables, test, thresholds, log, cap)
+    if budget_layers is not None:
+      chosen = calibration.budget_select(thresholds, cal['mean_layers'], budget_layers)
+      index = None if chosen is None else list(thresholds).index(chosen)
+      mode, pvalues, valid = 'budget', None, [False] * len(thresholds)
     else:
-      sel = calibration.ltt_select(thresholds, None, cal['n'], tolerance, risk, method,
-                                   num_errors=cal['num_errors'])
-    index, chosen, mode = sel['index'], sel['threshold'], 'ltt'
-    pvalues = [float(p) for p in sel['pvalues']]
+      if measure == 'accuracy':  # refuses too little data, like ltt_select
+        sel = calibration.ltt_select_accuracy(thresholds, cal['n'], cal['broken'],
+                                              cal['fixed'], tolerance * cal['full_accuracy'],
+                                              level)
+        method = 'bernstein'
+      else:
+        sel = calibration.ltt_select(thresholds, None, cal['n'], tolerance, level, method,
+                                     num_errors=cal['num_errors'])
+      index, chosen, mode = sel['index'], sel['threshold'], 'ltt'
+      pvalues, valid = [float(p) for p in sel['pvalues']], [bool(v) for v in sel['valid']]
+    per_cap[cap] = (cal, tst, index, chosen, pvalues)
+    for k, thr in enumerate(thresholds):
+      points.append({'threshold': float(thr), 'max_layers': cap, 'certified': valid[k],
+                     'pvalue': None if pvalues is None else pvalues[k],
+                     'calib_mean_layers': cal['mean_layers'][k],
+                     'mean_layers': tst['mean_layers'][k], 'accuracy': tst['accuracy'][k],
+                     'consistency': tst['consistency'][k]})
+  # The chosen cap: the one whose chosen point runs the fewest calibration layers.
+  max_layers = min(family, key=lambda c: (per_cap[c][2] is None,
+                                          per_cap[c][0]['mean_layers'][per_cap[c][2] or 0]))
+  cal, tst, index, chosen, pvalues = per_cap[max_layers]
   limit = spec.model.max_len
   time_tokens = min(time_tokens, limit // 2)
   log(f'timing decode (batch 1, {time_tokens} tokens) per threshold ...')
@@ -235,7 +269,7 @@ def calibrate_run(workdir: str, tolerance: float = 0.01, risk: float = 0.05,
       'workdir': os.path.abspath(workdir), 'step': int(state['step']),
       'policy': spec.halting.name, 'mode': mode, 'method': method, 'measure': measure,
       'tolerance': tolerance, 'risk': risk, 'budget_layers': budget_layers,
-      'max_layers': max_layers,
+      'max_layers': max_layers, 'caps': caps,
       'chosen_threshold': chosen, 'full_layers': float(spec.model.num_layers),
       'n_calib_tokens': cal['n'], 'n_test_tokens': tst['n'],
       'full_depth': {'accuracy': tst['full_accuracy'], 'ms_per_token': full_ms},
@@ -246,6 +280,8 @@ def calibrate_run(workdir: str, tolerance: float = 0.01, risk: float = 0.05,
                    'consistency': tst['consistency'], 'ms_per_token': timing['ms_per_token'],
                    'calib_mean_layers': cal['mean_layers'],
                    'calib_consistency': cal['consistency']},
+      # every (threshold, cap) tried; `certified`: passed the test (all jointly, 1 - risk)
+      'points': points,
   }
   if index is not None:
     result['test']['ms_per_token'] = timing['ms_per_token'][index]

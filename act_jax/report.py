@@ -13,6 +13,8 @@ can feed synthetic data); `make_report(workdir)` wires them to a training workdi
   routing_stability.png     MoE: tokens whose top-1 expert changed between the last two
                             checkpoints, per MoE layer
   frontier.png              compute-quality frontier from workdir/calibration.json
+  serve.png                 the newest `experiments.serve` replay under workdir: load,
+                            latency and operating point over time
 
 `tokens_html` renders the same per-token compute as coloured HTML for notebooks.
 """
@@ -427,6 +429,35 @@ def make_report(workdir: str, out_dir: str | None = None, log: Callable[[str], N
   else:
     log(f'[report] no {workdir}/calibration.json: skipping frontier.png (run '
         f'python -m experiments.calibrate --workdir=... first)')
+  serve_dir = latest_serve_dir(workdir)
+  if serve_dir:
+    from act_jax import serving
+    written.append(serving.plot_dir(serve_dir, out('serve.png')))
+    log(f'[report] serve: {serve_dir} ({_serve_line(serve_dir)})')
   for p in written:
     log(f'[report] wrote {p}')
   return written
+
+
+def latest_serve_dir(workdir: str) -> str | None:
+  """The newest folder under workdir written by experiments.serve (summary.json +
+  steps.jsonl + requests.jsonl), or None."""
+  found = []
+  for name in os.listdir(workdir):
+    d = os.path.join(workdir, name)
+    if all(os.path.isfile(os.path.join(d, f))
+           for f in ('summary.json', 'steps.jsonl', 'requests.jsonl')):
+      found.append((os.path.getmtime(os.path.join(d, 'summary.json')), d))
+  return max(found)[1] if found else None
+
+
+def _serve_line(serve_dir: str) -> str:
+  with open(os.path.join(serve_dir, 'summary.json')) as f:
+    s = json.load(f)
+  lat = s.get('latency_ms', {})
+  parts = [f"{s.get('served')} served", f"p95 {lat.get('p95') or 0:.0f} ms"]
+  if s.get('met_fraction') is not None:
+    parts.append(f"{s['met_fraction']:.1%} within {s['slo_p95_ms']:.0f} ms")
+  if s.get('agreement_with_full_depth') is not None:
+    parts.append(f"{s['agreement_with_full_depth']:.1%} bytes = full depth")
+  return ', '.join(parts)

@@ -13,7 +13,8 @@ _THR = flags.DEFINE_list('thresholds', ['0.99', '0.95', '0.9', '0.8', '0.6', '0.
 _BATCH = flags.DEFINE_list('batch_sizes', ['1', '8'], 'Decode batch sizes.')
 _NEW = flags.DEFINE_integer('new_tokens', 64, 'Generated tokens per timing.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timings per point (median).')
-_FILL = flags.DEFINE_enum('kv_fill', 'project', ['project', 'copy'], 'KV of skipped layers.')
+_FILL = flags.DEFINE_enum('kv_fill', 'project', ['project', 'copy', 'lazy'],
+                          'KV of skipped layers (lazy: the same values, filled when needed).')
 _MAX_LAYERS = define_max_layers_flag()
 flags.mark_flag_as_required('workdir')
 

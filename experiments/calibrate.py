@@ -4,6 +4,7 @@ r"""Picks an early-exit operating point on held-out data (Learn-then-Test) or by
   python -m experiments.calibrate --workdir=RUN --budget_layers=4
   python -m experiments.calibrate --workdir=RUN --max_layers=7   # thresholds under a depth cap
   python -m experiments.calibrate --workdir=RUN --measure=accuracy --tolerance=0.01 --max_layers=8
+  python -m experiments.calibrate --workdir=RUN --caps=0,4,2   # certified points for serving
 Writes RUN/calibration.json (the frontier + the chosen threshold) and RUN/calibration.png.
 """
 import json
@@ -13,6 +14,7 @@ from absl import flags
 from experiments import define_max_layers_flag, quiet_logs, run
 
 from act_jax import operating_point
+from act_jax.errors import ConfigError
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir (config.json + checkpoints).')
 _TOL = flags.DEFINE_float('tolerance', 0.01, 'consistency: max fraction of tokens whose '
@@ -27,7 +29,19 @@ _BATCHES = flags.DEFINE_integer('num_batches', 16, 'Held-out batches (half calib
 _THR = flags.DEFINE_list('thresholds', None, 'Candidate thresholds, conservative first '
                          '(default: operating_point.DEFAULT_THRESHOLDS).')
 _MAX_LAYERS = define_max_layers_flag()
+_CAPS = flags.DEFINE_list('caps', None, 'Certify under each of these depth caps (0 = none), '
+                          'the risk split over them (Bonferroni); calibration.json then lists '
+                          'every certified point for experiments.serve.')
 flags.mark_flag_as_required('workdir')
+
+
+def _caps(values):
+  if values is None:
+    return None
+  try:
+    return [int(v) for v in values]
+  except ValueError:
+    raise ConfigError(f'--caps={",".join(values)}: give integers (exit layers; 0 = uncapped)')
 
 
 def main(argv):
@@ -36,6 +50,7 @@ def main(argv):
   r = operating_point.calibrate_run(_WORKDIR.value, _TOL.value, _RISK.value, _BUDGET.value,
                                     num_batches=_BATCHES.value, method=_METHOD.value,
                                     max_layers=_MAX_LAYERS.value, measure=_MEASURE.value,
+                                    caps=_caps(_CAPS.value),
                                     thresholds=[float(t) for t in _THR.value] if _THR.value
                                     else operating_point.DEFAULT_THRESHOLDS)
   print(json.dumps({k: r[k] for k in ('policy', 'mode', 'measure', 'chosen_threshold',

@@ -13,7 +13,8 @@ _PROMPT = flags.DEFINE_string('prompt', 'def fib(n):', 'Prompt text.')
 _THR = flags.DEFINE_float('threshold', None, 'Exit threshold in (0, 1] (default: the run\'s '
                           'calibrated one, else the config default).')
 _NEW = flags.DEFINE_integer('max_new_tokens', 64, 'Bytes to generate.')
-_FILL = flags.DEFINE_enum('kv_fill', 'project', ['project', 'copy'], 'KV of skipped layers.')
+_FILL = flags.DEFINE_enum('kv_fill', 'project', ['project', 'copy', 'lazy'],
+                          'KV of skipped layers (lazy: the same values, filled when needed).')
 _MAX_LAYERS = define_max_layers_flag()
 flags.mark_flag_as_required('workdir')
 

@@ -69,3 +69,4 @@ def test_calibrate_and_decode_runs(tmp_path):
   text = _outputs_text(_execute('03_calibrate_and_decode.ipynb', tmp_path))
   assert 'operating point OperatingPoint(threshold=' in text
   assert 'mean layers over generated tokens' in text
+  assert 'latency ms' in text and 'bytes identical to full-depth greedy' in text  # serving

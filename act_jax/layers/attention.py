@@ -92,15 +92,25 @@ class Attention(nn.Module):
     k_BLHJ, v_BLHJ = self.kv(x_BLD if kv_x_BLD is None else kv_x_BLD, positions_BL)
     if cache is not None:
       # Decoding: write this chunk's K/V at cache_index, attend over the filled buffer.
+      # cache_index is one position for the batch, or one per row [B] (continuous batching:
+      # every row of a serving batch decodes its own request at its own position).
       idx = jnp.asarray(cache_index, jnp.int32)
-      k_BTHJ = jax.lax.dynamic_update_slice(cache['k'], k_BLHJ.astype(cache['k'].dtype),
-                                            (0, idx, 0, 0))
-      v_BTHJ = jax.lax.dynamic_update_slice(cache['v'], v_BLHJ.astype(cache['v'].dtype),
-                                            (0, idx, 0, 0))
+      b, l, t = x_BLD.shape[0], x_BLD.shape[1], cache['k'].shape[1]
+      if idx.ndim == 0:
+        k_BTHJ = jax.lax.dynamic_update_slice(cache['k'], k_BLHJ.astype(cache['k'].dtype),
+                                              (0, idx, 0, 0))
+        v_BTHJ = jax.lax.dynamic_update_slice(cache['v'], v_BLHJ.astype(cache['v'].dtype),
+                                              (0, idx, 0, 0))
+        end_B1 = jnp.broadcast_to(idx + l, (b, 1))
+      else:
+        pos_BL = idx[:, None] + jnp.arange(l, dtype=jnp.int32)
+        rows_B1 = jnp.arange(b)[:, None]
+        k_BTHJ = cache['k'].at[rows_B1, pos_BL].set(k_BLHJ.astype(cache['k'].dtype))
+        v_BTHJ = cache['v'].at[rows_B1, pos_BL].set(v_BLHJ.astype(cache['v'].dtype))
+        end_B1 = idx[:, None] + l
       cache = {'k': k_BTHJ, 'v': v_BTHJ}
-      b, t = x_BLD.shape[0], k_BTHJ.shape[1]
       key_pos_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-      filled_BT = key_pos_BT < idx + x_BLD.shape[1]
+      filled_BT = key_pos_BT < end_B1
       key_mask_BT = filled_BT if key_mask_BT is None else key_mask_BT & filled_BT
     else:
       k_BTHJ, v_BTHJ, key_pos_BT = k_BLHJ, v_BLHJ, positions_BL

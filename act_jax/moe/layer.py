@@ -39,6 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from act_jax.data.corpus import PAD
 from act_jax.errors import ConfigError
 from act_jax.layers.mlp import GatedMLP
 from act_jax.moe import dispatch as dispatch_lib
@@ -135,8 +136,10 @@ class MoEFFN(nn.Module):
 
   @nn.compact
   def __call__(self, x_BLD: jax.Array, running_BL: jax.Array | None = None,
-               token_ids_BL: jax.Array | None = None, train: bool = False
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+               token_ids_BL: jax.Array | None = None, train: bool = False,
+               count_valid: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """count_valid (decoding/prefill): capacity from each group's non-PAD tokens, so a
+    prompt padded to a length bucket routes exactly as it would unpadded."""
     m = self.moe_cfg
     info = R.ROUTERS[m.router]
     e_, f = m.num_experts, self.d_ff
@@ -158,7 +161,10 @@ class MoEFFN(nn.Module):
     x_GSD = x_BLD.reshape(g, s, d)
     run_GS = run_BL.reshape(g, s)
 
-    plan = self._route(info, x_GSD, run_GS, token_ids_BL, train, g, s)
+    valid_GS = None
+    if count_valid and token_ids_BL is not None:
+      valid_GS = token_ids_BL.reshape(g, s) != PAD
+    plan = self._route(info, x_GSD, run_GS, token_ids_BL, train, g, s, valid_GS)
     x_GSD = constrain(x_GSD.astype(self.dtype), ('expert_group', 'length', 'embed'))
     y_GSD = dispatch_lib.moe_forward(x_GSD, plan, self._expert_weights(e_, d, f),
                                      m.dispatch, e_, dropless=info.dropless)
@@ -171,14 +177,15 @@ class MoEFFN(nn.Module):
     return y_BLD, router_aux(plan, run_GS, m.router, (b, l))
 
   def _route(self, info: R.RouterInfo, x_GSD: jax.Array, run_GS: jax.Array,
-             token_ids_BL: jax.Array | None, train: bool, g: int, s: int) -> Any:
+             token_ids_BL: jax.Array | None, train: bool, g: int, s: int,
+             valid_GS: jax.Array | None = None) -> Any:
     m = self.moe_cfg
     e_, d = m.num_experts, x_GSD.shape[-1]
     if info.scores == 'token_ids':
       if token_ids_BL is None:
         raise ConfigError(f'moe.router={m.router!r} routes by token id: pass token_ids_BL to '
                           f'MoEFFN')
-      return info.plan(token_ids_BL.reshape(g, s), m, s, run_GS, None)
+      return info.plan(token_ids_BL.reshape(g, s), m, s, run_GS, None, valid_GS)
     xr_GSD = x_GSD.astype(jnp.float32)   # router always in float32
     if train and m.jitter > 0:
       xr_GSD = R.jitter_input(xr_GSD, m.jitter, self.make_rng('jitter'))
@@ -186,14 +193,14 @@ class MoEFFN(nn.Module):
       p = e_ * m.num_slots
       phi_DP = self.param('soft_phi', nn.with_logical_partitioning(
           nn.initializers.lecun_normal(), ('embed', None)), (d, p), jnp.float32)
-      return info.plan(xr_GSD @ phi_DP, m, s, run_GS, None)
+      return info.plan(xr_GSD @ phi_DP, m, s, run_GS, None, valid_GS)
     # Router kernel replicated (tiny; avoids an all-gather before softmax/top-k).
     w_DE = self.param('router', nn.with_logical_partitioning(ROUTER_INIT, ('embed', None)),
                       (d, e_), jnp.float32)
     bias_E = None
     if info.learns_bias and m.bias_rate > 0:
       bias_E = self.variable('moe_state', 'bias', jnp.zeros, (e_,), jnp.float32).value
-    return info.plan(xr_GSD @ w_DE, m, s, run_GS, bias_E)
+    return info.plan(xr_GSD @ w_DE, m, s, run_GS, bias_E, valid_GS)
 
   def _expert_weights(self, e_: int, d: int, f: int) -> tuple[jax.Array, ...]:
     init = _expert_init()

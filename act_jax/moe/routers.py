@@ -124,6 +124,20 @@ def capacity(tokens_per_group: int, num_experts: int, k: int, capacity_factor: f
   return max(1, min(tokens_per_group, c))
 
 
+def capacity_per_group(tokens_per_group: int, num_experts: int, k: int,
+                       capacity_factor: float, valid_GS: jax.Array | None) -> jax.Array | None:
+  """capacity() of each group's count of valid (non-PAD) tokens, int32 [G] (None: no mask).
+
+  Decoding pads a prompt to a length bucket; counting only its real tokens keeps the
+  capacity, and so every routing decision, equal to the unpadded prompt's. Looked up in a
+  table built with capacity() itself, so it equals the static formula bit for bit."""
+  if valid_GS is None:
+    return None
+  table = jnp.asarray([capacity(n, num_experts, k, capacity_factor) if n else 0
+                       for n in range(tokens_per_group + 1)], jnp.int32)
+  return table[jnp.sum(valid_GS, axis=1)]
+
+
 def jitter_input(x: jax.Array, eps: float, rng: jax.Array) -> jax.Array:
   """Switch multiplicative jitter: x * U(1 - eps, 1 + eps)."""
   noise = jax.random.uniform(rng, x.shape, jnp.float32, 1.0 - eps, 1.0 + eps)
@@ -173,9 +187,13 @@ def _positions_in_expert(expert_index_GSK: jax.Array, priority_GS: jax.Array | N
 
 
 def assign_slots(expert_index_GSK: jax.Array, weight_GSK: jax.Array,
-                 expert_capacity: int, num_experts: int, priority_GS: jax.Array | None = None
+                 expert_capacity: int, num_experts: int, priority_GS: jax.Array | None = None,
+                 capacity_G: jax.Array | None = None
                  ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Capacity-limited slot assignment shared by top_k, dropless and hash.
+
+  capacity_G (optional, <= expert_capacity): a smaller per-group capacity inside the static
+  buffer (capacity_per_group).
 
   Returns (slot_index_GSK, combine_weight_GSK, token_for_slot_GEC, weight_GEC).
   """
@@ -183,6 +201,8 @@ def assign_slots(expert_index_GSK: jax.Array, weight_GSK: jax.Array,
   e_, c_ = num_experts, expert_capacity
   pos_GSK = _positions_in_expert(expert_index_GSK, priority_GS, e_)
   kept_GSK = (expert_index_GSK >= 0) & (pos_GSK < c_)
+  if capacity_G is not None:
+    kept_GSK = kept_GSK & (pos_GSK < capacity_G[:, None, None])
   slot_index_GSK = jnp.where(kept_GSK, pos_GSK, -1).astype(jnp.int32)
   combine_GSK = jnp.where(kept_GSK, weight_GSK, 0.0)
   # Scatter token ids into the flat [E*C] slot table; dropped entries aim past the end.
@@ -198,8 +218,8 @@ def assign_slots(expert_index_GSK: jax.Array, weight_GSK: jax.Array,
 
 def top_k_route(logits_GSE: jax.Array, k: int, expert_capacity: int, *,
                 renormalize: bool = True, priority: str = 'position',
-                running_GS: jax.Array | None = None, bias_E: jax.Array | None = None
-                ) -> RoutingPlan:
+                running_GS: jax.Array | None = None, bias_E: jax.Array | None = None,
+                capacity_G: jax.Array | None = None) -> RoutingPlan:
   """Switch (K=1) / GShard (K=2) token-choice routing with capacity C (module docstring)."""
   logits_GSE = logits_GSE.astype(jnp.float32)
   g, s, e_ = logits_GSE.shape
@@ -215,13 +235,14 @@ def top_k_route(logits_GSE: jax.Array, k: int, expert_capacity: int, *,
   weight_GSK = jnp.where(running_GS[..., None], weight_GSK, 0.0)
   prio_GS = None if priority == 'position' else jnp.max(probs_GSE, axis=-1)
   slot_GSK, combine_GSK, tfs_GEC, w_GEC = assign_slots(expert_GSK, weight_GSK,
-                                                      expert_capacity, e_, prio_GS)
+                                                      expert_capacity, e_, prio_GS, capacity_G)
   return RoutingPlan(tfs_GEC, w_GEC, expert_GSK, slot_GSK, combine_GSK, expert_GSK[..., 0],
                      probs_GSE, logits_GSE)
 
 
 def hash_route(token_ids_GS: jax.Array, num_experts: int, expert_capacity: int,
-               running_GS: jax.Array | None = None) -> RoutingPlan:
+               running_GS: jax.Array | None = None, capacity_G: jax.Array | None = None
+               ) -> RoutingPlan:
   """Roller et al. 2021: fixed expert = ((id * 2654435761) mod 2^32) mod E, weight 1."""
   g, s = token_ids_GS.shape
   if running_GS is None:
@@ -232,7 +253,7 @@ def hash_route(token_ids_GS: jax.Array, num_experts: int, expert_capacity: int,
   expert_GSK = jnp.where(running_GS, expert_GS, -1)[..., None]
   weight_GSK = running_GS[..., None].astype(jnp.float32)
   slot_GSK, combine_GSK, tfs_GEC, w_GEC = assign_slots(expert_GSK, weight_GSK, expert_capacity,
-                                                      num_experts)
+                                                      num_experts, capacity_G=capacity_G)
   probs_GSE = jax.nn.one_hot(expert_GS, num_experts, dtype=jnp.float32)  # telemetry only
   return RoutingPlan(tfs_GEC, w_GEC, expert_GSK, slot_GSK, combine_GSK, expert_GSK[..., 0],
                      probs_GSE, jnp.zeros_like(probs_GSE))
@@ -275,35 +296,39 @@ def soft_route(logits_GSP: jax.Array, num_experts: int,
 
 # ----------------------------------------------------------------------------- the registry
 # Each router as a plan function of one signature: (scores, moe spec, tokens per group S,
-# running_GS, DeepSeek-V3 bias or None) -> plan. `scores` is what RouterInfo.scores names.
+# running_GS, DeepSeek-V3 bias or None, valid_GS or None) -> plan. `scores` is what
+# RouterInfo.scores names; valid_GS (decoding) limits capacity to capacity_per_group.
 
-def _plan_top_k(logits_GSE, m: MoESpec, s: int, run_GS, bias_E):
+def _plan_top_k(logits_GSE, m: MoESpec, s: int, run_GS, bias_E, valid_GS=None):
   return top_k_route(logits_GSE, m.top_k, capacity(s, m.num_experts, m.top_k,
                                                    m.capacity_factor),
                      renormalize=m.renormalize, priority=m.priority, running_GS=run_GS,
-                     bias_E=bias_E)
+                     bias_E=bias_E, capacity_G=capacity_per_group(
+                         s, m.num_experts, m.top_k, m.capacity_factor, valid_GS))
 
 
-def _plan_dropless(logits_GSE, m: MoESpec, s: int, run_GS, bias_E):
+def _plan_dropless(logits_GSE, m: MoESpec, s: int, run_GS, bias_E, valid_GS=None):
+  del valid_GS  # C = S never binds
   return top_k_route(logits_GSE, m.top_k, s, renormalize=m.renormalize, priority=m.priority,
                      running_GS=run_GS, bias_E=bias_E)
 
 
-def _plan_expert_choice(logits_GSE, m: MoESpec, s: int, run_GS, bias_E):
-  del bias_E
+def _plan_expert_choice(logits_GSE, m: MoESpec, s: int, run_GS, bias_E, valid_GS=None):
+  del bias_E, valid_GS  # encoder only: never decodes
   return expert_choice_route(logits_GSE, capacity(s, m.num_experts, m.top_k,
                                                   m.capacity_factor), run_GS)
 
 
-def _plan_soft(logits_GSP, m: MoESpec, s: int, run_GS, bias_E):
-  del s, bias_E
+def _plan_soft(logits_GSP, m: MoESpec, s: int, run_GS, bias_E, valid_GS=None):
+  del s, bias_E, valid_GS
   return soft_route(logits_GSP, m.num_experts, run_GS)
 
 
-def _plan_hash(token_ids_GS, m: MoESpec, s: int, run_GS, bias_E):
+def _plan_hash(token_ids_GS, m: MoESpec, s: int, run_GS, bias_E, valid_GS=None):
   del bias_E
   return hash_route(token_ids_GS, m.num_experts,
-                    capacity(s, m.num_experts, 1, m.capacity_factor), run_GS)
+                    capacity(s, m.num_experts, 1, m.capacity_factor), run_GS,
+                    capacity_per_group(s, m.num_experts, 1, m.capacity_factor, valid_GS))
 
 
 class RouterInfo(NamedTuple):

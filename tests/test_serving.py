@@ -1,0 +1,205 @@
+"""Continuous-batching early-exit serving: equal to decoding alone, refusals, the binary."""
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from act_jax import config as config_lib
+from act_jax import inference, operating_point, serving, training
+from act_jax.errors import ConfigError
+from act_jax.model import init_cache, make_model
+from act_jax.moe import routers
+from act_jax.spec import NEVER_EXIT, OperatingPoint
+from experiments.configs import lm
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def model():
+  """runlocal adaptive LM (confidence exits + top-2 MoE with capacity), random weights."""
+  spec = config_lib.resolve(lm.get_config('runlocal'), device_count=1)
+  v = make_model(spec).init({'params': jax.random.PRNGKey(0)}, jnp.zeros((1, 8), jnp.int32))
+  return spec, nn.meta.unbox({'params': v['params'], 'moe_state': v.get('moe_state', {})})
+
+
+def _requests():
+  # 3 slots, 5 requests: #3 and #4 join when #1 and #0 leave, at other rows' positions;
+  # prompt lengths 5..13 fall in the 16-bucket, 19 in the 32-bucket (padded prefill).
+  rng = np.random.default_rng(1)
+  shapes = [(13, 6), (5, 3), (19, 9), (9, 7), (5, 3)]
+  return [serving.Request(i, 0.0, [int(x) for x in rng.integers(0, 256, p)], n)
+          for i, (p, n) in enumerate(shapes)]
+
+
+def _exiting_threshold(spec, v, reqs):
+  """The median first-exit confidence: about half the tokens exit at the first exit."""
+  toks = jnp.asarray([r.prompt[:5] for r in reqs], jnp.int32)
+  aux = make_model(spec).apply(v, toks, threshold=NEVER_EXIT)[1]
+  conf = jax.nn.softmax(aux['step_logits'][0], -1).max(-1)
+  return float(jnp.median(conf))
+
+
+def test_continuous_batching_equals_decoding_alone(model):
+  spec, v = model
+  reqs = _requests()
+  thr = _exiting_threshold(spec, v, reqs)
+  refs = {}
+  # reference: inference.generate of each request alone (one position for the batch, eager
+  # KV fill); served: 3 slots, per-row positions, eager or lazy fill, waiting or compacted
+  # (3 decode steps per call: rows finish mid-call and idle until it returns)
+  for point, kv_fill, compact, per_call in ((OperatingPoint.full_depth(), 'project', False, 1),
+                                            (OperatingPoint(thr), 'project', False, 1),
+                                            (OperatingPoint(thr), 'lazy', True, 3)):
+    engine = serving.Engine(spec, v, slots=3, kv_fill=kv_fill, compact=compact,
+                            steps_per_call=per_call)
+    out = serving.replay(engine, reqs, [point], realtime=False)
+    layers = []
+    for r, rec in zip(reqs, out['records']):
+      key = (r.id, point.threshold)
+      if key not in refs:
+        refs[key] = inference.generate(spec, v, np.asarray(r.prompt)[None], r.max_new, point)
+      ref = refs[key]
+      assert rec.tokens == [int(x) for x in ref['tokens'][0]], (r.id, point, kv_fill)
+      np.testing.assert_allclose(rec.layers, np.asarray(ref['layers'][0]))
+      assert rec.error is None and rec.done_s is not None
+      layers += rec.layers
+    if point.threshold < NEVER_EXIT:  # rows really exit at different depths
+      assert min(layers) < max(layers) == spec.model.num_layers
+    else:
+      assert set(layers) == {float(spec.model.num_layers)}
+    # joins happened while other rows were mid-request
+    assert {s['active'] for s in out['steps']} >= {2, 3}
+
+
+def test_lazy_kv_fill_equals_eager(model):
+  spec, v = model
+  prompt = np.asarray([r.prompt[:5] for r in _requests()[:4]])
+  thr = _exiting_threshold(spec, v, _requests())
+  eager = inference.generate(spec, v, prompt, 24, thr, kv_fill='project')
+  lazy = inference.generate(spec, v, prompt, 24, thr, kv_fill='lazy')
+  np.testing.assert_array_equal(lazy['tokens'], eager['tokens'])
+  np.testing.assert_array_equal(lazy['layers'], eager['layers'])
+  layers = np.asarray(eager['layers'])
+  assert 1 < layers.mean() < spec.model.num_layers  # exits, and deeper tokens read the fills
+  # the lazy state after one step: pending positions fill on demand, exit states stored
+  cache = init_cache(spec, 1, 16)
+  logits, aux = make_model(spec).apply(v, jnp.asarray(prompt[:1]), threshold=thr, cache=cache,
+                                       cache_index=0)
+  lz = inference.init_lazy(spec, 1, 16, 5)
+  tok = jnp.argmax(logits[:, -1:], -1).astype(jnp.int32)
+  _, a = inference.decode_step(spec, v, aux['cache'], tok, 5, 0.0 + 1e-6, 'lazy', lazy=lz)
+  # threshold ~0: the token exits at step 0, so only step 0 is filled to position 6
+  np.testing.assert_array_equal(a['lazy']['filled'], [[6, 5]])
+  assert float(jnp.abs(a['lazy']['h_exit'][0, 5]).sum()) > 0
+  with pytest.raises(ConfigError, match='lazy'):
+    inference.decode_step(spec, v, aux['cache'], tok, 5, 0.5, 'lazy')
+
+
+def test_overlong_request_is_refused_alone(model):
+  spec, v = model
+  reqs = _requests()[:2] + [serving.Request(9, 0.0, [65] * 30, 5),
+                            serving.Request(10, 0.0, [], 3)]
+  out = serving.replay(serving.Engine(spec, v, slots=2), reqs, [OperatingPoint(0.5)],
+                       realtime=False)
+  recs = {r.id: r for r in out['records']}
+  assert 'prompt 30 + max_new 5 bytes exceed the model context 32' in recs[9].error
+  assert 'empty prompt' in recs[10].error
+  assert recs[9].tokens == [] and recs[9].done_s is None
+  for i in (0, 1):
+    assert recs[i].error is None and len(recs[i].tokens) == reqs[i].max_new
+
+
+def test_static_batches_wait_for_the_longest_request(model):
+  spec, v = model
+  reqs = _requests()[:4]
+  out = serving.replay(serving.Engine(spec, v, slots=2), reqs, [OperatingPoint(0.5)],
+                       realtime=False, static_batches=True)
+  # batches {0,1} then {2,3}: max_new - 1 decode steps of the longest request each
+  assert len(out['steps']) == (6 - 1) + (9 - 1)
+  assert [s['active'] for s in out['steps'][:6]] == [2, 2, 1, 1, 1, 2]
+
+
+def test_capacity_counts_only_real_tokens():
+  # S=16, E=4, K=2, cf=1.25: C = ceil(2*16*1.25/4) = 10 static; 9 real tokens -> ceil(5.625)
+  valid = jnp.arange(16)[None, :] < jnp.asarray([[16], [9], [0]])
+  np.testing.assert_array_equal(routers.capacity_per_group(16, 4, 2, 1.25, valid), [10, 6, 0])
+  # a padded group routes its real tokens exactly like the unpadded one
+  logits = jax.random.normal(jax.random.PRNGKey(3), (1, 9, 4))
+  logits = logits.at[..., 0].add(3.0)  # everyone wants expert 0: capacity binds
+  ref = routers.top_k_route(logits, 2, routers.capacity(9, 4, 2, 1.25))
+  padded = jnp.concatenate([logits, jnp.zeros((1, 7, 4))], 1)
+  run = jnp.arange(16)[None] < 9
+  got = routers.top_k_route(padded, 2, routers.capacity(16, 4, 2, 1.25), running_GS=run,
+                            capacity_G=routers.capacity_per_group(16, 4, 2, 1.25, run))
+  np.testing.assert_array_equal(got.slot_index_GSK[:, :9], ref.slot_index_GSK)
+  assert int((ref.slot_index_GSK[..., :] >= 0).sum()) < 18  # some choices were dropped
+  without = routers.top_k_route(padded, 2, routers.capacity(16, 4, 2, 1.25), running_GS=run)
+  assert int((without.slot_index_GSK[:, :9] >= 0).sum()) > int((ref.slot_index_GSK >= 0).sum())
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp('serve'))
+  c = lm.get_config('runlocal')
+  c.train.update(steps=6, eval_every=1000)
+  training.train_and_evaluate(c, path, log=lambda s: None)
+  operating_point.calibrate_run(path, tolerance=0.5, risk=0.2, num_batches=4, caps=[0, 2],
+                                log=lambda s: None)
+  return path
+
+
+def test_calibrate_lists_certified_points_per_cap(run):
+  saved = json.load(open(os.path.join(run, 'calibration.json')))
+  pts = saved['points']
+  assert {p['max_layers'] for p in pts} == {None, 2}
+  assert len(pts) == 2 * len(saved['frontier']['thresholds'])
+  # a 2-layer cap: every token exits by layer 2
+  assert all(p['mean_layers'] <= 2.0 + 1e-6 for p in pts if p['max_layers'] == 2)
+  for cap in (None, 2):  # fixed sequence: certified points are a prefix of each cap's list
+    cert = [p['certified'] for p in pts if p['max_layers'] == cap]
+    assert cert == sorted(cert, reverse=True)
+  spec = inference.read_config(run)
+  points = serving.load_points(run, spec)
+  assert points[0].threshold == NEVER_EXIT and points[0].certified
+  assert len(points) >= 2 and all(p.mean_layers <= spec.model.num_layers for p in points)
+
+
+def test_serve_binary_end_to_end(run, tmp_path):
+  out = tmp_path / 'out'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.serve', f'--workdir={run}', f'--out={out}',
+       '--trace=poisson:rate=6,duration=2s,prompt=4-12,new=4-12,seed=3', '--slots=4',
+       '--slo_p95_ms=5000', '--controller=slo', '--allow_uncertified'],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'latency ms' in proc.stdout and '| slowest row exits at layer |' in proc.stdout
+  rows = [json.loads(x) for x in open(out / 'requests.jsonl')]
+  summary = json.load(open(out / 'summary.json'))
+  assert summary['served'] == len(rows) == summary['requests'] > 0
+  for r in rows:
+    assert r['bytes'] == r['max_new'] and r['done_s'] >= r['first_byte_s'] >= r['arrival_s']
+    assert 0.0 <= r['agreement_with_full_depth'] <= 1.0
+  assert 0.0 <= summary['agreement_with_full_depth'] <= 1.0
+  assert summary['latency_ms']['p50'] <= summary['latency_ms']['p95'] <= \
+      summary['latency_ms']['p99']
+  assert open(out / 'serve.png', 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_serve_binary_bad_inputs(run, tmp_path):
+  empty = tmp_path / 'empty.jsonl'
+  empty.write_text('\n')
+  for args, msg in (([f'--trace={empty}'], 'no requests'),
+                    (['--trace=poisson:rate=2,duration=1s', '--slots=0'], '--slots=0'),
+                    (['--trace=bursty:base=1,peak=2,duration=0s'], 'duration')):
+    proc = subprocess.run([sys.executable, '-m', 'experiments.serve', f'--workdir={run}',
+                           '--slo_p95_ms=100'] + args, cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert msg in proc.stderr and proc.stderr.count('\n') == 1, proc.stderr
