@@ -341,8 +341,9 @@ def load_points(workdir: str, spec: Spec, min_gap: float = 0.1) -> list:
   (threshold, cap) points of RUN/calibration.json by calibration mean layers, descending.
 
   A point is kept only if it runs at least min_gap * depth fewer layers than the last kept
-  one of the same certification (near-duplicates would make every controller move tiny).
-  Uncertified points are listed (certified=False) for --allow_uncertified."""
+  one of the same certification (near-duplicates would make every controller move tiny),
+  and the cheapest one always is. Uncertified points are listed (certified=False) for
+  --allow_uncertified."""
   import json
   import os
   from act_jax import slo
@@ -364,17 +365,26 @@ def load_points(workdir: str, spec: Spec, min_gap: float = 0.1) -> list:
               'consistency': saved['test'].get('consistency')}]
   full = float(spec.model.num_layers)
   points = [slo.Point(NEVER_EXIT, None, True, full, 1.0, 'full depth')]
-  last = {True: full, False: full}
-  for p in sorted(raw, key=lambda p: -p['calib_mean_layers']):
-    cert = bool(p['certified'])
-    if p['calib_mean_layers'] > last[cert] - min_gap * full:
-      continue
-    last[cert] = p['calib_mean_layers']
-    cap = p.get('max_layers')
-    label = f'{p["threshold"]:g}' + ('' if cap is None else f' cap {cap}')
-    # cost proxy: the calibration half's mean layers (the order they were picked by)
-    points.append(slo.Point(float(p['threshold']), cap, cert, float(p['calib_mean_layers']),
-                            p.get('consistency'), label))
+  for cert in (True, False):
+    kept, last = [], full
+    group = sorted((p for p in raw if bool(p['certified']) == cert),
+                   key=lambda p: -p['calib_mean_layers'])
+    for p in group:
+      if p['calib_mean_layers'] <= last - min_gap * full:
+        kept.append(p)
+        last = p['calib_mean_layers']
+    if group and (not kept or kept[-1] is not group[-1]):  # always offer the cheapest
+      if kept and kept[-1]['calib_mean_layers'] - group[-1]['calib_mean_layers'] < \
+          min_gap * full:
+        kept.pop()
+      kept.append(group[-1])
+    for p in kept:
+      cap = p.get('max_layers')
+      label = f'{p["threshold"]:g}' + ('' if cap is None else f' cap {cap}')
+      # cost proxy: the calibration half's mean layers (the order they were picked by)
+      points.append(slo.Point(float(p['threshold']), cap, cert, float(p['calib_mean_layers']),
+                              p.get('consistency'), label))
+  points[1:] = sorted(points[1:], key=lambda p: -p.mean_layers)
   for p in points:
     OperatingPoint(p.threshold, p.max_layers).validate(spec)
   return points

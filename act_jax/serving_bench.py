@@ -8,6 +8,8 @@
    (both capacities measured closed loop, prefills included, unless a trace is given):
    fixed full depth vs the controller, p95, the share of requests within budget, agreement
    with full-depth greedy inside / outside bursts.
+Generated traces are decode-heavy by default (prompts of 8-24 bytes, 48-96 bytes out): on
+this CPU a prefill costs ~15 ms whatever the point, which early exit does not shorten.
 3. Continuous batching vs static batches (wait for a full batch, run it to its longest
    request) at the same Poisson load: bytes/s and p95.
 """
@@ -21,7 +23,10 @@ import numpy as np
 
 from act_jax import inference, serving, slo
 from act_jax import trace as trace_lib
+from act_jax.errors import ConfigError
 from act_jax.spec import OperatingPoint
+
+PARTS = ('efficiency', 'bursty', 'batching')
 
 
 def decode_efficiency(engine: serving.Engine, prompts: Sequence[Sequence[int]],
@@ -97,8 +102,12 @@ def benchmark(workdir: str, trace: Optional[str] = None, slo_p95_ms: Optional[fl
               base_over_capacity: float = 0.3, steady_load: float = 0.7,
               allow_uncertified: bool = False, efficiency_points: Sequence[OperatingPoint] = (),
               kv_fill: str = 'project', steps_per_call: int = 4,
+              parts: Sequence[str] = PARTS, prompt_len: str = '8-24', new_len: str = '48-96',
               log: Callable[[str], None] = print) -> dict:
-  """Runs the three benchmarks of the module docstring; returns their tables."""
+  """Runs the benchmarks of the module docstring (`parts` of PARTS); returns their tables."""
+  bad = sorted(set(parts) - set(PARTS))
+  if bad or not parts:
+    raise ConfigError(f'--parts={",".join(parts)}: allowed: {", ".join(PARTS)}')
   spec, state = inference.load_run(workdir)
   variables = {'params': state['params'], 'moe_state': state['moe_state']}
   points = serving.load_points(workdir, spec)
@@ -110,14 +119,18 @@ def benchmark(workdir: str, trace: Optional[str] = None, slo_p95_ms: Optional[fl
     efficiency_points = [OperatingPoint(cheaper[k].threshold, cheaper[k].max_layers)
                          for k in pick]
   eff_points = [ops[0]] + [p.validate(spec, 'efficiency point') for p in efficiency_points]
-  probe = trace_lib.generate('poisson', rate=1.0, duration=64.0, seed=1)
+  probe = trace_lib.generate('poisson', rate=1.0, duration=64.0, seed=1, prompt=prompt_len,
+                             new=new_len)
   prompts = [r.prompt for r in serving.heldout_prompts(spec, probe)][:max(slots, 8)]
-  log(f'1. decode efficiency: {len(eff_points)} points, {slots} slots and 1, eager and lazy '
-      f'KV fill ...')
+  if 'efficiency' in parts:
+    log(f'1. decode efficiency: {len(eff_points)} points, {slots} slots and 1, eager and '
+        f'lazy KV fill ...')
   eff = []
   for b, compact, fill in ((1, False, 'project'), (1, False, 'lazy'),
                            (slots, False, 'project'), (slots, False, 'lazy'),
                            (slots, True, 'project'), (slots, True, 'lazy')):
+    if 'efficiency' not in parts:
+      break
     eng = serving.Engine(spec, variables, b, kv_fill=fill, compact=compact,
                          steps_per_call=steps_per_call)
     eff += decode_efficiency(eng, prompts, eff_points)
@@ -140,18 +153,34 @@ def benchmark(workdir: str, trace: Optional[str] = None, slo_p95_ms: Optional[fl
   for r in closed[:8]:  # one request alone: the latency floor
     serving.replay(eng, [r], ops[:1], realtime=False)
   lone_s = (time.perf_counter() - t) / 8
-  if slo_p95_ms is None:  # 4x a lone full-depth request's latency
-    slo_p95_ms = 4e3 * lone_s
-  if trace is None:  # peak between the full-depth and the cheapest point's capacity
-    peak = min(peak_over_capacity * capacity, (capacity * caps[cheapest]) ** 0.5)
+  if slo_p95_ms is None:  # 3x a lone full-depth request's latency
+    slo_p95_ms = 3e3 * lone_s
+  if trace is None:  # peak above the full-depth capacity, below the cheapest point's
+    peak = min(peak_over_capacity * capacity, 0.95 * caps[cheapest])
     trace = (f'bursty:base={base_over_capacity * capacity:.2f},peak={peak:.2f},'
-             f'duration={duration_s:g}s,seed=0')
+             f'duration={duration_s:g}s,period=25s,burst=10s,seed=0,prompt={prompt_len},'
+             f'new={new_len}')
   log(f'capacity (closed loop, {slots} slots): full depth {capacity:.1f} requests/s, cheapest '
       f'usable point {points[cheapest].label} {caps[cheapest]:.1f}; a lone request takes '
       f'{1e3 * lone_s:.0f} ms; trace {trace}; budget p95 {slo_p95_ms:.0f} ms')
   budget_s = slo_p95_ms / 1e3
   reqs = serving.heldout_prompts(spec, trace_lib.load(trace))
   eng.warmup([len(r.prompt) for r in reqs], ops[0])
+  named, batching = [], []
+  if 'bursty' in parts:
+    named = _bursty(spec, eng, reqs, points, ops, budget_s, allow_uncertified, log)
+  rate = steady_load * capacity
+  steady = (f'poisson:rate={rate:.2f},duration={duration_s / 2:g}s,seed=1,prompt={prompt_len},'
+            f'new={new_len}')
+  if 'batching' in parts:
+    batching = _batching(spec, eng, steady, points, ops, budget_s, steady_load, log)
+  return {'efficiency': eff, 'capacity_rps': capacity,
+          'capacity_cheapest_rps': caps[cheapest], 'lone_request_ms': 1e3 * lone_s,
+          'trace': trace, 'slo_p95_ms': slo_p95_ms, 'bursty': dict(named),
+          'batching': dict(batching), 'steady_trace': steady}
+
+
+def _bursty(spec, eng, reqs, points, ops, budget_s, allow_uncertified, log):
   log('2. bursty trace: fixed full depth, then the SLO controller ...')
   runs = {}
   fixed = slo.FixedController([points[0]])
@@ -169,8 +198,10 @@ def benchmark(workdir: str, trace: Optional[str] = None, slo_p95_ms: Optional[fl
   ctl_summary = named[1][1]
   log('time at each point (controller): ' + ', '.join(
       f'{k}: {v:.1f}s' for k, v in ctl_summary.get('time_at_points_s', {}).items()))
-  rate = steady_load * capacity
-  steady = f'poisson:rate={rate:.2f},duration={duration_s / 2:g}s,seed=1'
+  return named
+
+
+def _batching(spec, eng, steady, points, ops, budget_s, steady_load, log):
   log(f'3. continuous vs static batches at {steady_load:.0%} of capacity ({steady}), '
       f'full depth ...')
   sreqs = serving.heldout_prompts(spec, trace_lib.load(steady))
@@ -180,11 +211,7 @@ def benchmark(workdir: str, trace: Optional[str] = None, slo_p95_ms: Optional[fl
     res = serving.replay(eng, sreqs, ops[:1], static_batches=static)
     batching.append((name, serving.summarize(res, budget_s, points[:1])))
   log(format_side_by_side(batching))
-  return {'efficiency': eff, 'capacity_rps': capacity,
-          'capacity_cheapest_rps': caps[cheapest], 'lone_request_ms': 1e3 * lone_s,
-          'trace': trace,
-          'slo_p95_ms': slo_p95_ms, 'bursty': dict(named), 'batching': dict(batching),
-          'steady_trace': steady}
+  return batching
 
 
 def kv_fill_efficiency(spec, variables: dict, caps: Sequence[int], new_tokens: int = 64,
@@ -200,10 +227,16 @@ def kv_fill_efficiency(spec, variables: dict, caps: Sequence[int], new_tokens: i
   full_l = spec.model.num_layers
   rows = []
   for cap in caps:
+    runs = {f: [] for f in fills}
+    for _ in range(repeats + 1):  # fills interleaved round by round; round 0 compiles
+      for fill in fills:
+        runs[fill].append(operating_point.time_decode(
+            spec, variables, prompt, [NEVER_EXIT, 1.0], new_tokens, repeats=1, kv_fill=fill,
+            max_layers=cap))
     for fill in fills:
-      r = operating_point.time_decode(spec, variables, prompt, [NEVER_EXIT, 1.0], new_tokens,
-                                      repeats=repeats, kv_fill=fill, max_layers=cap)
-      full, ms, ml = r['ms_per_token'][0], r['ms_per_token'][1], r['mean_layers'][1]
+      full = float(np.median([r['ms_per_token'][0] for r in runs[fill][1:]]))
+      ms = float(np.median([r['ms_per_token'][1] for r in runs[fill][1:]]))
+      ml = runs[fill][-1]['mean_layers'][1]
       rows.append({'cap': cap, 'kv_fill': fill, 'full_ms': full, 'ms': ms, 'mean_layers': ml,
                    'speedup': full / ms, 'layer_ratio': full_l / ml,
                    'efficiency': (full / ms) / (full_l / ml)})
