@@ -12,5 +12,5 @@ Shape suffixes (`x_BLD`, `w_EDF`): one legend for the whole package, each letter
     G routing groups             S tokens per routing group      K expert choices per token
     M (token, choice) entries    Y flat slot table (E*C)         P soft-MoE slots
     R expert buffer rows         Q dropless row blocks           U rows per dropless block
-    Z flattened tokens
+    Z flattened tokens           W positions per lazy KV-fill chunk
 """

@@ -174,14 +174,14 @@ def _depth_while(spec: Spec, variables, carry, bcast, cache=None, keep_layer_aux
     c, b, kv, lz = st
     i = c['i']
     r = _rows(rows, c['h'].shape[0])
-    index_R = jnp.broadcast_to(bcast['cache_index'], r.shape)
+    index_B = jnp.broadcast_to(bcast['cache_index'], r.shape)
     # the fill loop only when something is pending: entering it costs a copy of its carry
-    kv = jax.lax.cond(jnp.any(lz['filled'][r, i] < index_R),
+    kv = jax.lax.cond(jnp.any(lz['filled'][r, i] < index_B),
                       lambda kv: _fill_pending(spec, variables, kv, lz, i, bcast['cache_index'],
                                                c['h'].shape[0], rows)[0],
                       lambda kv: kv, kv)
     c, b, kv = body((c, b, kv))
-    return c, b, kv, dict(lz, filled=lz['filled'].at[r, i].set(index_R + 1))
+    return c, b, kv, dict(lz, filled=lz['filled'].at[r, i].set(index_B + 1))
 
   if lazy is None:
     return jax.lax.while_loop(cond, body, (carry, bufs, cache))
@@ -217,31 +217,31 @@ def _fill_pending(spec: Spec, variables, cache, lazy, j, index, batch: int, rows
   rows from their exit states, LAZY_CHUNK positions per iteration."""
   m = spec.model
   r = _rows(rows, batch)
-  index_R = jnp.broadcast_to(index, r.shape)
+  index_B = jnp.broadcast_to(index, r.shape)
   t = lazy['h_exit'].shape[1]
 
   def body(st):
-    kv, start_R = st
+    kv, start_B = st
     # sliced here, not outside the loop: a step with nothing pending reads no weights
     params = [p if m.share_weights else _index(p, j) for p in _kv_params(spec, variables)]
-    pos_RW = start_R[:, None] + jnp.arange(LAZY_CHUNK, dtype=jnp.int32)
-    ok_RW = pos_RW < index_R[:, None]
-    pos_RW = jnp.minimum(pos_RW, t - 1)
-    h_RWD = lazy['h_exit'][r[:, None], pos_RW]
+    pos_BW = start_B[:, None] + jnp.arange(LAZY_CHUNK, dtype=jnp.int32)
+    ok_BW = pos_BW < index_B[:, None]
+    pos_BW = jnp.minimum(pos_BW, t - 1)
+    h_BWD = lazy['h_exit'][r[:, None], pos_BW]
     new = []
     for g, p in enumerate(params):
-      k, v = project_kv(rms_norm(h_RWD, p['scale']), p['wk'], p['wv'], pos_RW, m.rope_base,
+      k, v = project_kv(rms_norm(h_BWD, p['scale']), p['wk'], p['wv'], pos_BW, m.rope_base,
                         dtype_of(m.dtype))
       entry = {}
       for name, val in (('k', k), ('v', v)):
         full = kv[g][name]                                    # [N,B,T,H,J]
-        old = full[j, r[:, None], pos_RW]
-        val = jnp.where(ok_RW[..., None, None], val.astype(full.dtype), old)
-        entry[name] = full.at[j, r[:, None], pos_RW].set(val)
+        old = full[j, r[:, None], pos_BW]
+        val = jnp.where(ok_BW[..., None, None], val.astype(full.dtype), old)
+        entry[name] = full.at[j, r[:, None], pos_BW].set(val)
       new.append(entry)
-    return new, jnp.minimum(start_R + LAZY_CHUNK, jnp.maximum(index_R, start_R))
+    return new, jnp.minimum(start_B + LAZY_CHUNK, jnp.maximum(index_B, start_B))
 
-  cache, _ = jax.lax.while_loop(lambda st: jnp.any(st[1] < index_R), body,
+  cache, _ = jax.lax.while_loop(lambda st: jnp.any(st[1] < index_B), body,
                                 (cache, lazy['filled'][r, j]))
   return cache, lazy
 

@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 
 import jax  # noqa: E402
 
-from act_jax import checkpointing, inference, operating_point, telemetry  # noqa: E402
+from act_jax import checkpointing, inference, operating_point, serving, telemetry  # noqa: E402
 from act_jax import data as data_lib  # noqa: E402
 from act_jax.model import make_model  # noqa: E402
 from act_jax.spec import OperatingPoint, Spec  # noqa: E402
@@ -431,7 +431,6 @@ def make_report(workdir: str, out_dir: str | None = None, log: Callable[[str], N
         f'python -m experiments.calibrate --workdir=... first)')
   serve_dir = latest_serve_dir(workdir)
   if serve_dir:
-    from act_jax import serving
     written.append(serving.plot_dir(serve_dir, out('serve.png')))
     log(f'[report] serve: {serve_dir} ({_serve_line(serve_dir)})')
   for p in written:

@@ -27,6 +27,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import json
+import os
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -34,7 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from act_jax import inference
+from act_jax import data as data_lib
+from act_jax import inference, operating_point, slo
+from act_jax import trace as trace_lib
 from act_jax.data import PAD as PAD_ID
 from act_jax.errors import ConfigError
 from act_jax.model import init_cache, make_model
@@ -344,9 +348,6 @@ def load_points(workdir: str, spec: Spec, min_gap: float = 0.1) -> list:
   one of the same certification (near-duplicates would make every controller move tiny),
   and the cheapest one always is. Uncertified points are listed (certified=False) for
   --allow_uncertified."""
-  import json
-  import os
-  from act_jax import slo
   path = os.path.join(workdir, 'calibration.json')
   if not os.path.exists(path):
     raise ConfigError(f'{path} is missing: run `python -m experiments.calibrate '
@@ -393,7 +394,6 @@ def load_points(workdir: str, spec: Spec, min_gap: float = 0.1) -> list:
 def heldout_prompts(spec: Spec, trace: Sequence[Any]) -> list[Request]:
   """Requests of a trace with prompts as token ids: a trace line's own prompt, else the
   next held-out window of its domain, cut to its prompt length (the embedded corpus)."""
-  from act_jax import data as data_lib
   ds = data_lib.make_dataset(spec.data, spec.seed)
   need = [t for t in trace if t.prompt is None]
   rows: dict[str, list[np.ndarray]] = {}
@@ -572,8 +572,6 @@ def plot(requests: Sequence[dict], steps: Sequence[dict], labels: Sequence[str],
 def plot_dir(serve_dir: str, path: str) -> str:
   """serve.png redrawn from a serve output folder (requests.jsonl, steps.jsonl,
   summary.json)."""
-  import json
-  import os
   read = lambda name: [json.loads(x) for x in open(os.path.join(serve_dir, name))  # noqa: E731
                        if x.strip()]
   with open(os.path.join(serve_dir, 'summary.json')) as f:
@@ -603,10 +601,6 @@ def serve_run(workdir: str, trace: str, slo_p95_ms: Optional[float] = None,
   latency under slo_p95_ms; 'fixed' serves one point (--threshold/--max_layers, else the
   run's operating point). After the timed replay, every request is decoded again at full
   depth (untimed) for the fraction of served bytes identical to full-depth greedy output."""
-  import json
-  import os
-  from act_jax import operating_point, slo
-  from act_jax import trace as trace_lib
   if controller not in CONTROLLERS:
     raise ConfigError(f'--controller={controller!r}: allowed: {", ".join(CONTROLLERS)}')
   if slo_p95_ms is not None and not slo_p95_ms > 0:

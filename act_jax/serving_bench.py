@@ -21,10 +21,10 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from act_jax import inference, serving, slo
+from act_jax import inference, operating_point, serving, slo
 from act_jax import trace as trace_lib
 from act_jax.errors import ConfigError
-from act_jax.spec import OperatingPoint
+from act_jax.spec import NEVER_EXIT, OperatingPoint
 
 PARTS = ('efficiency', 'bursty', 'batching')
 
@@ -221,8 +221,6 @@ def kv_fill_efficiency(spec, variables: dict, caps: Sequence[int], new_tokens: i
   against full depth timed in the same round-robin (operating_point.time_decode). A cap
   with threshold 1.0 makes every token exit exactly there: the fill cost of (L - cap)
   skipped layers per token, whatever the weights (no training needed)."""
-  from act_jax import operating_point
-  from act_jax.spec import NEVER_EXIT
   prompt = operating_point.eval_prompts(spec, 1, 16)
   full_l = spec.model.num_layers
   rows = []

@@ -108,6 +108,7 @@ def _tiny(fsdp: int, expert: int, data: int = 1):
 
 
 @needs_libtpu
+@pytest.mark.slow  # ~130 s: train step, two FLOP probes and the decode step for v5e:2x2
 def test_compile_report_v5e_fsdp_and_experts():
   r = aot.compile_report(_tiny(fsdp=2, expert=2), 'v5e:2x2', probes=True, decode=True)
   assert r['chips'] == 4 and r['fits'] and r['mesh'] == {'data': 1, 'fsdp': 2, 'expert': 2,

@@ -88,6 +88,7 @@ def _alive(pid):
     return False
 
 
+@pytest.mark.slow  # ~110 s: 2 processes trained, killed and resumed, then 1 process
 def test_two_processes_kill_resume_match_one_process(multidevice, tmp_path):
   ref_dir, mp_dir = str(tmp_path / 'ref'), str(tmp_path / 'mp')
   ckdir = os.path.join(mp_dir, 'checkpoints')

@@ -81,14 +81,15 @@ def _train_cmd(workdir, steps):
           '--config.train.log_every=1', '--config.train.eval_every=1000']
 
 
-def test_kill_9_always_resumes_from_a_complete_checkpoint(tmp_path):
+@pytest.mark.parametrize('kills', [1, pytest.param(4, marks=pytest.mark.slow)])
+def test_kill_9_always_resumes_from_a_complete_checkpoint(tmp_path, kills):
   steps = 24
   ref, run = str(tmp_path / 'ref'), str(tmp_path / 'run')
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   subprocess.run(_train_cmd(ref, steps), cwd=REPO, env=env, check=True, capture_output=True)
   rng = random.Random(0)
   ckdir = os.path.join(run, 'checkpoints')
-  for attempt in range(4):
+  for attempt in range(kills):
     proc = subprocess.Popen(_train_cmd(run, steps), cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Wait until training is under way (a new checkpoint appears), then kill at random.
@@ -147,7 +148,8 @@ def test_incompatible_checkpoint_is_reported_and_left_untouched(tmp_path):
 
 
 @pytest.mark.parametrize('variant', ['halting=none,router=none,runlocal',
-                                     'router=top_k,halting=act,runlocal'])
+                                     pytest.param('router=top_k,halting=act,runlocal',
+                                                  marks=pytest.mark.slow)])
 def test_multidevice_train_step_matches_single_device(multidevice, variant):
   out = multidevice('''
     import jax, numpy as np
