@@ -113,6 +113,7 @@ class Engine:
     self.spec, self.variables, self.slots = spec, variables, slots
     self.kv_fill, self.compact = kv_fill, bool(compact)
     self.steps_per_call = steps_per_call
+    self._vectors: dict[OperatingPoint, jax.Array] = {}
     self.max_len = spec.model.max_len
     self.buckets = prefill_buckets(self.max_len)
     # distinct buffers per array (init_cache shares one zero array): the cache is donated
@@ -122,7 +123,11 @@ class Engine:
                  else None)
 
   def vector(self, point: OperatingPoint) -> jax.Array:
-    return point.vector(self.spec)
+    """The point's per-step vector, built (and validated) once per point: every call of
+    the serving loop passes one."""
+    if point not in self._vectors:
+      self._vectors[point] = point.vector(self.spec)
+    return self._vectors[point]
 
   def prefill(self, slot: int, prompt: Sequence[int], point: OperatingPoint
               ) -> tuple[int, np.ndarray]:

@@ -168,7 +168,7 @@ def benchmark(workdir: str, trace: Optional[str] = None, slo_p95_ms: Optional[fl
   eng.warmup([len(r.prompt) for r in reqs], ops[0])
   named, batching = [], []
   if 'bursty' in parts:
-    named = _bursty(spec, eng, reqs, points, ops, budget_s, allow_uncertified, log)
+    named = _bursty(eng, reqs, points, ops, budget_s, allow_uncertified, log)
   rate = steady_load * capacity
   steady = (f'poisson:rate={rate:.2f},duration={duration_s / 2:g}s,seed=1,prompt={prompt_len},'
             f'new={new_len}')
@@ -180,7 +180,7 @@ def benchmark(workdir: str, trace: Optional[str] = None, slo_p95_ms: Optional[fl
           'batching': dict(batching), 'steady_trace': steady}
 
 
-def _bursty(spec, eng, reqs, points, ops, budget_s, allow_uncertified, log):
+def _bursty(eng, reqs, points, ops, budget_s, allow_uncertified, log):
   log('2. bursty trace: fixed full depth, then the SLO controller ...')
   runs = {}
   fixed = slo.FixedController([points[0]])

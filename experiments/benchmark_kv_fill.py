@@ -19,7 +19,6 @@ from act_jax import config as config_lib
 from act_jax import serving_bench
 from act_jax.errors import ConfigError
 from act_jax.model import make_model
-from act_jax.spec import OperatingPoint
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Model config file.')
 _CAPS = flags.DEFINE_list('caps', ['3', '4', '6'], 'Depth caps (exit layers).')
@@ -38,7 +37,9 @@ def main(argv):
   if _REPEATS.value < 1:
     raise ConfigError(f'--repeats={_REPEATS.value}: must be >= 1')
   for c in caps:  # a bad cap fails before anything compiles
-    OperatingPoint(1.0, c).validate(spec, '--caps')
+    if c not in spec.exit_layers or c == spec.model.num_layers:
+      raise ConfigError(f'--caps: {c} is not an exit layer below the full depth of this model; '
+                        f'allowed: {[x for x in spec.exit_layers if x < spec.model.num_layers]}')
   v = make_model(spec).init({'params': jax.random.PRNGKey(0)}, jnp.zeros((1, 8), jnp.int32))
   v = nn.meta.unbox({'params': v['params'], 'moe_state': v.get('moe_state', {})})
   rows = serving_bench.kv_fill_efficiency(spec, v, caps, repeats=_REPEATS.value)
