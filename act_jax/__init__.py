@@ -13,4 +13,5 @@ Shape suffixes (`x_BLD`, `w_EDF`): one legend for the whole package, each letter
     M (token, choice) entries    Y flat slot table (E*C)         P soft-MoE slots
     R expert buffer rows         Q dropless row blocks           U rows per dropless block
     Z flattened tokens           W positions per lazy KV-fill chunk
+    A positions of a self-speculative draft/verify window (draft length + 1)
 """

@@ -42,7 +42,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       vocab_size=260, d_model=128, num_heads=4, head_dim=0, d_ff=384, num_layers=6,
       causal=True, share_weights=False, tie_embeddings=True, max_len=0, rope_base=10000.0,
-      dtype='float32', param_dtype='float32', remat='none', group_size=0, scan_unroll=1))
+      dtype='float32', param_dtype='float32', remat='none', group_size=0, scan_unroll=1,
+      layer_dropout=0.0))
   # bias_init negative: with b >= 0 ACT halts every token after ~2 steps at init
   c.halting = ml_collections.ConfigDict(dict(
       name='none', threshold=0.9, eps=0.01, bias_init=-2.0, ponder_cost=0.01, beta=0.01,
@@ -248,6 +249,8 @@ def _check(config: ml_collections.ConfigDict) -> None:
            m.scan_unroll, 'must be a positive integer (scan steps per loop iteration)')
   _require(isinstance(m.group_size, int) and m.group_size >= 0, 'model.group_size',
            m.group_size, 'must be 0 (automatic) or a positive integer')
+  _require(0 <= m.layer_dropout < 1, 'model.layer_dropout', m.layer_dropout,
+           'must be in [0, 1) (the deepest step\'s drop rate; 0 = off)')
   _require(t.lr > 0, 'train.lr', t.lr, 'must be > 0')
   _require(0 <= t.min_lr_ratio <= 1, 'train.min_lr_ratio', t.min_lr_ratio, 'must be in [0, 1]')
   _require(isinstance(t.warmup_steps, int) and 0 <= t.warmup_steps <= t.steps,

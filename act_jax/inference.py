@@ -107,20 +107,20 @@ def threshold_arg(spec: Spec, threshold: Any) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- depth loop
-def _index(tree, i):
+def index_steps(tree, i):
   return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False), tree)
 
 
-def _step_variables(spec: Spec, variables: dict, i) -> dict:
+def step_variables(spec: Spec, variables: dict, i) -> dict:
   """Variables of scan step i: a dynamic slice of the stacked 'stack' subtree."""
   stack_p = variables['params']['stack']
   stack_m = (variables.get('moe_state') or {}).get('stack', {})
   if spec.model.share_weights:
     return {'params': stack_p, 'moe_state': stack_m}
-  return {'params': _index(stack_p, i), 'moe_state': _index(stack_m, i)}
+  return {'params': index_steps(stack_p, i), 'moe_state': index_steps(stack_m, i)}
 
 
-def _top(variables: dict) -> dict:
+def top_variables(variables: dict) -> dict:
   return {k: v for k, v in variables['params'].items() if k != 'stack'}
 
 
@@ -135,14 +135,14 @@ def _depth_while(spec: Spec, variables, carry, bcast, cache=None, keep_layer_aux
   step = DepthStep(spec, train=False)
 
   def apply(c, i, cache_i):
-    new_c, ys = step.apply(_step_variables(spec, variables, i), c, cache_i, bcast,
+    new_c, ys = step.apply(step_variables(spec, variables, i), c, cache_i, bcast,
                            rngs={'halting': jax.random.fold_in(jax.random.PRNGKey(0), i)})
     if not keep_layer_aux:
       ys = {k: v for k, v in ys.items() if k != 'layer_aux'}
     return new_c, ys
 
   def cache_rows(kv, i):
-    kv_i = _index(kv, i)
+    kv_i = index_steps(kv, i)
     return kv_i if rows is None else jax.tree.map(lambda x: x[rows], kv_i)
 
   cache0 = None if cache is None else cache_rows(cache, 0)
@@ -163,7 +163,7 @@ def _depth_while(spec: Spec, variables, carry, bcast, cache=None, keep_layer_aux
     i = c['i']
     new_c, ys = apply(c, i, None if kv is None else cache_rows(kv, i))
     if kv is not None:
-      kv = jax.tree.map(lambda full, new: _write_position(full, new, i, bcast['cache_index'],
+      kv = jax.tree.map(lambda full, new: write_position(full, new, i, bcast['cache_index'],
                                                           new_c['h'].shape[1], rows),
                         kv, ys.pop('cache'))
     b = jax.tree.map(lambda full, new: jax.lax.dynamic_update_index_in_dim(full, new, i, 0),
@@ -223,7 +223,7 @@ def _fill_pending(spec: Spec, variables, cache, lazy, j, index, batch: int, rows
   def body(st):
     kv, start_B = st
     # sliced here, not outside the loop: a step with nothing pending reads no weights
-    params = [p if m.share_weights else _index(p, j) for p in _kv_params(spec, variables)]
+    params = [p if m.share_weights else index_steps(p, j) for p in _kv_params(spec, variables)]
     pos_BW = start_B[:, None] + jnp.arange(LAZY_CHUNK, dtype=jnp.int32)
     ok_BW = pos_BW < index_B[:, None]
     pos_BW = jnp.minimum(pos_BW, t - 1)
@@ -246,7 +246,7 @@ def _fill_pending(spec: Spec, variables, cache, lazy, j, index, batch: int, rows
   return cache, lazy
 
 
-def _write_position(full_NBTHJ, new_BTHJ, i, index, length, rows):
+def write_position(full_NBTHJ, new_BTHJ, i, index, length, rows):
   """full[i, rows, index:index+length] = new[:, index:index+length] (index: one position,
   or one per row [B] of this batch)."""
   if jnp.ndim(index) == 0:
@@ -266,7 +266,7 @@ def forward_while(config: Any, variables: dict, tokens_BL: jax.Array,
   """Batch forward that stops the depth loop once every token has exited (threshold: an
   OperatingPoint, [N] or scalar; default: the spec's default operating point)."""
   spec = config_lib.as_spec(config)
-  carry, bcast = prepare_inputs(spec, _top(variables), tokens_BL,
+  carry, bcast = prepare_inputs(spec, top_variables(variables), tokens_BL,
                                 threshold_arg(spec, threshold))
   carry, ys, _ = _depth_while(spec, variables, carry, bcast)
   return finish_outputs(spec, carry, ys, bcast['head'], tokens_BL)
@@ -322,7 +322,7 @@ def forward_compact(config: Any, variables: dict, tokens_BL: jax.Array,
   aux['layers'] and aux['exit_step'] equal to the masked scan's (MoE telemetry dropped).
   """
   spec = config_lib.as_spec(config)
-  carry, bcast = prepare_inputs(spec, _top(variables), tokens_BL,
+  carry, bcast = prepare_inputs(spec, top_variables(variables), tokens_BL,
                                 threshold_arg(spec, threshold))
   carry, ys, _ = _run_compacted(spec, variables, carry, bcast, None, min_rows)
   return finish_outputs(spec, carry, ys, bcast['head'], tokens_BL)
@@ -356,7 +356,7 @@ def _fill_skipped_kv(spec: Spec, variables, cache, h_BLD, exit_step_BL, executed
     new = []
     for g in range(len(kinds)):
       if kv_fill == 'project':
-        p = kv_params[g] if m.share_weights else _index(kv_params[g], j)
+        p = kv_params[g] if m.share_weights else index_steps(kv_params[g], j)
         k, v = project_kv(rms_norm(h_BLD, p['scale']), p['wk'], p['wv'], positions_BL,
                           m.rope_base, dtype_of(m.dtype))
       else:
@@ -392,7 +392,7 @@ def decode_step(config: Any, variables: dict, cache: list, token_B1: jax.Array,
   spec = config_lib.as_spec(config)
   if (kv_fill == 'lazy') != (lazy is not None):
     raise ConfigError("kv_fill='lazy' and the lazy state (inference.init_lazy) go together")
-  carry, bcast = prepare_inputs(spec, _top(variables), token_B1, threshold_arg(spec, threshold),
+  carry, bcast = prepare_inputs(spec, top_variables(variables), token_B1, threshold_arg(spec, threshold),
                                 cache_index=index, decoding=True)
   if compact:
     carry, ys, cache = _run_compacted(spec, variables, carry, bcast, cache, lazy=lazy)

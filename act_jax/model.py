@@ -141,6 +141,15 @@ class DepthStep(nn.Module):
       caches.append(cache_j)
       layer_aux.append(aux_j)
     h_new = h
+    m = self.config.model
+    if self.train and m.layer_dropout > 0:
+      # LayerSkip (Elhoushi 2024): each row skips this step w.p. p_max * (2^(i/(N-1)) - 1),
+      # 0 at the first step rising to p_max at the last, so the shallow exits learn to
+      # predict without the deep layers and the deep layers tolerate missing inputs.
+      n = m.num_steps
+      rate = m.layer_dropout * (2.0 ** (carry['i'].astype(jnp.float32) / max(n - 1, 1)) - 1.0)
+      drop_B = jax.random.uniform(self.make_rng('halting'), (h_prev.shape[0],)) < rate
+      h_new = jnp.where(drop_B[:, None, None], h_prev, h_new)
     signals = {}
     pdtype = dtype_of(self.config.model.param_dtype)
     if policy.needs_halt_unit:

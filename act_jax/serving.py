@@ -14,6 +14,11 @@ written by `experiments.calibrate`): the point's per-step vector is a traced arg
 moving the point never recompiles. Early exit per token, CALM's KV fill for skipped layers,
 MoE, and the don't-wait-for-the-slowest-row compaction (`compact`) all work per row here.
 
+Exact mode (`mode='exact'`, act_jax/speculative.py): every call runs `steps_per_call`
+self-speculative rounds instead of decode steps; each row accepts its own number of drafted
+bytes and advances by it (per-row positions again), so the output is full-depth greedy
+decoding's and there is no operating point to move (the controller is fixed).
+
 Exactness: a request's bytes equal those of decoding it alone (inference.generate), byte
 for byte (tests/test_serving.py). Prompts are padded to a length bucket (no recompile per
 prompt length); PAD tokens never run, attention is causal, and MoE capacity counts only
@@ -37,12 +42,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from act_jax import data as data_lib
-from act_jax import inference, operating_point, slo
+from act_jax import inference, operating_point, slo, speculative, speculative_bench
 from act_jax import trace as trace_lib
 from act_jax.data import PAD as PAD_ID
 from act_jax.errors import ConfigError
 from act_jax.model import init_cache, make_model
 from act_jax.spec import NEVER_EXIT, OperatingPoint, Spec
+
+
+MODES = ('threshold', 'exact')  # approximate early exit at a point; self-speculative decoding
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -87,6 +95,26 @@ def _decode(spec: Spec, variables, cache, lazy, tokens_B, pos_B, left_B, thresho
   return cache, lazy, out  # out: stacked [steps, ...]
 
 
+@functools.partial(jax.jit, static_argnums=(0, 7, 8), donate_argnums=(2,))
+def _decode_exact(spec: Spec, variables, cache, tokens_B, pos_B, left_B, draft_steps,
+                  draft_len: int, rounds: int):
+  """`rounds` self-speculative rounds of every slot (speculative.speculative_round); a row
+  with no bytes left keeps its position and emits nothing. Returns the cache and, stacked
+  per round, the window's tokens [rounds, B, A] and how many of them each row takes."""
+
+  def body(c, _):
+    cache, tok, pos, left = c
+    done = left <= 0
+    r = speculative.speculative_round(spec, variables, cache, tok, pos, done, draft_steps,
+                                      draft_len)
+    n = jnp.where(done, 0, jnp.minimum(r['accepted'] + 1, left))
+    return (r['cache'], r['next'], r['index'], left - n), {'emitted': r['emitted'],
+                                                          'count': n, 'accepted': r['accepted']}
+
+  (cache, *_), out = jax.lax.scan(body, (cache, tokens_B, pos_B, left_B), None, length=rounds)
+  return cache, out
+
+
 def prefill_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
   """Prompt lengths the prefill compiles for: powers of two from `smallest`, and max_len."""
   sizes, s = [], smallest
@@ -101,7 +129,20 @@ class Engine:
   one byte for every slot. Holds the KV cache [N, slots, max_len, H, J] per layer."""
 
   def __init__(self, spec: Spec, variables: dict, slots: int, kv_fill: str = 'project',
-               compact: bool = False, steps_per_call: int = 1):
+               compact: bool = False, steps_per_call: int = 1, mode: str = 'threshold',
+               draft_layer: Optional[int] = None, draft_len: Optional[int] = None):
+    """mode='exact': self-speculative rounds (steps_per_call of them per call) drafting at
+    draft_layer, draft_len bytes per round (both required here; serve_run picks them)."""
+    if mode not in MODES:
+      raise ConfigError(f'mode={mode!r}: allowed: {", ".join(MODES)}')
+    if mode == 'exact':
+      speculative.check_exact(spec, draft_layer, draft_len)
+      if draft_layer is None or draft_len is None:
+        raise ConfigError('exact mode needs draft_layer and draft_len (serve_run chooses them '
+                          'from measured acceptance)')
+      if compact or kv_fill != 'project':
+        raise ConfigError('--compact/--kv_fill apply to --mode=threshold (exact mode skips no '
+                          'layer of a verified byte)')
     for name, v in (('slots', slots), ('steps_per_call', steps_per_call)):
       if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise ConfigError(f'{name}={v!r}: must be an integer >= 1')
@@ -113,12 +154,16 @@ class Engine:
     self.spec, self.variables, self.slots = spec, variables, slots
     self.kv_fill, self.compact = kv_fill, bool(compact)
     self.steps_per_call = steps_per_call
+    self.mode, self.draft_layer, self.draft_len = mode, draft_layer, draft_len
     self._vectors: dict[OperatingPoint, jax.Array] = {}
     self.max_len = spec.model.max_len
     self.buckets = prefill_buckets(self.max_len)
+    # exact mode drafts a window past a request's last position: room for it
+    cache_len = (self.max_len if mode == 'threshold'
+                 else speculative.cache_length(self.max_len, 0, draft_len))
     # distinct buffers per array (init_cache shares one zero array): the cache is donated
     self.cache = jax.tree.map(lambda z: jnp.zeros(z.shape, z.dtype),
-                              init_cache(spec, slots, self.max_len))
+                              init_cache(spec, slots, cache_len))
     self.lazy = (inference.init_lazy(spec, slots, self.max_len) if kv_fill == 'lazy'
                  else None)
 
@@ -147,11 +192,31 @@ class Engine:
     that is not PAD). Returns next/layers [steps, B] (top1 [steps, layers, B])."""
     if left_B is None:
       left_B = np.where(np.asarray(tokens_B) == PAD_ID, 0, self.steps_per_call)
+    if self.mode == 'exact':
+      return self._step_exact(tokens_B, pos_B, left_B)
     self.cache, self.lazy, out = _decode(
         self.spec, self.variables, self.cache, self.lazy, jnp.asarray(tokens_B, jnp.int32),
         jnp.asarray(pos_B, jnp.int32), jnp.asarray(left_B, jnp.int32), self.vector(point),
         self.kv_fill, self.compact, self.steps_per_call)
     return jax.tree.map(np.asarray, out)
+
+  def _step_exact(self, tokens_B, pos_B, left_B) -> dict[str, np.ndarray]:
+    """steps_per_call rounds; next [K, B] holds each row's bytes in order (K = rounds * A),
+    count [B] how many (replay reads count instead of steps_per_call)."""
+    self.cache, out = _decode_exact(
+        self.spec, self.variables, self.cache, jnp.asarray(tokens_B, jnp.int32),
+        jnp.asarray(pos_B, jnp.int32), jnp.asarray(left_B, jnp.int32),
+        jnp.int32(self.draft_layer // self.spec.model.group_size), self.draft_len,
+        self.steps_per_call)
+    emitted, count = np.asarray(out['emitted']), np.asarray(out['count'])  # [R,B,A], [R,B]
+    rounds, b, width = emitted.shape
+    nxt = np.full((rounds * width, b), PAD_ID, np.int32)
+    for s in range(b):
+      row = np.concatenate([emitted[r, s, :count[r, s]] for r in range(rounds)])
+      nxt[:len(row), s] = row
+    accepted = np.where(count > 0, np.asarray(out['accepted']), -1)
+    return {'next': nxt, 'layers': np.full(nxt.shape, float(self.spec.model.num_layers)),
+            'count': count.sum(0), 'accepted': accepted}
 
   def warmup(self, prompt_lengths: Sequence[int], point: OperatingPoint) -> float:
     """Compiles the decode step and the prefill buckets these prompts need (seconds)."""
@@ -317,8 +382,10 @@ def replay(engine: Engine, requests: Sequence[Request], points: Sequence[Operati
     out = engine.step(tokens_B, pos_B, point, left_B)
     step_s = clock() - t_step
     t = now()  # bytes of a multi-step call are delivered when the call returns
-    k = engine.steps_per_call
-    live = [[s for s in run if left_B[s] > j] for j in range(k)]
+    # bytes each row got: steps_per_call decode steps, or (exact mode) its accepted bytes
+    counts = out['count'] if 'count' in out else np.minimum(engine.steps_per_call, left_B)
+    k = int(max(counts[s] for s in run))
+    live = [[s for s in run if counts[s] > j] for j in range(k)]
     # one record per call: ms per decode step, and the slowest live row's layers per step
     slowest = [max(out['layers'][j][s] for s in live[j]) for j in range(k) if live[j]]
     steps.append({'t': t, 'step_ms': 1e3 * step_s / len(slowest), 'steps': len(slowest),
@@ -326,10 +393,13 @@ def replay(engine: Engine, requests: Sequence[Request], points: Sequence[Operati
                   'max_layers': float(np.mean(slowest)),
                   'mean_layers': float(np.mean([out['layers'][j][s] for j in range(k)
                                                 for s in live[j]]))})
+    if 'accepted' in out:  # exact mode: drafts accepted per round of the live rows
+      acc = out['accepted'][:, run]
+      steps[-1]['accepted'] = acc[acc >= 0].tolist()
     for s in run:
       r = active[s]
       rec = records[r.id]
-      for j in range(min(k, int(left_B[s]))):
+      for j in range(int(counts[s])):
         rec.tokens.append(int(out['next'][j][s]))
         rec.layers.append(float(out['layers'][j][s]))
         rec.points[index] = rec.points.get(index, 0) + 1
@@ -337,7 +407,7 @@ def replay(engine: Engine, requests: Sequence[Request], points: Sequence[Operati
           for e in out['top1'][j][:, s]:
             if e >= 0:
               rec.experts[int(e)] = rec.experts.get(int(e), 0) + 1
-      n = min(k, int(left_B[s]))
+      n = int(counts[s])
       tokens_B[s], pos_B[s] = out['next'][n - 1][s], pos_B[s] + n
       if len(rec.tokens) == r.max_new:
         finish(s, t)
@@ -465,6 +535,10 @@ def summarize(result: dict, budget_s: Optional[float], points: Sequence[Any],
          'decode_steps': len(steps),
          'mean_step_ms': float(np.mean([s['step_ms'] for s in steps])) if steps else None,
          'mean_active_rows': float(np.mean([s['active'] for s in steps])) if steps else None}
+  acc = [a for st in steps for a in st.get('accepted', ())]
+  if acc:  # exact mode: drafts accepted per self-speculative round
+    out['rounds'] = len(acc)
+    out['accepted_per_round'] = float(np.mean(acc))
   if budget_s is not None:
     out['slo_p95_ms'] = 1e3 * budget_s
     out['violations'] = sum(1 for x in lat if x > budget_s)
@@ -515,6 +589,9 @@ def format_summary(s: dict, table: Sequence[dict]) -> str:
                **{k: f(v) for k, v in s['latency_ms'].items()}),
            'first byte ms   p50 {p50}  p95 {p95}  p99 {p99}'.format(
                **{k: f(v) for k, v in s['ttfb_ms'].items()})]
+  if 'rounds' in s:
+    lines.append(f'exact mode: {s["rounds"]} row rounds, {s["accepted_per_round"]:.2f} drafts '
+                 f'accepted per round ({s["accepted_per_round"] + 1:.2f} bytes)')
   if 'slo_p95_ms' in s:
     lines.append(f'SLO p95 <= {s["slo_p95_ms"]:.0f} ms: {s["violations"]} violations, '
                  f'{f(s["met_fraction"], "{:.1%}")} of requests met it')
@@ -597,7 +674,8 @@ def serve_run(workdir: str, trace: str, slo_p95_ms: Optional[float] = None,
               kv_fill: str = 'project', compact: bool = False, quality: bool = True,
               static_batches: bool = False, steps_per_call: int = 4,
               log: Callable[[str], None] = print,
-              controller_kwargs: Optional[dict] = None) -> dict:
+              controller_kwargs: Optional[dict] = None, mode: str = 'threshold',
+              draft_layer: Optional[int] = None, draft_len: Optional[int] = None) -> dict:
   """Replays a trace through a continuous-batching server on a trained run (what
   `experiments.serve` and the notebook call). Writes into `out` (default: a fresh
   RUN/serve-<time>/): requests.jsonl, steps.jsonl, summary.json and serve.png.
@@ -605,7 +683,22 @@ def serve_run(workdir: str, trace: str, slo_p95_ms: Optional[float] = None,
   controller='slo' moves along the certified points of RUN/calibration.json to keep p95
   latency under slo_p95_ms; 'fixed' serves one point (--threshold/--max_layers, else the
   run's operating point). After the timed replay, every request is decoded again at full
-  depth (untimed) for the fraction of served bytes identical to full-depth greedy output."""
+  depth (untimed) for the fraction of served bytes identical to full-depth greedy output.
+
+  mode='exact' serves self-speculative decoding (full-depth output by construction; the
+  controller is fixed; draft_layer / draft_len default to the automatic choice for a batch
+  of `slots`); its quality pass re-decodes with the threshold-mode engine at full depth."""
+  if mode not in MODES:
+    raise ConfigError(f'--mode={mode!r}: allowed: {", ".join(MODES)}')
+  if mode == 'exact':
+    if controller != 'fixed':
+      raise ConfigError('--mode=exact serves full depth by construction: use '
+                        '--controller=fixed (there is no operating point to move)')
+    if threshold is not None or max_layers is not None:
+      raise ConfigError('--threshold/--max_layers apply to --mode=threshold (exact mode '
+                        'serves full-depth output)')
+  elif draft_layer is not None or draft_len is not None:
+    raise ConfigError('--draft_layer/--draft_len apply to --mode=exact')
   if controller not in CONTROLLERS:
     raise ConfigError(f'--controller={controller!r}: allowed: {", ".join(CONTROLLERS)}')
   if slo_p95_ms is not None and not slo_p95_ms > 0:
@@ -628,6 +721,14 @@ def serve_run(workdir: str, trace: str, slo_p95_ms: Optional[float] = None,
     points = load_points(workdir, spec)
     ctl = slo.SLOController(points, budget_s, allow_uncertified=allow_uncertified,
                             **(controller_kwargs or {}))
+  elif mode == 'exact':
+    speculative.check_exact(spec, draft_layer, draft_len)
+    draft_layer, draft_len, how = speculative_bench.resolve_draft(
+        spec, variables, draft_layer, draft_len, slots, workdir, int(state['step']), log)
+    points = [slo.Point(NEVER_EXIT, None, True, float(spec.model.num_layers), None,
+                        f'exact k={draft_layer} d={draft_len}')]
+    ctl = slo.FixedController(points)
+    log(f'exact mode: draft_layer={draft_layer} draft_len={draft_len} ({how})')
   else:
     op, source = operating_point.run_operating_point(workdir, spec, threshold, max_layers)
     points = [slo.Point(op.threshold, op.max_layers, True, float(spec.model.num_layers), None,
@@ -638,7 +739,8 @@ def serve_run(workdir: str, trace: str, slo_p95_ms: Optional[float] = None,
     log(f'fixed operating point {points[0].label} ({source})')
   ops = [OperatingPoint(p.threshold, p.max_layers) for p in points]
   requests = heldout_prompts(spec, requests_t)
-  engine = Engine(spec, variables, slots, kv_fill, compact, steps_per_call)
+  engine = Engine(spec, variables, slots, kv_fill, compact, steps_per_call, mode, draft_layer,
+                  draft_len)
   ok = [r for r in requests if check_request(r, engine.max_len) is None]
   secs = engine.warmup([len(r.prompt) for r in ok] or [1], ops[0])
   log(f'{trace_lib.describe(trace)}: {len(requests)} requests; {slots} slots, compiled in '
@@ -649,12 +751,15 @@ def serve_run(workdir: str, trace: str, slo_p95_ms: Optional[float] = None,
   agree = None
   if quality:
     log('decoding every request again at full depth (untimed) ...')
-    full = replay(engine, requests, [OperatingPoint.full_depth()], realtime=False)
+    ref = engine if mode == 'threshold' else Engine(spec, variables, slots, kv_fill, compact,
+                                                     steps_per_call)
+    full = replay(ref, requests, [OperatingPoint.full_depth()], realtime=False)
     agree = agreement(result['records'], full['records'])
   summary = summarize(result, budget_s, points, time_at, agree)
   summary.update(workdir=os.path.abspath(workdir), trace=trace, controller=controller,
                  slots=slots, compact=compact, kv_fill=kv_fill, steps_per_call=steps_per_call,
-                 static_batches=static_batches,
+                 static_batches=static_batches, mode=mode, draft_layer=draft_layer,
+                 draft_len=draft_len,
                  points=[dataclasses.asdict(p) for p in points])
   table = exit_latency_table(result['steps'], spec.model.num_layers)
   summary['exit_latency'] = table

@@ -1,32 +1,73 @@
-r"""Decode speed vs full depth for a range of thresholds, measured side by side in one run.
+r"""Decode speed vs full depth, measured side by side in one run.
 
   python -m experiments.benchmark_inference --workdir=RUN
+    threshold mode: a range of thresholds vs full depth.
+  python -m experiments.benchmark_inference --workdir=RUN --mode=exact
+    exact mode (self-speculative) vs full depth vs threshold mode at the run's operating
+    point (calibrated, if any): bytes/s, output agreement with full depth, bytes per verify
+    step; then acceptance per draft layer and domain (code / prose).
 """
 from absl import flags
 
 from experiments import define_max_layers_flag, quiet_logs, run
 
-from act_jax import operating_point
+from act_jax import operating_point, speculative_bench
+from act_jax.errors import ConfigError
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.')
-_THR = flags.DEFINE_list('thresholds', ['0.99', '0.95', '0.9', '0.8', '0.6', '0.4'], 'Thresholds.')
+_MODE = flags.DEFINE_enum('mode', 'threshold', ['threshold', 'exact'],
+                          'threshold: a range of thresholds; exact: self-speculative decoding.')
+_THR = flags.DEFINE_list('thresholds', ['0.99', '0.95', '0.9', '0.8', '0.6', '0.4'],
+                         'Thresholds (threshold mode; exact mode compares with the first one '
+                         'only when given, else the run\'s operating point).')
 _BATCH = flags.DEFINE_list('batch_sizes', ['1', '8'], 'Decode batch sizes.')
 _NEW = flags.DEFINE_integer('new_tokens', 64, 'Generated tokens per timing.')
+_PROMPT_LEN = flags.DEFINE_integer('prompt_len', 32, 'Exact mode: held-out prompt bytes.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timings per point (median).')
 _FILL = flags.DEFINE_enum('kv_fill', 'project', ['project', 'copy', 'lazy'],
                           'KV of skipped layers (lazy: the same values, filled when needed).')
 _MAX_LAYERS = define_max_layers_flag()
+_DRAFT_LAYER = flags.DEFINE_integer('draft_layer', None, 'Exact mode: the drafting exit layer '
+                                    '(default: chosen from measured acceptance).')
+_DRAFT_LEN = flags.DEFINE_integer('draft_len', None, 'Exact mode: bytes drafted per verify '
+                                  'step (default: chosen from measured acceptance).')
+_LAYER_TABLE = flags.DEFINE_bool('layer_table', True, 'Exact mode: also time every draft layer '
+                                 'on code and prose prompts.')
 flags.mark_flag_as_required('workdir')
+
+
+def _ints(name: str, values: list[str]) -> list[int]:
+  try:
+    out = [int(v) for v in values]
+  except ValueError:
+    raise ConfigError(f'--{name}={",".join(values)}: must be positive integers') from None
+  if not out or min(out) < 1:
+    raise ConfigError(f'--{name}={",".join(values)}: must be positive integers')
+  return out
 
 
 def main(argv):
   del argv
   quiet_logs()
-  rows = operating_point.benchmark_rows(_WORKDIR.value, [float(t) for t in _THR.value],
-                                        [int(b) for b in _BATCH.value],
-                                        new_tokens=_NEW.value, repeats=_REPEATS.value,
-                                        kv_fill=_FILL.value, max_layers=_MAX_LAYERS.value)
-  print(operating_point.format_table(rows))
+  batches = _ints('batch_sizes', _BATCH.value)
+  if _MODE.value == 'threshold':
+    for f in (_DRAFT_LAYER, _DRAFT_LEN):
+      if f.value is not None:
+        raise ConfigError(f'--{f.name}={f.value}: applies to --mode=exact')
+    rows = operating_point.benchmark_rows(_WORKDIR.value, [float(t) for t in _THR.value],
+                                          batches, new_tokens=_NEW.value,
+                                          repeats=_REPEATS.value, kv_fill=_FILL.value,
+                                          max_layers=_MAX_LAYERS.value)
+    print(operating_point.format_table(rows))
+    return
+  if _MAX_LAYERS.value is not None:
+    raise ConfigError(f'--max_layers={_MAX_LAYERS.value}: exact mode decodes at full depth by '
+                      f'construction; a depth cap applies to --mode=threshold')
+  thr = float(_THR.value[0]) if flags.FLAGS['thresholds'].present else None
+  res = speculative_bench.benchmark(_WORKDIR.value, batches, _PROMPT_LEN.value, _NEW.value,
+                                    _REPEATS.value, _DRAFT_LAYER.value, _DRAFT_LEN.value, thr,
+                                    _LAYER_TABLE.value)
+  print(speculative_bench.format_benchmark(res))
 
 
 if __name__ == '__main__':

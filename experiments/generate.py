@@ -1,30 +1,62 @@
-r"""Continues a prompt with early-exit decoding and shows the exit layer of every token.
+r"""Continues a prompt with early-exit decoding and shows where every byte came from.
 
   python -m experiments.generate --workdir=RUN --prompt='def fib(n):' --threshold=0.9
+    threshold mode (approximate): each byte's exit layer.
+  python -m experiments.generate --workdir=RUN --prompt='def fib(n):' --mode=exact
+    exact mode (self-speculative): output identical to full-depth greedy decoding; the
+    draft layer and length are chosen from measured acceptance unless --draft_layer /
+    --draft_len are given; --temperature > 0 samples with the speculative-sampling rule.
 """
 from absl import flags
 
 from experiments import define_max_layers_flag, quiet_logs, run
 
-from act_jax import operating_point
+from act_jax import operating_point, speculative_bench
+from act_jax.errors import ConfigError
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.')
 _PROMPT = flags.DEFINE_string('prompt', 'def fib(n):', 'Prompt text.')
+_MODE = flags.DEFINE_enum('mode', 'threshold', ['threshold', 'exact'],
+                          'threshold: approximate early exit at an operating point; exact: '
+                          'self-speculative decoding, output equal to full depth.')
 _THR = flags.DEFINE_float('threshold', None, 'Exit threshold in (0, 1] (default: the run\'s '
-                          'calibrated one, else the config default).')
+                          'calibrated one, else the config default). Threshold mode.')
 _NEW = flags.DEFINE_integer('max_new_tokens', 64, 'Bytes to generate.')
 _FILL = flags.DEFINE_enum('kv_fill', 'project', ['project', 'copy', 'lazy'],
                           'KV of skipped layers (lazy: the same values, filled when needed).')
 _MAX_LAYERS = define_max_layers_flag()
+_DRAFT_LAYER = flags.DEFINE_integer('draft_layer', None, 'Exact mode: the exit layer that '
+                                    'drafts (default: chosen from measured acceptance).')
+_DRAFT_LEN = flags.DEFINE_integer('draft_len', None, 'Exact mode: bytes drafted per verify '
+                                  'step (default: chosen from measured acceptance).')
+_TEMP = flags.DEFINE_float('temperature', 0.0, 'Exact mode: 0 = greedy, > 0 = sampling.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Exact mode: sampling seed.')
 flags.mark_flag_as_required('workdir')
 
 
 def main(argv):
   del argv
   quiet_logs()
-  print(operating_point.generate_listing(_WORKDIR.value, _PROMPT.value, _THR.value,
-                                         _NEW.value, _FILL.value,
-                                         max_layers=_MAX_LAYERS.value))
+  if _MODE.value == 'threshold':
+    for f in (_DRAFT_LAYER, _DRAFT_LEN):
+      if f.value is not None:
+        raise ConfigError(f'--{f.name}={f.value}: applies to --mode=exact')
+    if _TEMP.value:
+      raise ConfigError(f'--temperature={_TEMP.value}: applies to --mode=exact (threshold mode '
+                        f'decodes greedily)')
+    print(operating_point.generate_listing(_WORKDIR.value, _PROMPT.value, _THR.value,
+                                           _NEW.value, _FILL.value,
+                                           max_layers=_MAX_LAYERS.value))
+    return
+  if _THR.value is not None:
+    raise ConfigError(f'--threshold={_THR.value}: exact mode decodes at full depth by '
+                      f'construction; a threshold applies to --mode=threshold')
+  if _MAX_LAYERS.value is not None:
+    raise ConfigError(f'--max_layers={_MAX_LAYERS.value}: exact mode decodes at full depth by '
+                      f'construction; a depth cap applies to --mode=threshold')
+  print(speculative_bench.generate_listing(_WORKDIR.value, _PROMPT.value, _NEW.value,
+                                           _DRAFT_LAYER.value, _DRAFT_LEN.value, _TEMP.value,
+                                           _SEED.value))
 
 
 if __name__ == '__main__':

@@ -5,6 +5,8 @@ r"""Replays a request trace through a continuous-batching early-exit server on a
       --trace=bursty:base=2,peak=12,duration=60s --slo_p95_ms=800 --controller=slo
   python -m experiments.serve --workdir=RUN --trace=my_traffic.jsonl --controller=fixed \
       --threshold=0.9 --max_layers=4
+  python -m experiments.serve --workdir=RUN --trace=poisson:rate=4,duration=30s \
+      --controller=fixed --mode=exact      # self-speculative: full-depth output, faster
 Traces: `poisson:rate=R,duration=D`, `bursty:base=B,peak=P,duration=D[,period=20s,burst=6s]`
 (both: seed=, prompt=16-64, new=16-48, code=0.5), or a JSONL file with one request per line:
 {"arrival_s": 0.5, "prompt": "def f(", "max_new": 32} (or "prompt_len" + "domain").
@@ -42,6 +44,13 @@ _QUALITY = flags.DEFINE_bool('quality', True, 'After the replay, decode every re
                              'depth and report the bytes identical to it.')
 _STATIC = flags.DEFINE_bool('static_batches', False, 'Baseline: wait for a full batch and run '
                             'it to its longest request (no continuous batching).')
+_MODE = flags.DEFINE_enum('mode', 'threshold', ['threshold', 'exact'],
+                          'threshold: early exit at operating points; exact: self-speculative '
+                          'decoding (full-depth output; --controller=fixed).')
+_DRAFT_LAYER = flags.DEFINE_integer('draft_layer', None, 'Exact mode: the drafting exit layer '
+                                    '(default: chosen from measured acceptance).')
+_DRAFT_LEN = flags.DEFINE_integer('draft_len', None, 'Exact mode: bytes drafted per round '
+                                  '(default: chosen from measured acceptance).')
 flags.mark_flags_as_required(['workdir', 'trace'])
 
 
@@ -51,7 +60,8 @@ def main(argv):
   serving.serve_run(_WORKDIR.value, _TRACE.value, _SLO.value, _CONTROLLER.value, _THR.value,
                     _MAX_LAYERS.value, _SLOTS.value, _UNCERT.value, _OUT.value,
                     _KV_FILL.value, _COMPACT.value, _QUALITY.value, _STATIC.value,
-                    _PER_CALL.value)
+                    _PER_CALL.value, mode=_MODE.value, draft_layer=_DRAFT_LAYER.value,
+                    draft_len=_DRAFT_LEN.value)
 
 
 if __name__ == '__main__':

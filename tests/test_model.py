@@ -104,3 +104,22 @@ def test_untied_head_and_bf16_compute_run():
   assert 'unembed' in variables['params']
   grads = jax.grad(lambda p: model.apply({'params': p}, tokens)[0].mean())(variables['params'])
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+def test_layer_dropout_rises_with_depth_and_only_in_training():
+  """LayerSkip's rate p * (2^(i/(N-1)) - 1): 0 at the first step, p at the last. At
+  p = 0.999 the last step is skipped for every row (its exit logits equal the step before),
+  the first step never; evaluation never drops."""
+  config = small_config(layer_dropout=0.999)
+  config.halting.update(name='confidence')
+  model, variables, tokens = init(config)
+  rngs = {'halting': jax.random.PRNGKey(3), 'jitter': jax.random.PRNGKey(3)}
+  _, aux = make_model(config, train=True).apply(variables, tokens, rngs=rngs)
+  s = np.asarray(aux['step_logits'])                        # [N, B, L, V]
+  np.testing.assert_array_equal(s[2], s[1])                 # last step dropped (w.p. 0.999^2)
+  _, ref = make_model(config, train=False).apply(variables, tokens)
+  r = np.asarray(ref['step_logits'])
+  np.testing.assert_allclose(s[0], r[0], atol=1e-5)          # first step never dropped
+  assert np.abs(r[2] - r[1]).max() > 1e-3                    # eval runs every step
+  with pytest.raises(config_lib.ConfigError, match='model.layer_dropout=1.0'):
+    config_lib.resolve(small_config(layer_dropout=1.0))

@@ -46,11 +46,20 @@ def _exiting_threshold(spec, v, reqs):
   return float(jnp.median(conf))
 
 
+_REFS = {}  # (request id, threshold) -> inference.generate alone: one compile per shape
+
+
+def _alone(spec, v, r, point):
+  key = (r.id, point.threshold)
+  if key not in _REFS:
+    _REFS[key] = inference.generate(spec, v, np.asarray(r.prompt)[None], r.max_new, point)
+  return _REFS[key]
+
+
 def test_continuous_batching_equals_decoding_alone(model):
   spec, v = model
   reqs = _requests()
   thr = _exiting_threshold(spec, v, reqs)
-  refs = {}
   # reference: inference.generate of each request alone (one position for the batch, eager
   # KV fill); served: 3 slots, per-row positions, eager or lazy fill, waiting or compacted
   # (3 decode steps per call: rows finish mid-call and idle until it returns)
@@ -62,10 +71,7 @@ def test_continuous_batching_equals_decoding_alone(model):
     out = serving.replay(engine, reqs, [point], realtime=False)
     layers = []
     for r, rec in zip(reqs, out['records']):
-      key = (r.id, point.threshold)
-      if key not in refs:
-        refs[key] = inference.generate(spec, v, np.asarray(r.prompt)[None], r.max_new, point)
-      ref = refs[key]
+      ref = _alone(spec, v, r, point)
       assert rec.tokens == [int(x) for x in ref['tokens'][0]], (r.id, point, kv_fill)
       np.testing.assert_allclose(rec.layers, np.asarray(ref['layers'][0]))
       assert rec.error is None and rec.done_s is not None
@@ -78,6 +84,29 @@ def test_continuous_batching_equals_decoding_alone(model):
     assert 3 in {s['active'] for s in out['steps']}
     if per_call == 1:
       assert {s['active'] for s in out['steps']} >= {2, 3}
+
+
+def test_exact_mode_serving_equals_full_depth_decoding_alone(model):
+  """Self-speculative rounds in the slots (2 per call): rows accept different lengths,
+  advance by them, finish mid-call and are joined by others; every request's bytes equal
+  full-depth decoding of it alone."""
+  spec, v = model
+  reqs = _requests()
+  engine = serving.Engine(spec, v, slots=3, steps_per_call=2, mode='exact', draft_layer=2,
+                          draft_len=3)
+  out = serving.replay(engine, reqs, [OperatingPoint.full_depth()], realtime=False)
+  for r, rec in zip(reqs, out['records']):
+    ref = _alone(spec, v, r, OperatingPoint.full_depth())
+    assert rec.tokens == [int(x) for x in ref['tokens'][0]], r.id
+  acc = [a for st in out['steps'] for a in st['accepted']]
+  assert min(acc) < max(acc) and 0 <= min(acc) and max(acc) <= 3
+  assert 3 in {s['active'] for s in out['steps']}
+  summary = serving.summarize(out, None, [])
+  assert summary['rounds'] == len(acc)
+  with pytest.raises(ConfigError, match='--compact/--kv_fill apply to --mode=threshold'):
+    serving.Engine(spec, v, slots=2, compact=True, mode='exact', draft_layer=2, draft_len=2)
+  with pytest.raises(ConfigError, match='--draft_layer=3'):
+    serving.Engine(spec, v, slots=2, mode='exact', draft_layer=3, draft_len=2)
 
 
 def test_lazy_kv_fill_equals_eager(model):
@@ -203,7 +232,9 @@ def test_serve_binary_bad_inputs(run, tmp_path):
   empty.write_text('\n')
   for args, msg in (([f'--trace={empty}'], 'no requests'),
                     (['--trace=poisson:rate=2,duration=1s', '--slots=0'], '--slots=0'),
-                    (['--trace=bursty:base=1,peak=2,duration=0s'], 'duration')):
+                    (['--trace=bursty:base=1,peak=2,duration=0s'], 'duration'),
+                    (['--trace=poisson:rate=2,duration=1s', '--mode=exact'],
+                     '--mode=exact serves full depth by construction')):
     proc = subprocess.run([sys.executable, '-m', 'experiments.serve', f'--workdir={run}',
                            '--slo_p95_ms=100'] + args, cwd=REPO, capture_output=True,
                           text=True, timeout=300)

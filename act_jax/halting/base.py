@@ -63,6 +63,7 @@ class HaltingPolicy:
   can_exit: ClassVar[bool] = False  # tokens stop at a threshold-dependent step in inference
   can_cap_depth: ClassVar[bool] = False  # accepts a max-layers cap (-inf threshold at a step)
   output_is_exit_head: ClassVar[bool] = False  # logits = the exit head's at the exit step
+  can_draft: ClassVar[bool] = False  # exits read the shared LM head: self-speculative drafts
   supports_exit_aware: ClassVar[bool] = False  # halting.exit_aware applies (state['met'])
   gates_blocks: ClassVar[bool] = False  # the model routes tokens per block (MoD; has .capacity)
 
@@ -256,6 +257,7 @@ class EarlyExitPolicy(HaltingPolicy):
   can_exit = True
   can_cap_depth = True
   output_is_exit_head = True
+  can_draft = True
   supports_exit_aware = True
   score_key: ClassVar[str] = 'score'
 

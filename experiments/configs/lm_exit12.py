@@ -1,6 +1,9 @@
 r"""A 12-layer early-exit LM (CALM confidence exits) for operating-point experiments.
 
-Variants: halting=confidence|learned_exit (default confidence), runlocal, gpu.
+Variants: halting=confidence|learned_exit (default confidence), runlocal, gpu, and the
+training recipe for exact (self-speculative) decoding: `recipe=current` (exit-aware training
++ exit self-distillation, 0.5 each) or `recipe=layerskip` (LayerSkip: layer dropout rising
+with depth to 0.2, early-exit loss only); the default CPU run uses neither.
 
 CPU size (d=128, 1200 steps of 16x128 bytes, ~10-20 min on 2 cores):
   python -m experiments.train --config=experiments/configs/lm_exit12.py --workdir=runs/exit12
@@ -30,6 +33,13 @@ def get_config(arg: str | None = None):
   config.model.update(num_layers=12)
   config.train.update(steps=1200, eval_every=600, checkpoint_every=200, warmup_steps=100)
   args = config_lib.parse_arg(arg)
+  recipe = args.pop('recipe', None)
+  if recipe == 'current':
+    config.halting.update(exit_aware=0.5, distill=0.5)
+  elif recipe == 'layerskip':
+    config.model.update(layer_dropout=0.2)
+  elif recipe is not None:
+    raise config_lib.ConfigError(f'recipe={recipe!r}: known: current, layerskip')
   if args.pop('gpu', False):  # the accelerator-host size (see the module docstring)
     config.model.update(d_model=192, num_heads=3, d_ff=768)
     # the whole stdlib (~10 MB of code, 0.5 MB of prose): sample mostly code so the small
