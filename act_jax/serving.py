@@ -108,8 +108,10 @@ def _decode_exact(spec: Spec, variables, cache, tokens_B, pos_B, left_B, draft_s
     r = speculative.speculative_round(spec, variables, cache, tok, pos, done, draft_steps,
                                       draft_len)
     n = jnp.where(done, 0, jnp.minimum(r['accepted'] + 1, left))
+    # drafts accepted AND used (a row that needed fewer bytes than it got stops short)
+    used = jnp.minimum(r['accepted'], jnp.maximum(n - 1, 0))
     return (r['cache'], r['next'], r['index'], left - n), {'emitted': r['emitted'],
-                                                          'count': n, 'accepted': r['accepted']}
+                                                          'count': n, 'accepted': used}
 
   (cache, *_), out = jax.lax.scan(body, (cache, tokens_B, pos_B, left_B), None, length=rounds)
   return cache, out
@@ -388,7 +390,9 @@ def replay(engine: Engine, requests: Sequence[Request], points: Sequence[Operati
     live = [[s for s in run if counts[s] > j] for j in range(k)]
     # one record per call: ms per decode step, and the slowest live row's layers per step
     slowest = [max(out['layers'][j][s] for s in live[j]) for j in range(k) if live[j]]
-    steps.append({'t': t, 'step_ms': 1e3 * step_s / len(slowest), 'steps': len(slowest),
+    # ms per decode step (exact mode: per self-speculative round)
+    per = engine.steps_per_call if 'count' in out else len(slowest)
+    steps.append({'t': t, 'step_ms': 1e3 * step_s / per, 'steps': len(slowest),
                   'active': len(run), 'queue': len(queue), 'point': index,
                   'max_layers': float(np.mean(slowest)),
                   'mean_layers': float(np.mean([out['layers'][j][s] for j in range(k)
@@ -723,6 +727,9 @@ def serve_run(workdir: str, trace: str, slo_p95_ms: Optional[float] = None,
                             **(controller_kwargs or {}))
   elif mode == 'exact':
     speculative.check_exact(spec, draft_layer, draft_len)
+    if compact or kv_fill != 'project':
+      raise ConfigError('--compact/--kv_fill apply to --mode=threshold (exact mode skips no '
+                        'layer of a verified byte)')
     draft_layer, draft_len, how = speculative_bench.resolve_draft(
         spec, variables, draft_layer, draft_len, slots, workdir, int(state['step']), log)
     points = [slo.Point(NEVER_EXIT, None, True, float(spec.model.num_layers), None,

@@ -39,7 +39,8 @@ def domain_prompts(spec: Spec, rows: int, length: int) -> dict[str, np.ndarray]:
   (rows repeat when the held-out split is short)."""
   ds = data_lib.make_dataset(spec.data, spec.seed)
   if not set(getattr(ds, 'domains', ())) >= set(DOMAINS):
-    raise ConfigError(f'data.name={spec.data.name!r} has no code/prose held-out text')
+    raise ConfigError(f'data.name={spec.data.name!r} has no code/prose held-out text to time '
+                      f'on: pass --draft_layer and --draft_len')
   pools: dict[str, list] = {d: [] for d in DOMAINS}
   for b in ds.eval_batches(max(2, -(-4 * rows // spec.data.batch_size))):
     for x, d in zip(b['inputs'], b['domain']):
@@ -49,7 +50,8 @@ def domain_prompts(spec: Spec, rows: int, length: int) -> dict[str, np.ndarray]:
   out = {}
   for name, pool in pools.items():
     if not pool:
-      raise ConfigError(f'no held-out {name} window of {length} bytes: lower the prompt length')
+      raise ConfigError(f'no held-out {name} window of {length} bytes: lower --prompt_len (or '
+                        f'pass --draft_layer and --draft_len)')
     out[name] = np.stack([pool[i % len(pool)] for i in range(rows)]).astype(np.int32)
   return out
 
@@ -69,6 +71,8 @@ def tune_draft(spec: Spec, variables: dict, batch: int = 1,
   layers = list(draft_layers or [l for l in S.draft_layers(spec)
                                  if l <= max(spec.model.num_layers // 2,
                                              S.draft_layers(spec)[0])])
+  prompt_len = min(prompt_len, spec.model.max_len // 2)
+  new_tokens = min(new_tokens, spec.model.max_len - prompt_len)
   prompts = domain_prompts(spec, batch, prompt_len)
   p = np.stack([prompts[DOMAINS[i % 2]][i // 2] for i in range(batch)])
   fns = {'plain': lambda: S.generate_plain(spec, variables, p, new_tokens)}
@@ -137,8 +141,11 @@ def generate_listing(workdir: str, prompt: str, max_new: int = 64,
                      temperature: float = 0.0, seed: int = 0) -> str:
   """Exact-mode continuation + a per-byte line of where each byte came from
   ('·' an accepted draft, '^' the verifier: a correction or bonus byte, 'p' the prompt pass)."""
+  if max_new < 1:
+    raise ConfigError(f'--max_new_tokens={max_new}: must be >= 1')
   spec, state = inference.load_run(workdir)
   variables = {'params': state['params'], 'moe_state': state['moe_state']}
+  S.check_exact(spec, draft_layer, draft_len, temperature=temperature)
   k, d, how = resolve_draft(spec, variables, draft_layer, draft_len, 1, workdir,
                             int(state['step']), log=lambda s: None)
   ids = np.concatenate([[data_lib.BOS], data_lib.encode(prompt)])[None].astype(np.int32)
@@ -163,6 +170,7 @@ def generate_listing(workdir: str, prompt: str, max_new: int = 64,
   lines = [f'mode=exact draft_layer={k} draft_len={d} temperature={temperature:g} '
            f'({how}; checkpoint step {state["step"]}, {spec.model.num_layers} layers)',
            f'prompt: {prompt!r}']
+  source = source[:len(text)]
   for i in range(0, len(text), 64):
     lines.append('text   ' + ''.join(text[i:i + 64]))
     lines.append('source ' + ''.join(source[i:i + 64]))
@@ -191,11 +199,17 @@ def benchmark(workdir: str, batch_sizes: Sequence[int] = (1, 8), prompt_len: int
               draft_len: Optional[int] = None, threshold: Optional[float] = None,
               layer_table: bool = True, log: Callable[[str], None] = print) -> dict:
   """The tables of the module doc. Returns {'speed': rows, 'layers': rows, 'draft': ...}."""
+  for name, v in (('--repeats', repeats), ('--new_tokens', new_tokens),
+                  ('--prompt_len', prompt_len)):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+      raise ConfigError(f'{name}={v!r}: must be an integer >= 1')
   spec, state = inference.load_run(workdir)
   variables = {'params': state['params'], 'moe_state': state['moe_state']}
   S.check_exact(spec, draft_layer, draft_len)
   op, source = operating_point.run_operating_point(workdir, spec, threshold)
   limit = spec.model.max_len
+  if prompt_len >= limit:
+    raise ConfigError(f'--prompt_len={prompt_len}: must be below the model max length {limit}')
   new_tokens = min(new_tokens, limit - prompt_len)
   prompts = domain_prompts(spec, max(batch_sizes), prompt_len)
   mixed = np.stack([prompts[DOMAINS[i % 2]][i // 2] for i in range(max(batch_sizes))])

@@ -46,15 +46,22 @@ def _ints(name: str, values: list[str]) -> list[int]:
   return out
 
 
+def _floats(name: str, values: list[str]) -> list[float]:
+  try:
+    return [float(v) for v in values]
+  except ValueError:
+    raise ConfigError(f'--{name}={",".join(values)}: must be numbers in (0, 1]') from None
+
+
 def main(argv):
   del argv
   quiet_logs()
   batches = _ints('batch_sizes', _BATCH.value)
   if _MODE.value == 'threshold':
-    for f in (_DRAFT_LAYER, _DRAFT_LEN):
-      if f.value is not None:
+    for f in (_DRAFT_LAYER, _DRAFT_LEN, _PROMPT_LEN, _LAYER_TABLE):
+      if flags.FLAGS[f.name].present:
         raise ConfigError(f'--{f.name}={f.value}: applies to --mode=exact')
-    rows = operating_point.benchmark_rows(_WORKDIR.value, [float(t) for t in _THR.value],
+    rows = operating_point.benchmark_rows(_WORKDIR.value, _floats('thresholds', _THR.value),
                                           batches, new_tokens=_NEW.value,
                                           repeats=_REPEATS.value, kv_fill=_FILL.value,
                                           max_layers=_MAX_LAYERS.value)
@@ -63,7 +70,10 @@ def main(argv):
   if _MAX_LAYERS.value is not None:
     raise ConfigError(f'--max_layers={_MAX_LAYERS.value}: exact mode decodes at full depth by '
                       f'construction; a depth cap applies to --mode=threshold')
-  thr = float(_THR.value[0]) if flags.FLAGS['thresholds'].present else None
+  if flags.FLAGS['kv_fill'].present:
+    raise ConfigError(f'--kv_fill={_FILL.value}: applies to --mode=threshold (exact mode skips '
+                      f'no layer of an emitted byte)')
+  thr = _floats('thresholds', _THR.value)[0] if flags.FLAGS['thresholds'].present else None
   res = speculative_bench.benchmark(_WORKDIR.value, batches, _PROMPT_LEN.value, _NEW.value,
                                     _REPEATS.value, _DRAFT_LAYER.value, _DRAFT_LEN.value, thr,
                                     _LAYER_TABLE.value)

@@ -41,9 +41,10 @@ def main(argv):
     for f in (_DRAFT_LAYER, _DRAFT_LEN):
       if f.value is not None:
         raise ConfigError(f'--{f.name}={f.value}: applies to --mode=exact')
-    if _TEMP.value:
-      raise ConfigError(f'--temperature={_TEMP.value}: applies to --mode=exact (threshold mode '
-                        f'decodes greedily)')
+    for f in (_TEMP, _SEED):
+      if flags.FLAGS[f.name].present:
+        raise ConfigError(f'--{f.name}={f.value}: applies to --mode=exact (threshold mode '
+                          f'decodes greedily)')
     print(operating_point.generate_listing(_WORKDIR.value, _PROMPT.value, _THR.value,
                                            _NEW.value, _FILL.value,
                                            max_layers=_MAX_LAYERS.value))
@@ -54,6 +55,9 @@ def main(argv):
   if _MAX_LAYERS.value is not None:
     raise ConfigError(f'--max_layers={_MAX_LAYERS.value}: exact mode decodes at full depth by '
                       f'construction; a depth cap applies to --mode=threshold')
+  if flags.FLAGS['kv_fill'].present:
+    raise ConfigError(f'--kv_fill={_FILL.value}: applies to --mode=threshold (exact mode skips '
+                      f'no layer of an emitted byte)')
   print(speculative_bench.generate_listing(_WORKDIR.value, _PROMPT.value, _NEW.value,
                                            _DRAFT_LAYER.value, _DRAFT_LEN.value, _TEMP.value,
                                            _SEED.value))

@@ -240,3 +240,27 @@ def test_serve_binary_bad_inputs(run, tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert msg in proc.stderr and proc.stderr.count('\n') == 1, proc.stderr
+
+
+def test_generate_and_serve_binaries_in_exact_mode(run, tmp_path):
+  """generate --mode=exact on a trained run: the continuation equals threshold-mode full
+  depth; tuning picks a draft and keeps it in the run; serve --mode=exact agrees 100 %."""
+  gen = lambda *a: subprocess.run(  # noqa: E731
+      [sys.executable, '-m', 'experiments.generate', f'--workdir={run}', '--prompt=def f(',
+       '--max_new_tokens=12'] + list(a), cwd=REPO, capture_output=True, text=True, timeout=600)
+  exact, full = gen('--mode=exact', '--draft_len=2'), gen('--threshold=1.0')
+  assert exact.returncode == 0 and full.returncode == 0, exact.stderr[-2000:] + full.stderr
+  text = lambda out: [l for l in out.splitlines() if l.startswith('text ')]  # noqa: E731
+  assert text(exact.stdout) == text(full.stdout) and text(exact.stdout)
+  assert 'mode=exact draft_layer=2 draft_len=2 temperature=0 (tuned at batch 1' in exact.stdout
+  assert 'bytes per verify step' in exact.stdout
+  out = tmp_path / 'serve'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.serve', f'--workdir={run}', f'--out={out}',
+       '--trace=poisson:rate=6,duration=1s,prompt=4-12,new=4-12,seed=3', '--slots=2',
+       '--controller=fixed', '--mode=exact', '--draft_layer=2', '--draft_len=2'],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.load(open(out / 'summary.json'))
+  assert summary['mode'] == 'exact' and summary['agreement_with_full_depth'] == 1.0
+  assert 'drafts accepted per round' in proc.stdout
