@@ -30,6 +30,16 @@ def define_max_layers_flag() -> flags.FlagHolder:
                               'layer (an exit layer; default: the run\'s operating point).')
 
 
+def refuse_flags(mode: str, names: tuple[str, ...]) -> None:
+  """ConfigError naming the first of these flags the user gave: it does not apply in `mode`
+  (e.g. --threshold with --mode=exact, which decodes every byte at full depth)."""
+  other = 'threshold' if mode == 'exact' else 'exact'
+  for name in names:
+    if flags.FLAGS[name].present:
+      raise ConfigError(f'--{name}={flags.FLAGS[name].value}: applies to --mode={other}, not '
+                        f'--mode={mode}')
+
+
 def _show_traceback() -> bool:
   if os.environ.get('ACT_JAX_TRACEBACK', '') not in ('', '0'):
     return True

@@ -9,7 +9,7 @@ r"""Decode speed vs full depth, measured side by side in one run.
 """
 from absl import flags
 
-from experiments import define_max_layers_flag, quiet_logs, run
+from experiments import define_max_layers_flag, quiet_logs, refuse_flags, run
 
 from act_jax import operating_point, speculative_bench
 from act_jax.errors import ConfigError
@@ -58,21 +58,14 @@ def main(argv):
   quiet_logs()
   batches = _ints('batch_sizes', _BATCH.value)
   if _MODE.value == 'threshold':
-    for f in (_DRAFT_LAYER, _DRAFT_LEN, _PROMPT_LEN, _LAYER_TABLE):
-      if flags.FLAGS[f.name].present:
-        raise ConfigError(f'--{f.name}={f.value}: applies to --mode=exact')
+    refuse_flags('threshold', ('draft_layer', 'draft_len', 'prompt_len', 'layer_table'))
     rows = operating_point.benchmark_rows(_WORKDIR.value, _floats('thresholds', _THR.value),
                                           batches, new_tokens=_NEW.value,
                                           repeats=_REPEATS.value, kv_fill=_FILL.value,
                                           max_layers=_MAX_LAYERS.value)
     print(operating_point.format_table(rows))
     return
-  if _MAX_LAYERS.value is not None:
-    raise ConfigError(f'--max_layers={_MAX_LAYERS.value}: exact mode decodes at full depth by '
-                      f'construction; a depth cap applies to --mode=threshold')
-  if flags.FLAGS['kv_fill'].present:
-    raise ConfigError(f'--kv_fill={_FILL.value}: applies to --mode=threshold (exact mode skips '
-                      f'no layer of an emitted byte)')
+  refuse_flags('exact', ('max_layers', 'kv_fill'))
   thr = _floats('thresholds', _THR.value)[0] if flags.FLAGS['thresholds'].present else None
   res = speculative_bench.benchmark(_WORKDIR.value, batches, _PROMPT_LEN.value, _NEW.value,
                                     _REPEATS.value, _DRAFT_LAYER.value, _DRAFT_LEN.value, thr,

@@ -9,10 +9,9 @@ r"""Continues a prompt with early-exit decoding and shows where every byte came 
 """
 from absl import flags
 
-from experiments import define_max_layers_flag, quiet_logs, run
+from experiments import define_max_layers_flag, quiet_logs, refuse_flags, run
 
 from act_jax import operating_point, speculative_bench
-from act_jax.errors import ConfigError
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.')
 _PROMPT = flags.DEFINE_string('prompt', 'def fib(n):', 'Prompt text.')
@@ -38,26 +37,12 @@ def main(argv):
   del argv
   quiet_logs()
   if _MODE.value == 'threshold':
-    for f in (_DRAFT_LAYER, _DRAFT_LEN):
-      if f.value is not None:
-        raise ConfigError(f'--{f.name}={f.value}: applies to --mode=exact')
-    for f in (_TEMP, _SEED):
-      if flags.FLAGS[f.name].present:
-        raise ConfigError(f'--{f.name}={f.value}: applies to --mode=exact (threshold mode '
-                          f'decodes greedily)')
+    refuse_flags('threshold', ('draft_layer', 'draft_len', 'temperature', 'seed'))
     print(operating_point.generate_listing(_WORKDIR.value, _PROMPT.value, _THR.value,
                                            _NEW.value, _FILL.value,
                                            max_layers=_MAX_LAYERS.value))
     return
-  if _THR.value is not None:
-    raise ConfigError(f'--threshold={_THR.value}: exact mode decodes at full depth by '
-                      f'construction; a threshold applies to --mode=threshold')
-  if _MAX_LAYERS.value is not None:
-    raise ConfigError(f'--max_layers={_MAX_LAYERS.value}: exact mode decodes at full depth by '
-                      f'construction; a depth cap applies to --mode=threshold')
-  if flags.FLAGS['kv_fill'].present:
-    raise ConfigError(f'--kv_fill={_FILL.value}: applies to --mode=threshold (exact mode skips '
-                      f'no layer of an emitted byte)')
+  refuse_flags('exact', ('threshold', 'max_layers', 'kv_fill'))
   print(speculative_bench.generate_listing(_WORKDIR.value, _PROMPT.value, _NEW.value,
                                            _DRAFT_LAYER.value, _DRAFT_LEN.value, _TEMP.value,
                                            _SEED.value))
