@@ -128,16 +128,12 @@ def test_speculative_sampling_keeps_the_full_models_distribution():
   q = _joint(spec, v, prompt, vocab, draft_step=0) * rows  # the layer-1 draft's joint
   stat_q = np.sum((observed - q) ** 2 / q)
   assert stat_q > 5 * critical, stat_q
-
-
-def test_sampling_is_seeded():
-  spec, v = setup()
-  prompts = _prompts(2, 4, seed=5)
-  a = S.generate_exact(spec, v, prompts, 10, 2, 2, temperature=1.0, seed=1)['tokens']
-  b = S.generate_exact(spec, v, prompts, 10, 2, 2, temperature=1.0, seed=1)['tokens']
-  c = S.generate_exact(spec, v, prompts, 10, 2, 2, temperature=1.0, seed=2)['tokens']
-  np.testing.assert_array_equal(a, b)
-  assert not np.array_equal(a, c)
+  # seeded: the same seed gives the same samples, another seed others (no recompile)
+  again = S.generate_exact(spec, v, np.tile(prompt, (rows, 1)), 3, 1, 2, temperature=1.0)
+  np.testing.assert_array_equal(again['tokens'], toks)
+  other = S.generate_exact(spec, v, np.tile(prompt, (rows, 1)), 3, 1, 2, temperature=1.0,
+                           seed=1)
+  assert np.mean(np.asarray(other['tokens']) != toks) > 0.2
 
 
 def test_acceptance_statistics_by_hand():
