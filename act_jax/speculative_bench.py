@@ -59,6 +59,11 @@ def domain_prompts(spec: Spec, rows: int, length: int) -> dict[str, np.ndarray]:
 TUNE_FILE = 'exact_draft.json'  # RUN/exact_draft.json: measured draft choices per batch size
 
 
+def mixed_prompts(prompts: dict[str, np.ndarray], rows: int) -> np.ndarray:
+  """Rows alternating code / prose from domain_prompts' answer (which has >= rows each)."""
+  return np.stack([prompts[DOMAINS[i % 2]][i // 2] for i in range(rows)])
+
+
 def tune_draft(spec: Spec, variables: dict, batch: int = 1,
                draft_layers: Optional[Sequence[int]] = None,
                draft_lens: Sequence[int] = S.AUTO_DRAFT_LENS, prompt_len: int = 32,
@@ -73,8 +78,7 @@ def tune_draft(spec: Spec, variables: dict, batch: int = 1,
                                              S.draft_layers(spec)[0])])
   prompt_len = min(prompt_len, spec.model.max_len // 2)
   new_tokens = min(new_tokens, spec.model.max_len - prompt_len)
-  prompts = domain_prompts(spec, batch, prompt_len)
-  p = np.stack([prompts[DOMAINS[i % 2]][i // 2] for i in range(batch)])
+  p = mixed_prompts(domain_prompts(spec, batch, prompt_len), batch)
   fns = {'plain': lambda: S.generate_plain(spec, variables, p, new_tokens)}
   for d in draft_lens:
     for k in layers:
@@ -212,7 +216,7 @@ def benchmark(workdir: str, batch_sizes: Sequence[int] = (1, 8), prompt_len: int
     raise ConfigError(f'--prompt_len={prompt_len}: must be below the model max length {limit}')
   new_tokens = min(new_tokens, limit - prompt_len)
   prompts = domain_prompts(spec, max(batch_sizes), prompt_len)
-  mixed = np.stack([prompts[DOMAINS[i % 2]][i // 2] for i in range(max(batch_sizes))])
+  mixed = mixed_prompts(prompts, max(batch_sizes))
   full_vec = OperatingPoint.full_depth().vector(spec)
   speed, choices = [], {}
   for b in batch_sizes:
@@ -244,10 +248,11 @@ def benchmark(workdir: str, batch_sizes: Sequence[int] = (1, 8), prompt_len: int
       speed.append(row)
   layers = []
   if layer_table:
-    b = 1
-    d = choices[min(batch_sizes)][1] if draft_len is None else draft_len
+    b = max(batch_sizes)  # rows per domain: acceptance over several prompts
+    d = choices[b][1] if draft_len is None else draft_len
     log(f'acceptance per draft layer and domain (batch {b}, draft length {d}) ...')
-    teacher = {dom: S.draft_acceptance(spec, variables, prompts[dom][:8]) for dom in DOMAINS}
+    long = domain_prompts(spec, 16, spec.data.seq_len)  # teacher forcing: whole windows
+    teacher = {dom: S.draft_acceptance(spec, variables, long[dom]) for dom in DOMAINS}
     for dom in DOMAINS:
       p = prompts[dom][:b]
       fns = {'plain': lambda: S.generate_plain(spec, variables, p, new_tokens)}
@@ -266,6 +271,8 @@ def benchmark(workdir: str, batch_sizes: Sequence[int] = (1, 8), prompt_len: int
                        'identical': bool(np.array_equal(outs[k]['tokens'],
                                                         outs['plain']['tokens']))})
   return {'speed': speed, 'layers': layers, 'draft': choices, 'operating_point': (op, source),
+          'layer_batch': max(batch_sizes),
+          'layer_draft_len': choices[max(batch_sizes)][1] if draft_len is None else draft_len,
           'prompt_len': prompt_len, 'new_tokens': new_tokens, 'repeats': repeats,
           'num_layers': spec.model.num_layers}
 
@@ -292,8 +299,10 @@ def format_benchmark(res: dict) -> str:
     lines.append('')
     head = (f'{"domain":<6} {"layer":>5} {"teacher":>8} {"accepted":>9} {"bytes/verify":>12} '
             f'{"bytes/s":>8} {"speedup":>8} {"same":>5}  acceptance per draft position')
-    lines += ['acceptance per draft layer (batch 1; teacher = teacher-forced held-out '
-              'agreement with full depth; speedup vs full (plain))', head, '-' * len(head)]
+    lines += [f'acceptance per draft layer ({res["layer_batch"]} prompts per domain decoded as '
+              f'one batch, draft length {res["layer_draft_len"]}; teacher = teacher-forced '
+              f'held-out agreement with full depth; speedup vs full (plain))', head,
+              '-' * len(head)]
     for r in res['layers']:
       pos = ' '.join(f'{x:.2f}' for x in r['per_position'])
       lines.append(f'{r["domain"]:<6} {r["draft_layer"]:>5} {r["teacher_forced"]:>8.3f} '

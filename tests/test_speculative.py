@@ -89,6 +89,14 @@ def test_cache_after_exact_decoding_is_full_depth_decodings():
         np.testing.assert_allclose(e[:, b, :upto], f[:, b, :upto], atol=1e-4, rtol=1e-4)
         # rejected drafts leave nothing: past the row's position every layer is zero
         assert not np.any(e[:, b, index[b]:]), (g, name, b)
+  one = S.generate_exact(spec, v, prompts[:1], new, 1, d)  # one row: slice updates
+  np.testing.assert_array_equal(one['tokens'], plain['tokens'][:1])
+  i1 = int(one['index'][0])
+  for ce, cp in zip(one['cache'], plain['cache']):
+    e, f = np.asarray(ce['k']), np.asarray(cp['k'])
+    np.testing.assert_allclose(e[:, 0, :p + new - 1], f[:, 0, :p + new - 1], atol=1e-4,
+                               rtol=1e-4)
+    assert not np.any(e[:, 0, i1:])
 
 
 def _joint(spec, v, prompt, vocab, draft_step=None):

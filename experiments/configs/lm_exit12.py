@@ -5,6 +5,13 @@ training recipe for exact (self-speculative) decoding: `recipe=current` (exit-aw
 + exit self-distillation, 0.5 each) or `recipe=layerskip` (LayerSkip: layer dropout rising
 with depth to 0.2, early-exit loss only); the default CPU run uses neither.
 
+  python -m experiments.train --config=experiments/configs/lm_exit12.py:recipe=current \
+      --workdir=runs/exit12_cur          # ~45 min on 2 busy cores, 1200 steps
+  python -m experiments.benchmark_inference --workdir=runs/exit12_cur --mode=exact
+Measured 2026-12-01 (README "Exact early exit"): teacher-forced draft acceptance at layer 2
+0.655 code / 0.740 prose (recipe=layerskip: 0.587 / 0.691); exact decoding 1.14x full depth
+at batch 8, 0.92x at batch 1 on this CPU, every row identical to full depth.
+
 CPU size (d=128, 1200 steps of 16x128 bytes, ~10-20 min on 2 cores):
   python -m experiments.train --config=experiments/configs/lm_exit12.py --workdir=runs/exit12
   python -m experiments.calibrate --workdir=runs/exit12 --tolerance=0.01 --risk=0.05
