@@ -140,8 +140,8 @@ class Engine:
     if mode == 'exact':
       speculative.check_exact(spec, draft_layer, draft_len)
       if draft_layer is None or draft_len is None:
-        raise ConfigError('exact mode needs draft_layer and draft_len (serve_run chooses them '
-                          'from measured acceptance)')
+        raise ConfigError('exact mode needs draft_layer and draft_len (serve_run times the '
+                          'candidates: speculative_bench.resolve_draft)')
       if compact or kv_fill != 'project':
         raise ConfigError('--compact/--kv_fill apply to --mode=threshold (exact mode skips no '
                           'layer of a verified byte)')

@@ -28,9 +28,9 @@ _FILL = flags.DEFINE_enum('kv_fill', 'project', ['project', 'copy', 'lazy'],
                           'KV of skipped layers (lazy: the same values, filled when needed).')
 _MAX_LAYERS = define_max_layers_flag()
 _DRAFT_LAYER = flags.DEFINE_integer('draft_layer', None, 'Exact mode: the drafting exit layer '
-                                    '(default: chosen from measured acceptance).')
+                                    '(default: the fastest measured on held-out prompts).')
 _DRAFT_LEN = flags.DEFINE_integer('draft_len', None, 'Exact mode: bytes drafted per verify '
-                                  'step (default: chosen from measured acceptance).')
+                                  'step (default: the fastest measured on held-out prompts).')
 _LAYER_TABLE = flags.DEFINE_bool('layer_table', True, 'Exact mode: also time every draft layer '
                                  'on code and prose prompts.')
 flags.mark_flag_as_required('workdir')

@@ -4,7 +4,7 @@ r"""Continues a prompt with early-exit decoding and shows where every byte came 
     threshold mode (approximate): each byte's exit layer.
   python -m experiments.generate --workdir=RUN --prompt='def fib(n):' --mode=exact
     exact mode (self-speculative): output identical to full-depth greedy decoding; the
-    draft layer and length are chosen from measured acceptance unless --draft_layer /
+    draft layer and length are the fastest measured on held-out prompts unless --draft_layer /
     --draft_len are given; --temperature > 0 samples with the speculative-sampling rule.
 """
 from absl import flags
@@ -25,9 +25,9 @@ _FILL = flags.DEFINE_enum('kv_fill', 'project', ['project', 'copy', 'lazy'],
                           'KV of skipped layers (lazy: the same values, filled when needed).')
 _MAX_LAYERS = define_max_layers_flag()
 _DRAFT_LAYER = flags.DEFINE_integer('draft_layer', None, 'Exact mode: the exit layer that '
-                                    'drafts (default: chosen from measured acceptance).')
+                                    'drafts (default: the fastest measured on held-out prompts).')
 _DRAFT_LEN = flags.DEFINE_integer('draft_len', None, 'Exact mode: bytes drafted per verify '
-                                  'step (default: chosen from measured acceptance).')
+                                  'step (default: the fastest measured on held-out prompts).')
 _TEMP = flags.DEFINE_float('temperature', 0.0, 'Exact mode: 0 = greedy, > 0 = sampling.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Exact mode: sampling seed.')
 flags.mark_flag_as_required('workdir')

@@ -6,7 +6,7 @@ r"""Replays a request trace through a continuous-batching early-exit server on a
   python -m experiments.serve --workdir=RUN --trace=my_traffic.jsonl --controller=fixed \
       --threshold=0.9 --max_layers=4
   python -m experiments.serve --workdir=RUN --trace=poisson:rate=4,duration=30s \
-      --controller=fixed --mode=exact      # self-speculative: full-depth output, faster
+      --controller=fixed --mode=exact      # self-speculative: full-depth output
 Traces: `poisson:rate=R,duration=D`, `bursty:base=B,peak=P,duration=D[,period=20s,burst=6s]`
 (both: seed=, prompt=16-64, new=16-48, code=0.5), or a JSONL file with one request per line:
 {"arrival_s": 0.5, "prompt": "def f(", "max_new": 32} (or "prompt_len" + "domain").
@@ -48,9 +48,9 @@ _MODE = flags.DEFINE_enum('mode', 'threshold', ['threshold', 'exact'],
                           'threshold: early exit at operating points; exact: self-speculative '
                           'decoding (full-depth output; --controller=fixed).')
 _DRAFT_LAYER = flags.DEFINE_integer('draft_layer', None, 'Exact mode: the drafting exit layer '
-                                    '(default: chosen from measured acceptance).')
+                                    '(default: the fastest measured on held-out prompts).')
 _DRAFT_LEN = flags.DEFINE_integer('draft_len', None, 'Exact mode: bytes drafted per round '
-                                  '(default: chosen from measured acceptance).')
+                                  '(default: the fastest measured on held-out prompts).')
 flags.mark_flags_as_required(['workdir', 'trace'])
 
 
