@@ -443,6 +443,17 @@ def _generate(spec: Spec, variables, prompt_BL, max_new: int, threshold_N, kv_fi
   return {'tokens': tokens, 'layers': layers.T, 'prompt_layers': aux['layers']}
 
 
+def check_lengths(spec: Spec, prompt_len: int, max_new: int) -> None:
+  """ConfigError unless a prompt of prompt_len plus max_new >= 1 new tokens fits the model."""
+  limit = spec.model.max_len
+  if prompt_len + max_new > limit:
+    raise ConfigError(
+        f'prompt length {prompt_len} + max_new {max_new} exceeds the model max length '
+        f'{limit} (model.max_len, else data.seq_len); shorten the prompt or generate fewer')
+  if max_new < 1:
+    raise ConfigError(f'max_new={max_new}: must be >= 1')
+
+
 def generate(config: Any, variables: dict, prompt_BL, max_new: int, threshold: Any,
              kv_fill: str = 'project', compact: bool = False) -> dict:
   """Greedy early-exit decoding at an operating point (OperatingPoint, [N] or scalar);
@@ -451,10 +462,6 @@ def generate(config: Any, variables: dict, prompt_BL, max_new: int, threshold: A
   spec = config_lib.as_spec(config)
   if kv_fill not in KV_FILL:
     raise ConfigError(f'kv_fill={kv_fill!r}: allowed: {", ".join(KV_FILL)}')
-  limit = spec.model.max_len
-  if prompt_BL.shape[1] + max_new > limit:
-    raise ConfigError(
-        f'prompt length {prompt_BL.shape[1]} + max_new {max_new} exceeds the model max length '
-        f'{limit} (model.max_len, else data.seq_len); shorten the prompt or generate fewer')
+  check_lengths(spec, prompt_BL.shape[1], max_new)
   return _generate(spec, variables, jnp.asarray(prompt_BL, jnp.int32), max_new,
                    threshold_arg(spec, threshold), kv_fill, bool(compact))

@@ -58,7 +58,8 @@ from act_jax import config as config_lib
 from act_jax import halting as halting_lib
 from act_jax.data import PAD as PAD_ID
 from act_jax.errors import ConfigError
-from act_jax.inference import index_steps, step_variables, top_variables, write_position
+from act_jax.inference import (check_lengths, index_steps, step_variables, top_variables,
+                               write_position)
 from act_jax.model import (Layer, dtype_of, head_logits, head_params, init_cache, make_model)
 from act_jax.spec import OperatingPoint, Spec
 
@@ -312,16 +313,6 @@ def _generate_plain(spec: Spec, variables: dict, prompt_BL, max_new: int, temper
   return {'tokens': jnp.concatenate([first_B[:, None], toks.T], 1), 'cache': cache}
 
 
-def _check_lengths(spec: Spec, prompt_BL, max_new: int) -> None:
-  limit = spec.model.max_len
-  if prompt_BL.shape[1] + max_new > limit:
-    raise ConfigError(
-        f'prompt length {prompt_BL.shape[1]} + max_new {max_new} exceeds the model max length '
-        f'{limit} (model.max_len, else data.seq_len); shorten the prompt or generate fewer')
-  if max_new < 1:
-    raise ConfigError(f'max_new={max_new}: must be >= 1')
-
-
 def generate_exact(config: Any, variables: dict, prompt_BL, max_new: int, draft_layer: int,
                    draft_len: int, temperature: float = 0.0, seed: int = 0) -> dict:
   """Self-speculative decoding (module doc): tokens [B, max_new] equal to full-depth decoding
@@ -332,7 +323,7 @@ def generate_exact(config: Any, variables: dict, prompt_BL, max_new: int, draft_
   spec = config_lib.as_spec(config)
   check_exact(spec, draft_layer, draft_len, temperature=temperature)
   prompt_BL = jnp.asarray(prompt_BL, jnp.int32)
-  _check_lengths(spec, prompt_BL, max_new)
+  check_lengths(spec, prompt_BL.shape[1], max_new)
   return _generate_exact(spec, variables, prompt_BL, int(max_new),
                          jnp.int32(draft_layer // spec.model.group_size), int(draft_len),
                          float(temperature), jax.random.PRNGKey(seed))
@@ -344,7 +335,7 @@ def generate_plain(config: Any, variables: dict, prompt_BL, max_new: int,
   exit heads): the baseline exact mode is timed against."""
   spec = config_lib.as_spec(config)
   prompt_BL = jnp.asarray(prompt_BL, jnp.int32)
-  _check_lengths(spec, prompt_BL, max_new)
+  check_lengths(spec, prompt_BL.shape[1], max_new)
   return _generate_plain(spec, variables, prompt_BL, int(max_new), float(temperature),
                          jax.random.PRNGKey(seed))
 

@@ -166,10 +166,7 @@ def generate_listing(workdir: str, prompt: str, max_new: int = 64,
   toks = np.asarray(out['tokens'][0])
   acc = np.asarray(out['accepted'])[:, 0]
   source = ['p'] + [c for a in acc[acc >= 0] for c in '·' * int(a) + '^']
-  text = []
-  for tok in toks:
-    ch = data_lib.decode([tok]) if tok < 256 else '·'
-    text.append({'\n': '⏎', '\t': '⇥'}.get(ch, ch if ch.isprintable() and len(ch) == 1 else '·'))
+  text = [operating_point.byte_char(tok) for tok in toks]
   st = S.acceptance_stats(acc[:, None], d)
   lines = [f'mode=exact draft_layer={k} draft_len={d} temperature={temperature:g} '
            f'({how}; checkpoint step {state["step"]}, {spec.model.num_layers} layers)',
