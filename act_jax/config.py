@@ -38,7 +38,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       name='stdlib', files='', seq_len=128, batch_size=16, heldout_fraction=0.1,
       max_bytes=4_000_000, code_fraction=0.5, num_bits=16, max_digits=6, num_nodes=8,
-      max_hops=6))
+      max_hops=6, train_max_difficulty=0))
   c.model = ml_collections.ConfigDict(dict(
       vocab_size=260, d_model=128, num_heads=4, head_dim=0, d_ff=384, num_layers=6,
       causal=True, share_weights=False, tie_embeddings=True, max_len=0, rope_base=10000.0,
@@ -49,7 +49,7 @@ def default_config() -> ml_collections.ConfigDict:
       name='none', threshold=0.9, eps=0.01, bias_init=-2.0, ponder_cost=0.01, beta=0.01,
       lambda_p=0.2, exit_every=1, exit_weights='linear', criterion='softmax',
       per_sequence=False, mod_capacity=0.5, classifier_loss_weight=1.0, sample=False,
-      exit_aware=0.0, distill=0.0))
+      exit_aware=0.0, distill=0.0, cost_warmup=0))
   # moe.renormalize: top_k weight p_e / sum of the K chosen p; ignored for top_k=1, whose
   # weight stays p_e (Switch: p_e / p_e = 1 gives the router no task-loss gradient)
   c.moe = ml_collections.ConfigDict(dict(
@@ -64,7 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
       steps=1000, lr=3e-3, min_lr_ratio=0.1, warmup_steps=100, weight_decay=0.01, b1=0.9,
       b2=0.95, clip_norm=1.0, log_every=25, eval_every=250, eval_batches=8,
       checkpoint_every=250, keep_checkpoints=2, async_checkpointing=True,
-      nonfinite='abort', multihost=False, max_seconds=0.0))
+      nonfinite='abort', multihost=False, max_seconds=0.0, certify_tolerance=0.0))
   return c
 
 
@@ -261,6 +261,8 @@ def _check(config: ml_collections.ConfigDict) -> None:
   _require(t.nonfinite in NONFINITE_ACTIONS, 'train.nonfinite', t.nonfinite,
            f'allowed: {", ".join(NONFINITE_ACTIONS)}')
   _require(t.max_seconds >= 0, 'train.max_seconds', t.max_seconds, 'must be >= 0 (0 = no limit)')
+  _require(0 <= t.certify_tolerance < 1, 'train.certify_tolerance', t.certify_tolerance,
+           'must be in [0, 1) (a relative accuracy drop; 0 = no certification after training)')
   # Components by registered name.
   _require(config.moe.router in moe_lib.ROUTERS, 'moe.router', config.moe.router,
            f'unknown router; known: {", ".join(sorted(moe_lib.ROUTERS))}')

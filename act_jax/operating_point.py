@@ -9,6 +9,9 @@ What the `calibrate`, `generate` and `benchmark_inference` binaries (and noteboo
   budget. Writes RUN/calibration.json and RUN/calibration.png.
 - `time_decode` / `benchmark_rows`: wall-clock decoding per threshold vs full depth, measured
   side by side in one process.
+- `train_and_certify`: `experiments.train`'s call: train, then (train.certify_tolerance > 0)
+  certify the run's operating point with `calibrate_run(measure='accuracy')` and print the
+  layers it saves per domain, so the default run ends at a guaranteed point, not a guess.
 
 Dims: B batch, L length.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import time
 from typing import Callable, Optional, Sequence
@@ -35,6 +39,10 @@ MEASURES = ('consistency', 'accuracy')  # what calibrate's tolerance bounds
 # Conservative -> aggressive (a token exits when its score >= threshold).
 DEFAULT_THRESHOLDS = (1.0, 0.995, 0.99, 0.98, 0.97, 0.95, 0.93, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6,
                       0.5, 0.4, 0.3, 0.2, 0.1)
+# The end-of-training certification (train_and_certify): every other candidate, to keep the
+# default run short; fixed-sequence testing spends the full risk on each in turn, so fewer
+# candidates lose no power, only resolution.
+CERTIFY_THRESHOLDS = (1.0, 0.99, 0.97, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4, 0.3)
 
 
 def require_exits(spec: Spec) -> None:
@@ -500,3 +508,78 @@ def evaluate_run(workdir: str, thresholds: Sequence[Optional[float]] = (None,),
                                     source, n))
     rows.append({'threshold': op.threshold, 'max_layers': op.max_layers, **res})
   return rows
+
+
+def train_and_certify(config, workdir: str, log: Callable[[str], None] = print,
+                      cluster=None, num_batches: int = 16, risk: float = 0.05) -> dict:
+  """training.train_and_evaluate, then, when config.train.certify_tolerance > 0 and the
+  policy exits, the accuracy Learn-then-Test certification of `calibrate --measure=accuracy`
+  (RUN/calibration.json: every binary then serves at that point) and a summary block of the
+  layers saved at it, overall and per domain, on the test half of the held-out batches.
+  Returns the training evaluation with 'certified/*' entries added."""
+  res = training.train_and_evaluate(config, workdir, log=log, cluster=cluster)
+  spec = config_lib.as_spec(config_lib.complete(config) if not isinstance(config, Spec)
+                            else config)
+  tol = spec.train.certify_tolerance
+  if tol <= 0:
+    return res
+  if not POLICIES[spec.halting.name].can_exit:
+    log(f'certification skipped: halting.name={spec.halting.name!r} has no exits')
+    return res
+  if jax.process_count() > 1:
+    log('certification skipped in a multi-process run: run python -m experiments.calibrate '
+        f'--workdir={workdir} --measure=accuracy on one host')
+    return res
+  t0 = time.time()
+  quiet = lambda m: None  # noqa: E731 -- the block below says what matters
+  try:
+    cal = calibrate_run(workdir, tolerance=tol, risk=risk, measure='accuracy',
+                        thresholds=CERTIFY_THRESHOLDS, num_batches=num_batches, log=quiet)
+  except ConfigError as e:  # too few held-out tokens to certify this tolerance
+    log(f'certification skipped: {e}')
+    return res
+  spec, state = inference.load_run(workdir)
+  ds = data_lib.make_dataset(spec.data, spec.seed)
+  test = ds.eval_batches(num_batches)[1::2]
+  eval_step = jax.jit(training.make_eval_step(spec))
+  full_op = OperatingPoint.full_depth()
+  full = training.evaluate(spec, state, eval_step, test, ds.domains,
+                           threshold=full_op.vector(spec))
+  n_layers = spec.model.num_layers
+  lines = [f'== certified operating point (<= {tol:.1%} relative accuracy drop vs full '
+           f'depth, risk {risk}; {cal["n_calib_tokens"]:,} calibration tokens) ==']
+  if cal['chosen_threshold'] is None:
+    lines.append('no threshold certified: the run stays at full depth (more held-out data or '
+                 'a looser tolerance may certify one)')
+    at = full
+  else:
+    op = OperatingPoint(float(cal['chosen_threshold']), cal['max_layers'])
+    at = training.evaluate(spec, state, eval_step, test, ds.domains, threshold=op.vector(spec))
+    lines.append(f'threshold {op.threshold:g}: {at["layers_mean"]:.2f} of {n_layers} layers '
+                 f'({n_layers / at["layers_mean"]:.2f}x fewer than full depth), accuracy '
+                 f'{at["accuracy"]:.4f} vs {full["accuracy"]:.4f} at full depth '
+                 f'({_rel(at["accuracy"], full["accuracy"])}) on the test half '
+                 f'({cal["n_test_tokens"]:,} tokens)')
+  for d in ds.domains:
+    if f'{d}/accuracy' in at:
+      lines.append(f'  {d:>8}: {at[f"{d}/layers_mean"]:.2f} layers '
+                   f'({n_layers / at[f"{d}/layers_mean"]:.2f}x fewer), accuracy '
+                   f'{at[f"{d}/accuracy"]:.4f} vs {full[f"{d}/accuracy"]:.4f} '
+                   f'({_rel(at[f"{d}/accuracy"], full[f"{d}/accuracy"])})')
+  lines.append(f'wrote {workdir}/calibration.json: evaluate, generate, serve and '
+               f'benchmark_inference use this point ({time.time() - t0:.0f} s)')
+  log('\n'.join(lines))
+  res = dict(res)
+  res['certified/threshold'] = (math.nan if cal['chosen_threshold'] is None
+                                else float(cal['chosen_threshold']))
+  res['certified/layers_mean'] = at['layers_mean']
+  res['certified/accuracy'] = at['accuracy']
+  res['certified/full_accuracy'] = full['accuracy']
+  for d in ds.domains:
+    if f'{d}/layers_mean' in at:
+      res[f'certified/{d}/layers_mean'] = at[f'{d}/layers_mean']
+  return res
+
+
+def _rel(x: float, ref: float) -> str:
+  return f'{(x - ref) / ref:+.2%}' if ref > 0 else 'n/a'

@@ -16,6 +16,11 @@ can feed synthetic data); `make_report(workdir)` wires them to a training workdi
   serve.png                 the newest `experiments.serve` replay under workdir: load,
                             latency and operating point over time
 
+A seed sweep's directory (`experiments.sweep_seeds`, holds sweep.json) gets
+  steps_vs_difficulty.png   mean steps (and accuracy) per difficulty, one line per seed,
+                            the extrapolation range shaded
+and each seed's own report under seed_<s>/report/.
+
 `tokens_html` renders the same per-token compute as coloured HTML for notebooks.
 """
 from __future__ import annotations
@@ -34,7 +39,7 @@ import numpy as np  # noqa: E402
 
 import jax  # noqa: E402
 
-from act_jax import checkpointing, inference, operating_point, serving, telemetry  # noqa: E402
+from act_jax import checkpointing, inference, operating_point, serving, sweep, telemetry  # noqa: E402
 from act_jax import data as data_lib  # noqa: E402
 from act_jax.model import make_model  # noqa: E402
 from act_jax.spec import OperatingPoint, Spec  # noqa: E402
@@ -403,13 +408,56 @@ def _model_plots(workdir: str, records: list[dict], out: Callable[[str], str],
   return written
 
 
+def plot_steps_vs_difficulty(sweep_res: Mapping[str, Any], path: str) -> str:
+  """Mean steps (left) and accuracy (right) per difficulty, one line per seed of a sweep
+  (sweep.json's rows); collapsed seeds dashed; the extrapolation range shaded."""
+  fig, (ax, ax_acc) = plt.subplots(1, 2, figsize=(11, 3.8))
+  rows = sweep_res['seeds']
+  for r in rows:
+    d = np.array([int(k) for k in r['steps_by_difficulty']])
+    order = np.argsort(d)
+    steps = np.array(list(r['steps_by_difficulty'].values()), np.float64)[order]
+    acc = np.array(list(r['accuracy_by_difficulty'].values()), np.float64)[order]
+    style = '--' if r['collapse'] else '-'
+    label = f'seed {r["seed"]} (rho {r["spearman"]:.2f}{", collapsed" if r["collapse"] else ""})'
+    ax.plot(d[order], steps, style, marker='.', label=label)
+    ax_acc.plot(d[order], acc, style, marker='.', label=f'seed {r["seed"]}')
+  extra = (sweep_res.get('ranges') or {}).get('extrapolation')
+  for a in (ax, ax_acc):
+    if extra:
+      a.axvspan(extra[0] - 0.5, extra[1] + 0.5, color='0.85', zorder=0, label='extrapolation')
+    a.set_xlabel('difficulty')
+    a.grid(alpha=0.3)
+  full = rows[0]['full'] if rows else 1
+  ax.set_ylim(0, full + 0.5)
+  ax.set_ylabel(f'mean steps (of {full})')
+  ax.set_title(f'{sweep_res["task"]} / {sweep_res["halting"]}: steps vs difficulty '
+               f'(collapse rate {sweep_res["collapse_rate"]:.0%})')
+  ax.legend(fontsize=7)
+  ax_acc.set_ylim(0, 1.05)
+  ax_acc.set_ylabel('held-out accuracy')
+  ax_acc.set_title('accuracy vs difficulty')
+  return _save(fig, path)
+
+
 def make_report(workdir: str, out_dir: str | None = None, log: Callable[[str], None] = print,
                 num_batches: int | None = None) -> list[str]:
   """Writes the report PNGs of a training workdir into out_dir (default workdir/report).
+  A sweep directory (sweep.json) gets steps_vs_difficulty.png and each seed its own report.
 
   Raises ValueError naming the path when workdir has no (or an empty) metrics.jsonl. Plots
   that need a checkpoint, MoE or calibration.json are skipped with a logged note.
   """
+  sweep_res = sweep.read_sweep(workdir)
+  if sweep_res is not None:
+    out_dir = out_dir or os.path.join(workdir, 'report')
+    written = [plot_steps_vs_difficulty(sweep_res, os.path.join(out_dir,
+                                                                'steps_vs_difficulty.png'))]
+    log(f'[report] wrote {written[0]}')
+    for r in sweep_res['seeds']:
+      written += make_report(os.path.join(workdir, f'seed_{r["seed"]}'), log=log,
+                             num_batches=num_batches)
+    return written
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.isfile(metrics_path):
     raise ValueError(f'no metrics file at {metrics_path}: {workdir!r} is not a training '

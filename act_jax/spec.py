@@ -83,6 +83,7 @@ class HaltingSpec:
   sample: bool
   exit_aware: float
   distill: float
+  cost_warmup: int  # steps over which the compute cost (ACT ponder, PonderNet KL) ramps 0 -> 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +121,9 @@ class DataSpec:
   max_digits: int
   num_nodes: int
   max_hops: int
+  # synthetic tasks: train on difficulty 1..train_max_difficulty (0: the whole range);
+  # evaluation always spans the whole range, so the rest is the extrapolation split
+  train_max_difficulty: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +146,9 @@ class TrainSpec:
   nonfinite: str
   multihost: bool
   max_seconds: float
+  # > 0: after training, certify the early-exit threshold whose held-out accuracy drops at
+  # most this much (relative) vs full depth (operating_point.train_and_certify)
+  certify_tolerance: float
 
 
 @dataclasses.dataclass(frozen=True)

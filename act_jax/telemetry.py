@@ -180,6 +180,26 @@ def depth_histogram(layers: Any, num_layers: int, mask: Any = None) -> np.ndarra
   return counts / total if total > 0 else counts
 
 
+def collapse(depth_hist: Mapping[int, float] | Sequence[float], num_steps: int,
+             frac: float = 0.9) -> str:
+  """'' or why the depth distribution collapsed: at least `frac` of the (scored) tokens ran
+  one step ('all at step 1') or every step ('all at the maximum'). depth_hist maps steps run
+  to the fraction of tokens (a dict, or a sequence indexed by steps, e.g. depth_histogram's
+  output); fractions are renormalised, so counts work too. A policy that adapts puts mass
+  in between; ACT's known failure is ~1 step everywhere (Graves 2016; Dehghani et al. 2019)."""
+  hist = dict(depth_hist) if isinstance(depth_hist, Mapping) else dict(enumerate(depth_hist))
+  total = float(sum(hist.values()))
+  if total <= 0:
+    return ''
+  early = sum(v for k, v in hist.items() if k <= 1) / total
+  late = sum(v for k, v in hist.items() if k >= num_steps) / total
+  if early >= frac:
+    return f'all at step 1 ({early:.0%} of tokens)'
+  if late >= frac:
+    return f'all at the maximum {num_steps} ({late:.0%} of tokens)'
+  return ''
+
+
 def routing_stability_per_layer(top1_a: Any, top1_b: Any, mask: Any = None) -> np.ndarray:
   """[layers] routing_stability of each MoE layer for top1 [layers, B, L].
 

@@ -17,6 +17,7 @@ import os
 import signal
 import time
 import json
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -60,8 +61,21 @@ def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
       logits_BLV.astype(jnp.float32), targets_BL)
 
 
-def total_loss(config: Any, logits_BLV, aux, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The single place where task, halting and MoE losses are summed."""
+def cost_warmup_scale(warmup_steps: int, step) -> jax.Array:
+  """min(1, step / warmup_steps): the weight of the compute cost at `step` (1 when off).
+  Training starts cost-free so the halting units learn what depth buys before paying for
+  it; a full-strength cost from step 0 can push every token to one step before depth has
+  shown its value, a known failure of Universal Transformer + ACT runs (the synthetic
+  config's ACT recipe pairs it with a deep-start halting bias; tests/test_halting_model.py)."""
+  if warmup_steps <= 0 or step is None:
+    return jnp.float32(1.0)
+  return jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / float(warmup_steps))
+
+
+def total_loss(config: Any, logits_BLV, aux, batch,
+               step=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The single place where task, halting and MoE losses are summed. `step` (training)
+  ramps the policy's compute-cost terms in over halting.cost_warmup steps."""
   spec = config_lib.as_spec(config)
   targets, w_BL = batch['targets'], batch['weights']
   denom = jnp.maximum(jnp.sum(w_BL), 1.0)
@@ -69,6 +83,8 @@ def total_loss(config: Any, logits_BLV, aux, batch) -> tuple[jax.Array, dict[str
   terms = {'ce': jnp.sum(ce_BL * w_BL) / denom}
   task, extra = spec.policy.loss_terms(aux, targets, w_BL)
   terms['task'] = terms['ce'] if task is None else task
+  scale = cost_warmup_scale(spec.halting.cost_warmup, step)
+  extra = {k: v * scale if k in spec.policy.cost_terms else v for k, v in extra.items()}
   terms.update(extra)
   if 'moe' in aux:
     m = spec.moe
@@ -164,7 +180,7 @@ def make_train_step(config: Any) -> Callable:
     def loss_fn(params):
       logits, aux = model.apply({'params': params, 'moe_state': state['moe_state']},
                                 batch['inputs'], rngs={'jitter': rng, 'halting': rng})
-      loss, terms = total_loss(spec, logits, aux, batch)
+      loss, terms = total_loss(spec, logits, aux, batch, step=state['step'])
       return loss, (terms, logits, aux)
 
     (loss, (terms, logits, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -290,6 +306,17 @@ def evaluate(config: Any, state, eval_step, batches, domains, threshold=None,
         r['correct_sum'] / np.maximum(r['weight_sum'], 1.0), diff).items()):
       res[f'difficulty_{int(d)}/accuracy'] = v
     res['spearman_layers_difficulty'] = telemetry.spearman(per_ex_layers, diff)
+    scored = r['weight_sum'] > 0
+    # an example is right when every scored token is (addition: every answer digit and EOS)
+    seq_ok = scored & (r['correct_sum'] >= r['weight_sum'] - 1e-6)
+    res['sequence_accuracy'] = seq_ok.sum() / max(scored.sum(), 1)
+    for name, (lo, hi) in data_lib.difficulty_ranges(spec.data).items():
+      sel = scored & (diff >= lo) & (diff <= hi)
+      ws = max(r['weight_sum'][sel].sum(), 1.0)
+      res[f'range_{name}/accuracy'] = r['correct_sum'][sel].sum() / ws
+      res[f'range_{name}/sequence_accuracy'] = seq_ok[sel].sum() / max(sel.sum(), 1)
+      res[f'range_{name}/layers_mean'] = r['layers_sum'][sel].sum() / ws
+      res[f'range_{name}/spearman'] = telemetry.spearman(per_ex_layers[sel], diff[sel])
   if load:
     load_arr = np.sum(np.stack(load), 0)  # [layers, E]
     res['moe/dropped_frac'] = float(np.mean(np.stack(dropped)))
@@ -477,13 +504,39 @@ def result_lines(spec: Spec, res: dict[str, float], domains) -> list[str]:
       lines.append(f'  {d:>8}: loss {res[f"{d}/loss"]:.4f} acc {res[f"{d}/accuracy"]:.4f} '
                    f'layers {res[f"{d}/layers_mean"]:.2f}/{full}')
   if 'spearman_layers_difficulty' in res:
-    diffs = sorted(int(k.split('/')[0].split('_')[1]) for k in res
-                   if k.startswith('difficulty_') and k.endswith('/layers_mean'))
-    lines.append('difficulty -> mean layers (accuracy): ' + ' '.join(
-        f'{d}:{res[f"difficulty_{d}/layers_mean"]:.2f}({res[f"difficulty_{d}/accuracy"]:.2f})'
-        for d in diffs))
-    lines.append(f'Spearman(layers, difficulty) = {res["spearman_layers_difficulty"]:.3f}')
+    lines += difficulty_lines(res, full)
   if 'moe/load_imbalance' in res:
     lines.append(f'experts: load max/mean {res["moe/load_imbalance"]:.2f}, dropped '
                  f'{res["moe/dropped_frac"]:.2%}, unused {int(res["moe/unused_experts"])}')
+  return lines
+
+
+def difficulty_lines(res: dict[str, float], full: int, max_buckets: int = 12) -> list[str]:
+  """Synthetic tasks: mean layers and accuracy per difficulty (grouped into at most
+  max_buckets equal-width buckets, each the mean of its difficulties' values), Spearman,
+  the in-distribution / extrapolation ranges, and whether the depth distribution collapsed."""
+  diffs = sorted(int(k.split('/')[0].split('_')[1]) for k in res
+                 if k.startswith('difficulty_') and k.endswith('/layers_mean'))
+  width = max(1, math.ceil(len(diffs) / max_buckets)) if diffs else 1
+  cells = []
+  for i in range(0, len(diffs), width):
+    group = diffs[i:i + width]
+    layers = np.mean([res[f'difficulty_{d}/layers_mean'] for d in group])
+    acc = np.mean([res[f'difficulty_{d}/accuracy'] for d in group])
+    name = f'{group[0]}' if len(group) == 1 else f'{group[0]}-{group[-1]}'
+    cells.append(f'{name}:{layers:.2f}({acc:.2f})')
+  lines = ['difficulty -> mean layers (accuracy): ' + ' '.join(cells),
+           f'Spearman(layers, difficulty) = {res["spearman_layers_difficulty"]:.3f}; '
+           f'sequence accuracy {res["sequence_accuracy"]:.4f}']
+  for k in list(res):  # evaluate's order: in-distribution, then extrapolation
+    if k.startswith('range_') and k.endswith('/accuracy'):
+      name = k[len('range_'):-len('/accuracy')]
+      lines.append(f'  {name:>16}: accuracy {res[k]:.4f} (sequences '
+                   f'{res[f"range_{name}/sequence_accuracy"]:.4f}), layers '
+                   f'{res[f"range_{name}/layers_mean"]:.2f}/{full}, Spearman '
+                   f'{res[f"range_{name}/spearman"]:.3f}')
+  hist = {int(k.split('/')[1]): v for k, v in res.items() if k.startswith('layers_hist/')}
+  verdict = telemetry.collapse(hist, full)
+  if verdict:
+    lines.append(f'depth collapsed: {verdict}')
   return lines

@@ -17,7 +17,7 @@ from absl import flags
 from experiments import quiet_logs, run
 from ml_collections import config_flags
 
-from act_jax import multihost, training
+from act_jax import multihost, operating_point
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).',
                                           lock_config=True)
@@ -35,7 +35,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   del argv
   quiet_logs()
-  training.train_and_evaluate(_CONFIG.value, _WORKDIR.value, cluster=multihost.Cluster(
+  # train, then certify the early-exit point when config.train.certify_tolerance > 0
+  operating_point.train_and_certify(_CONFIG.value, _WORKDIR.value, cluster=multihost.Cluster(
       _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value))
 
 

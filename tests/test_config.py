@@ -29,6 +29,9 @@ BAD = [
     ('mesh.data', 4, 'mesh'),
     ('mesh.model', 0, 'mesh.model'),
     ('halting.name', 'sometimes', 'halting.name'),
+    ('halting.cost_warmup', -5, 'halting.cost_warmup'),
+    ('train.certify_tolerance', 1.5, 'train.certify_tolerance'),
+    ('data.train_max_difficulty', 2, 'data.train_max_difficulty'),  # text has no difficulty
     ('moe.router', 'random', 'moe.router'),
 ]
 

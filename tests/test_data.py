@@ -9,6 +9,7 @@ import pytest
 
 from act_jax import config as config_lib
 from act_jax.data import BOS, EOS, PAD, VOCAB_SIZE, decode, encode, make_dataset
+from act_jax import data as data_lib
 from act_jax.data import corpus
 from act_jax.errors import ConfigError
 
@@ -170,6 +171,42 @@ def test_parity_labels():
   assert diffs.min() == 1 and diffs.max() == 12  # the whole difficulty range is sampled
 
 
+def test_parity_extrapolation_split_is_exact():
+  # PonderNet's protocol scaled to 24 entries: train on 1..12 non-zeros, evaluate on 1..24
+  ds = make_dataset(cfg(name='parity', num_bits=24, seq_len=26, batch_size=128,
+                        train_max_difficulty=12), seed=1)
+  train = [ds.train_batch(s) for s in range(20)]
+  held = ds.eval_batches(20)
+  for b, top in [(b, 12) for b in train] + [(b, 24) for b in held]:
+    for inp, tgt, d in zip(b['inputs'], b['targets'], b['difficulty']):
+      bits = decode(inp)[:24]
+      assert d == sum(c in '01' for c in bits) and 1 <= d <= top  # no training row > 12
+      assert chr(tgt[25]) == str(bits.count('1') % 2)
+  train_d = np.concatenate([b['difficulty'] for b in train])
+  held_d = np.concatenate([b['difficulty'] for b in held])
+  assert train_d.min() == 1 and train_d.max() == 12
+  assert held_d.min() == 1 and held_d.max() == 24
+  assert 0.4 < np.mean(held_d > 12) < 0.6  # half the held-out rows extrapolate
+  spec = config_lib.data_spec(name='parity', num_bits=24, seq_len=26, train_max_difficulty=12)
+  assert data_lib.difficulty_ranges(spec) == {'in-distribution': (1, 12),
+                                              'extrapolation': (13, 24)}
+  assert data_lib.difficulty_ranges(config_lib.data_spec(name='parity', num_bits=24,
+                                                         seq_len=26)) == {}
+  # the held-out set does not depend on the training range (same stream, same rows)
+  full = make_dataset(cfg(name='parity', num_bits=24, seq_len=26, batch_size=128), seed=1)
+  np.testing.assert_array_equal(full.eval_batches(1)[0]['inputs'], held[0]['inputs'])
+
+
+@pytest.mark.parametrize('name,field', [('addition', 'max_digits'), ('hops', 'max_hops')])
+def test_train_max_difficulty_caps_other_tasks(name, field):
+  over = {'name': name, field: 4, 'train_max_difficulty': 2}
+  if name == 'addition':
+    over['seq_len'] = 20
+  ds = make_dataset(cfg(**over), seed=0)
+  assert max(ds.train_batch(s)['difficulty'].max() for s in range(10)) == 2
+  assert max(b['difficulty'].max() for b in ds.eval_batches(10)) == 4
+
+
 def test_addition_labels():
   ds = make_dataset(cfg(name='addition', max_digits=5, seq_len=20, batch_size=64), seed=3)
   assert ds.domains == ('addition',) and ds.causal_only
@@ -218,6 +255,10 @@ def test_bad_config(field, value, needle):
     (dict(name='addition', max_digits=6, seq_len=21), 'data.seq_len'),
     (dict(name='addition', max_digits=19, seq_len=128), 'data.max_digits'),
     (dict(name='files', files=''), 'data.files'),
+    (dict(name='parity', num_bits=16, seq_len=18, train_max_difficulty=16),
+     'train_max_difficulty=16: must be below data.num_bits=16'),
+    (dict(name='hops', train_max_difficulty=-1), 'train_max_difficulty=-1'),
+    (dict(name='stdlib', train_max_difficulty=3), 'only the synthetic tasks'),
 ])
 def test_bad_task_config(overrides, needle):
   with pytest.raises(ConfigError, match=needle):

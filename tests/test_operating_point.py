@@ -162,3 +162,31 @@ def test_calibrate_on_an_accuracy_tolerance(run):
   with pytest.raises(calibration.InsufficientCalibrationData):
     operating_point.calibrate_run(run, tolerance=0.001, measure='accuracy', num_batches=2,
                                   log=lambda s: None)
+
+
+def test_train_and_certify_ends_at_a_certified_point(tmp_path):
+  # what experiments.train does when config.train.certify_tolerance > 0 (lm.py's default)
+  c = lm.get_config('halting=confidence,runlocal')
+  c.model.num_layers = 4
+  c.train.update(steps=6, eval_every=1000, certify_tolerance=0.5)
+  lines = []
+  res = operating_point.train_and_certify(c, str(tmp_path), log=lines.append, num_batches=8)
+  text = '\n'.join(lines)
+  assert '== certified operating point (<= 50.0% relative accuracy drop' in text
+  saved = json.load(open(tmp_path / 'calibration.json'))
+  assert saved['measure'] == 'accuracy' and saved['tolerance'] == 0.5
+  assert saved['chosen_threshold'] is not None  # a 50 % tolerance certifies something
+  assert res['certified/threshold'] == saved['chosen_threshold']
+  # two paths, one answer: the masked-scan evaluation of the summary and calibrate's
+  # real-skip sweep agree on the test half's layers and accuracy at the certified point
+  assert res['certified/layers_mean'] == pytest.approx(saved['test']['mean_layers'], abs=1e-6)
+  assert res['certified/accuracy'] == pytest.approx(saved['test']['accuracy'], abs=1e-6)
+  assert res['certified/full_accuracy'] == pytest.approx(saved['full_depth']['accuracy'],
+                                                         abs=1e-6)
+  assert f'{4 / res["certified/layers_mean"]:.2f}x fewer than full depth' in text
+  for d in ('code', 'prose'):
+    assert f'{d}: ' in text and 1.0 <= res[f'certified/{d}/layers_mean'] <= 4.0
+  # every binary now serves at that point
+  op, source = operating_point.run_operating_point(str(tmp_path), inference.load_run(
+      str(tmp_path))[0])
+  assert op.threshold == saved['chosen_threshold'] and source.endswith('calibration.json')

@@ -194,3 +194,18 @@ def test_progress_uses_moving_rate():
   assert p.rate == pytest.approx(40 / 11)
   fresh = tm.Progress(10, clock=lambda: 0.0)
   assert fresh.update(0) == 'step 0/10 (0%) ? it/s ETA ?'
+
+
+def test_collapse_on_hand_made_histograms():
+  # 8 steps; fractions of scored tokens per number of steps run
+  assert tm.collapse({1: 0.95, 2: 0.05}, 8) == 'all at step 1 (95% of tokens)'
+  assert tm.collapse({8: 1.0}, 8) == 'all at the maximum 8 (100% of tokens)'
+  assert tm.collapse({1: 0.5, 8: 0.5}, 8) == ''            # bimodal: adapts
+  assert tm.collapse({2: 0.3, 3: 0.4, 4: 0.3}, 8) == ''     # in between
+  assert tm.collapse({1: 0.89, 5: 0.11}, 8) == ''           # just under the 90 % line
+  assert tm.collapse({1: 0.89, 5: 0.11}, 8, frac=0.85) != ''
+  assert tm.collapse([0, 19, 1, 0], 3) == 'all at step 1 (95% of tokens)'  # counts work too
+  assert tm.collapse([0, 0, 0, 0], 3) == ''                 # nothing scored: no verdict
+  # the same verdict from per-token layers through depth_histogram
+  layers = np.array([[8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 3]])
+  assert tm.collapse(tm.depth_histogram(layers, 8), 8) == 'all at the maximum 8 (91% of tokens)'

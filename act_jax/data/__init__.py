@@ -26,11 +26,15 @@ from act_jax.errors import ConfigError
 from act_jax.spec import DataSpec
 
 __all__ = ['BOS', 'EOS', 'PAD', 'SEP', 'VOCAB_SIZE', 'Dataset', 'DataSpec', 'decode', 'encode',
-           'make_dataset', 'validate', 'KNOWN_NAMES', 'CAUSAL_ONLY']
+           'make_dataset', 'validate', 'difficulty_ranges', 'KNOWN_NAMES', 'CAUSAL_ONLY']
 
 KNOWN_NAMES = ('stdlib', 'files', 'parity', 'addition', 'hops')
 # Tasks whose targets are only valid for a causal model (teacher forcing / next token).
 CAUSAL_ONLY = ('stdlib', 'files', 'addition')
+# Synthetic tasks: the config field that sets the largest difficulty, and what it counts.
+DIFFICULTY_FIELD = {'parity': ('num_bits', 'non-zero entries'),
+                    'addition': ('max_digits', 'digits per operand'),
+                    'hops': ('max_hops', 'hops')}
 
 def as_data_spec(data_cfg: DataSpec | Mapping[str, Any]) -> DataSpec:
   """A DataSpec as it is; a complete mapping of the config.data fields (e.g. a config's
@@ -73,6 +77,19 @@ def validate(data_cfg: DataSpec | Mapping[str, Any]) -> None:
   v = data_cfg.code_fraction
   if not _is_real(v) or not 0 <= v <= 1:
     raise ConfigError(f'data.code_fraction={v!r}: must be a number in [0, 1]')
+  v = data_cfg.train_max_difficulty
+  if not _is_int(v) or v < 0:
+    raise ConfigError(f'data.train_max_difficulty={v!r}: must be a non-negative integer '
+                      f'(0: train on the whole difficulty range)')
+  if v and name not in DIFFICULTY_FIELD:
+    raise ConfigError(f'data.train_max_difficulty={v}: only the synthetic tasks '
+                      f'({", ".join(DIFFICULTY_FIELD)}) have a difficulty; set it to 0 for '
+                      f'data.name={name}')
+  if v and v >= getattr(data_cfg, DIFFICULTY_FIELD[name][0]):
+    field = DIFFICULTY_FIELD[name][0]
+    raise ConfigError(f'data.train_max_difficulty={v}: must be below data.{field}='
+                      f'{getattr(data_cfg, field)} so an extrapolation range is left '
+                      f'(0: train on the whole range)')
   seq_len = data_cfg.seq_len
   if name == 'files':
     v = data_cfg.files
@@ -101,6 +118,18 @@ def validate(data_cfg: DataSpec | Mapping[str, Any]) -> None:
                         f'needs seq_len >= 3 * max_digits + 4 = {3 * digits + 4}')
 
 
+def difficulty_ranges(data_cfg: DataSpec | Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+  """{'in-distribution': (1, m), 'extrapolation': (m + 1, max)} (inclusive) for a synthetic
+  task trained on difficulty <= m = data.train_max_difficulty; {} when it trains on the whole
+  range or has no difficulty (text)."""
+  data_cfg = as_data_spec(data_cfg)
+  m = int(data_cfg.train_max_difficulty)
+  if not m or data_cfg.name not in DIFFICULTY_FIELD:
+    return {}
+  return {'in-distribution': (1, m),
+          'extrapolation': (m + 1, int(getattr(data_cfg, DIFFICULTY_FIELD[data_cfg.name][0])))}
+
+
 def make_dataset(data_cfg: DataSpec | Mapping[str, Any], seed: int) -> Dataset:
   """Validates data_cfg (spec.data, or a mapping with every config.data field) and builds
   the Dataset."""
@@ -111,13 +140,14 @@ def make_dataset(data_cfg: DataSpec | Mapping[str, Any], seed: int) -> Dataset:
   if not _is_int(seed) or seed < 0:  # numpy's SeedSequence rejects negative entropy
     raise ConfigError(f'seed={seed!r}: must be a non-negative integer')
   seed = int(seed)
+  train_max = int(data_cfg.train_max_difficulty)
   if name == 'parity':
-    return ParityDataset(int(data_cfg.num_bits), seq_len, batch_size, seed)
+    return ParityDataset(int(data_cfg.num_bits), seq_len, batch_size, seed, train_max)
   if name == 'hops':
     return HopsDataset(int(data_cfg.num_nodes), int(data_cfg.max_hops),
-                       seq_len, batch_size, seed)
+                       seq_len, batch_size, seed, train_max)
   if name == 'addition':
-    return AdditionDataset(int(data_cfg.max_digits), seq_len, batch_size, seed)
+    return AdditionDataset(int(data_cfg.max_digits), seq_len, batch_size, seed, train_max)
   max_bytes = int(data_cfg.max_bytes)
   heldout = float(data_cfg.heldout_fraction)
   if name == 'stdlib':

@@ -20,6 +20,11 @@ hops     pointer chasing: BOS, the edges of a random permutation f of num_nodes 
 All are pure functions of (seed, stream, index): training uses
 np.random.default_rng([seed, 0, step]) and evaluation a separate stream
 default_rng([seed, 1, i]), so eval batches are fixed and drawn independently of training.
+
+Extrapolation (PonderNet, Banino et al. 2021, sec. 3.2: parity on 96-element vectors, trained
+on 1-48 non-zero entries, tested on 49-96): with train_max_difficulty = m > 0 training draws
+d uniform in [1, m] while evaluation still draws from the whole range [1, max], so held-out
+examples with d > m are the extrapolation split (`difficulty_ranges` names both).
 """
 from __future__ import annotations
 
@@ -33,18 +38,22 @@ _TRAIN_STREAM, _EVAL_STREAM = 0, 1
 class _SyntheticDataset(Dataset):
   """Shared plumbing: subclasses implement _batch(rng) for one global batch."""
 
-  def __init__(self, seq_len: int, batch_size: int, seed: int):
-    self._seq_len, self._batch_size, self._seed = seq_len, batch_size, seed
+  max_difficulty: int  # difficulty is uniform in [1, max_difficulty] on the held-out set
 
-  def _batch(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  def __init__(self, seq_len: int, batch_size: int, seed: int, train_max_difficulty: int = 0):
+    self._seq_len, self._batch_size, self._seed = seq_len, batch_size, seed
+    self.train_max_difficulty = train_max_difficulty or self.max_difficulty
+
+  def _batch(self, rng: np.random.Generator, max_d: int) -> dict[str, np.ndarray]:
     raise NotImplementedError
 
   def train_batch(self, step: int) -> dict[str, np.ndarray]:
-    return self._batch(np.random.default_rng([self._seed, _TRAIN_STREAM, int(step)]))
+    return self._batch(np.random.default_rng([self._seed, _TRAIN_STREAM, int(step)]),
+                       self.train_max_difficulty)
 
   def eval_batches(self, num_batches: int) -> list[dict[str, np.ndarray]]:
-    return [self._batch(np.random.default_rng([self._seed, _EVAL_STREAM, i]))
-            for i in range(num_batches)]
+    return [self._batch(np.random.default_rng([self._seed, _EVAL_STREAM, i]),
+                        self.max_difficulty) for i in range(num_batches)]
 
 
 class ParityDataset(_SyntheticDataset):
@@ -52,14 +61,15 @@ class ParityDataset(_SyntheticDataset):
   domains = ('parity',)
   causal_only = False
 
-  def __init__(self, num_bits: int, seq_len: int, batch_size: int, seed: int):
-    super().__init__(seq_len, batch_size, seed)
-    self.num_bits = num_bits
+  def __init__(self, num_bits: int, seq_len: int, batch_size: int, seed: int,
+               train_max_difficulty: int = 0):
+    self.num_bits = self.max_difficulty = num_bits
     self.answer_pos = num_bits + 1  # index of '=' in inputs (after BOS and the bits)
+    super().__init__(seq_len, batch_size, seed, train_max_difficulty)
 
-  def _batch(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  def _batch(self, rng: np.random.Generator, max_d: int) -> dict[str, np.ndarray]:
     b, n, pos = self._batch_size, self.num_bits, self.answer_pos
-    d = rng.integers(1, n + 1, size=b)
+    d = rng.integers(1, max_d + 1, size=b)
     # The d positions with the smallest random keys hold bits: d random places per row.
     rank = np.argsort(np.argsort(rng.random((b, n)), axis=1), axis=1)
     used = rank < d[:, None]
@@ -82,14 +92,15 @@ class AdditionDataset(_SyntheticDataset):
   domains = ('addition',)
   causal_only = True
 
-  def __init__(self, max_digits: int, seq_len: int, batch_size: int, seed: int):
-    super().__init__(seq_len, batch_size, seed)
-    self.max_digits = max_digits
+  def __init__(self, max_digits: int, seq_len: int, batch_size: int, seed: int,
+               train_max_difficulty: int = 0):
+    self.max_digits = self.max_difficulty = max_digits
+    super().__init__(seq_len, batch_size, seed, train_max_difficulty)
 
-  def _batch(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  def _batch(self, rng: np.random.Generator, max_d: int) -> dict[str, np.ndarray]:
     seqs, answer_start, difficulty = [], [], []
     for _ in range(self._batch_size):
-      d = int(rng.integers(1, self.max_digits + 1))
+      d = int(rng.integers(1, max_d + 1))
       lo = 0 if d == 1 else 10 ** (d - 1)  # exactly d digits (0..9 for d=1)
       a, b = (int(x) for x in rng.integers(lo, 10 ** d, size=2))
       prompt = f'{a}+{b}='
@@ -106,17 +117,19 @@ class HopsDataset(_SyntheticDataset):
   domains = ('hops',)
   causal_only = False
 
-  def __init__(self, num_nodes: int, max_hops: int, seq_len: int, batch_size: int, seed: int):
-    super().__init__(seq_len, batch_size, seed)
+  def __init__(self, num_nodes: int, max_hops: int, seq_len: int, batch_size: int, seed: int,
+               train_max_difficulty: int = 0):
     self.num_nodes, self.max_hops = num_nodes, max_hops
+    self.max_difficulty = max_hops
     self.answer_pos = 2 * num_nodes + 3  # BOS, edges, start, k, then '='
+    super().__init__(seq_len, batch_size, seed, train_max_difficulty)
 
-  def _batch(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  def _batch(self, rng: np.random.Generator, max_d: int) -> dict[str, np.ndarray]:
     b, n = self._batch_size, self.num_nodes
     f = np.argsort(rng.random((b, n)), axis=1)        # a random permutation per row
     order = np.argsort(rng.random((b, n)), axis=1)    # the order edges are listed in
     start = rng.integers(0, n, size=b)
-    k = rng.integers(1, self.max_hops + 1, size=b)
+    k = rng.integers(1, max_d + 1, size=b)
     node = start.copy()
     for hop in range(self.max_hops):                  # node <- f(node) while hop < k
       node = np.where(hop < k, f[np.arange(b), node], node)

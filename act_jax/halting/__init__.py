@@ -86,6 +86,10 @@ def validate_halting(cfg: HaltingSpec, num_steps: int) -> None:
     able = [n for n, c in sorted(POLICIES.items()) if c.supports_exit_aware]
     raise ConfigError(f'halting.exit_aware={aware} needs a policy that supports exit-aware '
                       f'training ({", ".join(able)}); halting.name={name!r}')
+  warm = cfg.cost_warmup
+  if isinstance(warm, bool) or not isinstance(warm, (int, np.integer)) or warm < 0:
+    raise ConfigError(f'halting.cost_warmup={warm!r} must be an int >= 0 (training steps over '
+                      f'which the compute cost ramps in; 0: full cost from the start)')
   for field in ('per_sequence', 'sample'):
     if not isinstance(getattr(cfg, field), (bool, np.bool_)):
       raise ConfigError(f'halting.{field}={getattr(cfg, field)!r} must be a bool')

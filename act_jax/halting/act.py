@@ -42,6 +42,7 @@ class ACT(HaltingPolicy):
   name = 'act'
   needs_halt_unit = True
   can_exit = True
+  cost_terms = ('ponder',)
 
   def __init__(self, cfg: HaltingSpec, num_steps: int):
     super().__init__(cfg, num_steps)

@@ -59,6 +59,7 @@ class PonderNet(HaltingPolicy):
   needs_halt_unit = True
   needs_exit_logits = True  # the expected loss Σ p_n L_n needs every step's logits
   can_exit = True
+  cost_terms = ('kl',)
 
   def __init__(self, cfg: HaltingSpec, num_steps: int):
     super().__init__(cfg, num_steps)
