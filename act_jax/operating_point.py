@@ -295,8 +295,11 @@ def calibrate_run(workdir: str, tolerance: float = 0.01, risk: float = 0.05,
     result['test']['ms_per_token'] = timing['ms_per_token'][index]
     result['test']['speedup_layers'] = spec.model.num_layers / result['test']['mean_layers']
     result['test']['speedup_wall'] = full_ms / timing['ms_per_token'][index]
-  with open(os.path.join(workdir, 'calibration.json'), 'w') as f:
+  tmp = os.path.join(workdir, 'calibration.json.tmp')
+  with open(tmp, 'w') as f:
     json.dump(result, f, indent=2)
+  # atomic: a kill while certifying (now the end of every default run) leaves the old file
+  os.replace(tmp, os.path.join(workdir, 'calibration.json'))
   plot_frontier(result, os.path.join(workdir, 'calibration.png'))
   return result
 

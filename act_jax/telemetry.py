@@ -186,7 +186,7 @@ def collapse(depth_hist: Mapping[int, float] | Sequence[float], num_steps: int,
   one step ('all at step 1') or every step ('all at the maximum'). depth_hist maps steps run
   to the fraction of tokens (a dict, or a sequence indexed by steps, e.g. depth_histogram's
   output); fractions are renormalised, so counts work too. A policy that adapts puts mass
-  in between; ACT's known failure is ~1 step everywhere (Graves 2016; Dehghani et al. 2019)."""
+  in between; the reported failure of Universal Transformer + ACT runs is ~1 step everywhere."""
   hist = dict(depth_hist) if isinstance(depth_hist, Mapping) else dict(enumerate(depth_hist))
   total = float(sum(hist.values()))
   if total <= 0:

@@ -31,10 +31,9 @@ __all__ = ['BOS', 'EOS', 'PAD', 'SEP', 'VOCAB_SIZE', 'Dataset', 'DataSpec', 'dec
 KNOWN_NAMES = ('stdlib', 'files', 'parity', 'addition', 'hops')
 # Tasks whose targets are only valid for a causal model (teacher forcing / next token).
 CAUSAL_ONLY = ('stdlib', 'files', 'addition')
-# Synthetic tasks: the config field that sets the largest difficulty, and what it counts.
-DIFFICULTY_FIELD = {'parity': ('num_bits', 'non-zero entries'),
-                    'addition': ('max_digits', 'digits per operand'),
-                    'hops': ('max_hops', 'hops')}
+# Synthetic tasks: the config field that sets the largest difficulty (non-zero entries,
+# digits per operand, hops).
+DIFFICULTY_FIELD = {'parity': 'num_bits', 'addition': 'max_digits', 'hops': 'max_hops'}
 
 def as_data_spec(data_cfg: DataSpec | Mapping[str, Any]) -> DataSpec:
   """A DataSpec as it is; a complete mapping of the config.data fields (e.g. a config's
@@ -85,8 +84,8 @@ def validate(data_cfg: DataSpec | Mapping[str, Any]) -> None:
     raise ConfigError(f'data.train_max_difficulty={v}: only the synthetic tasks '
                       f'({", ".join(DIFFICULTY_FIELD)}) have a difficulty; set it to 0 for '
                       f'data.name={name}')
-  if v and v >= getattr(data_cfg, DIFFICULTY_FIELD[name][0]):
-    field = DIFFICULTY_FIELD[name][0]
+  if v and v >= getattr(data_cfg, DIFFICULTY_FIELD[name]):
+    field = DIFFICULTY_FIELD[name]
     raise ConfigError(f'data.train_max_difficulty={v}: must be below data.{field}='
                       f'{getattr(data_cfg, field)} so an extrapolation range is left '
                       f'(0: train on the whole range)')
@@ -127,7 +126,7 @@ def difficulty_ranges(data_cfg: DataSpec | Mapping[str, Any]) -> dict[str, tuple
   if not m or data_cfg.name not in DIFFICULTY_FIELD:
     return {}
   return {'in-distribution': (1, m),
-          'extrapolation': (m + 1, int(getattr(data_cfg, DIFFICULTY_FIELD[data_cfg.name][0])))}
+          'extrapolation': (m + 1, int(getattr(data_cfg, DIFFICULTY_FIELD[data_cfg.name])))}
 
 
 def make_dataset(data_cfg: DataSpec | Mapping[str, Any], seed: int) -> Dataset:
