@@ -39,18 +39,15 @@ COLLAPSE_FRAC = 0.9
 def seed_row(spec, seed: int, res: dict[str, float]) -> dict[str, Any]:
   """One seed's evaluation as a flat row (plain floats; json-ready)."""
   full = spec.model.num_layers
-  hist = {int(k.split('/')[1]): v for k, v in res.items() if k.startswith('layers_hist/')}
-  per_diff = {int(k.split('/')[0].split('_')[1]): v for k, v in res.items()
-              if k.startswith('difficulty_') and k.endswith('/layers_mean')}
-  acc_diff = {int(k.split('/')[0].split('_')[1]): v for k, v in res.items()
-              if k.startswith('difficulty_') and k.endswith('/accuracy')}
+  per_diff = training.by_difficulty(res, 'layers_mean')
+  acc_diff = training.by_difficulty(res, 'accuracy')
   row = {'seed': int(seed), 'accuracy': res['accuracy'],
          'sequence_accuracy': res.get('sequence_accuracy', math.nan),
          'steps': res['layers_mean'], 'full': full,
          'spearman': res.get('spearman_layers_difficulty', math.nan),
-         'collapse': telemetry.collapse(hist, full, COLLAPSE_FRAC),
-         'steps_by_difficulty': {str(d): per_diff[d] for d in sorted(per_diff)},
-         'accuracy_by_difficulty': {str(d): acc_diff[d] for d in sorted(acc_diff)},
+         'collapse': telemetry.collapse(training.depth_hist(res), full, COLLAPSE_FRAC),
+         'steps_by_difficulty': {str(d): v for d, v in per_diff.items()},
+         'accuracy_by_difficulty': {str(d): v for d, v in acc_diff.items()},
          'ranges': {}}
   for name in data_lib.difficulty_ranges(spec.data):
     row['ranges'][name] = {k: res[f'range_{name}/{k}'] for k in

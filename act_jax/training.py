@@ -422,8 +422,7 @@ def train_and_evaluate(config: Any, workdir: str, log: Callable[[str], None] = p
                           histograms=hists, put=lambda b: _host_batch(b, mesh))
     writer.write_scalars(step, eval_res, split='eval')
     writer.write_histograms(step, hists)
-    hist = ' '.join(f'{k.split("/")[1]}:{v:.0%}' for k, v in eval_res.items()
-                    if k.startswith('layers_hist/'))
+    hist = ' '.join(f'{k}:{v:.0%}' for k, v in depth_hist(eval_res).items())
     log(f'eval step {step}: loss {eval_res["loss"]:.4f} acc {eval_res["accuracy"]:.4f} '
         f'layers {eval_res["layers_mean"]:.2f}/{spec.model.num_layers} [exit depth {hist}]')
 
@@ -511,18 +510,30 @@ def result_lines(spec: Spec, res: dict[str, float], domains) -> list[str]:
   return lines
 
 
+def by_difficulty(res: dict[str, float], metric: str) -> dict[int, float]:
+  """{difficulty: value} of evaluate's 'difficulty_<d>/<metric>' entries, sorted."""
+  out = {int(k.split('/')[0].split('_')[1]): v for k, v in res.items()
+         if k.startswith('difficulty_') and k.endswith(f'/{metric}')}
+  return dict(sorted(out.items()))
+
+
+def depth_hist(res: dict[str, float]) -> dict[int, float]:
+  """{layers run: fraction of scored tokens} from evaluate's 'layers_hist/<k>' entries."""
+  return {int(k.split('/')[1]): v for k, v in res.items() if k.startswith('layers_hist/')}
+
+
 def difficulty_lines(res: dict[str, float], full: int, max_buckets: int = 12) -> list[str]:
   """Synthetic tasks: mean layers and accuracy per difficulty (grouped into at most
   max_buckets equal-width buckets, each the mean of its difficulties' values), Spearman,
   the in-distribution / extrapolation ranges, and whether the depth distribution collapsed."""
-  diffs = sorted(int(k.split('/')[0].split('_')[1]) for k in res
-                 if k.startswith('difficulty_') and k.endswith('/layers_mean'))
+  layers_d, acc_d = by_difficulty(res, 'layers_mean'), by_difficulty(res, 'accuracy')
+  diffs = list(layers_d)
   width = max(1, math.ceil(len(diffs) / max_buckets)) if diffs else 1
   cells = []
   for i in range(0, len(diffs), width):
     group = diffs[i:i + width]
-    layers = np.mean([res[f'difficulty_{d}/layers_mean'] for d in group])
-    acc = np.mean([res[f'difficulty_{d}/accuracy'] for d in group])
+    layers = np.mean([layers_d[d] for d in group])
+    acc = np.mean([acc_d[d] for d in group])
     name = f'{group[0]}' if len(group) == 1 else f'{group[0]}-{group[-1]}'
     cells.append(f'{name}:{layers:.2f}({acc:.2f})')
   lines = ['difficulty -> mean layers (accuracy): ' + ' '.join(cells),
@@ -535,8 +546,7 @@ def difficulty_lines(res: dict[str, float], full: int, max_buckets: int = 12) ->
                    f'{res[f"range_{name}/sequence_accuracy"]:.4f}), layers '
                    f'{res[f"range_{name}/layers_mean"]:.2f}/{full}, Spearman '
                    f'{res[f"range_{name}/spearman"]:.3f}')
-  hist = {int(k.split('/')[1]): v for k, v in res.items() if k.startswith('layers_hist/')}
-  verdict = telemetry.collapse(hist, full)
+  verdict = telemetry.collapse(depth_hist(res), full)
   if verdict:
     lines.append(f'depth collapsed: {verdict}')
   return lines
