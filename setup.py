@@ -9,7 +9,7 @@ setup(
     python_requires='>=3.10',
     install_requires=[
         'jax>=0.4.35',
-        'flax>=0.10.0',
+        'flax>=0.12.0',  # qwix needs it
         'optax>=0.2.3',
         'orbax-checkpoint>=0.11.0',
         'tensorstore>=0.1.65',
@@ -19,6 +19,8 @@ setup(
         'numpy>=1.26',
         'tensorboardX>=2.6',
         'matplotlib>=3.8',
+        # int8 / int4 quantization (act_jax/quant.py): QArray, einsum, ragged_dot, tiles
+        'qwix>=0.1.8',
     ],
     extras_require={
         'test': ['pytest>=8.0', 'nbclient>=0.10', 'nbformat>=5.10', 'ipykernel>=6.29',

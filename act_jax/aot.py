@@ -264,8 +264,13 @@ def _batch_abstract(spec: Spec, mesh) -> dict[str, jax.ShapeDtypeStruct]:
 
 
 def _shard_bytes(tree: Any) -> int:
-  return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+  """Bytes per chip; int4 (quantized weights) packed two per byte, as the TPU stores it."""
+  return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * _itembits(x.dtype) // 8
                  for x in jax.tree.leaves(tree)))
+
+
+def _itembits(dtype: Any) -> int:
+  return 4 if dtype == jnp.int4 else 8 * np.dtype(dtype).itemsize
 
 
 def layout(spec: Spec, devices: list[Any]) -> dict[str, Any]:
@@ -420,6 +425,46 @@ def compile_report(config: ml_collections.ConfigDict, topology: str, probes: boo
   return report
 
 
+def quant_decode_report(config: ml_collections.ConfigDict, topology: str,
+                        schemes: tuple[str, ...] = ('w8', 'w4')) -> list[dict[str, Any]]:
+  """The decode step compiled for `topology` with float32 weights and with each weight
+  scheme stored (act_jax/quant.py): per chip, the parameter bytes (int4 packed), XLA's
+  argument bytes and bytes accessed, and the HBM-bound time per token ((parameters + KV
+  cache) / HBM bandwidth: a decode step reads each once). XLA's cost analysis counts the
+  depth loop's body once, so its bytes are per loop iteration -- compare them across schemes,
+  not with the HBM-bound figure."""
+  chip = parse_topology(topology)
+  devices = topology_devices(topology)
+  config = config_lib.complete(config)
+  rows = []
+  for scheme in ('none',) + tuple(schemes):
+    c = ml_collections.ConfigDict(config.to_dict())
+    if scheme != 'none':
+      c.quant.update(scheme=scheme, stored=True)
+    spec = config_lib.resolve(c, device_count=len(devices))
+    t0 = time.time()
+    compiled, b = compile_decode_step(spec, devices)
+    mem, cost = compiled.memory_analysis(), _cost(compiled)
+    rows.append({'scheme': 'float32' if scheme == 'none' else scheme, 'params': b['params'],
+                 'cache': b['cache'], 'arguments': mem.argument_size_in_bytes,
+                 'xla_bytes': cost['bytes'], 'xla_seconds': cost['seconds'],
+                 'hbm_ms_per_token': 1e3 * (b['params'] + b['cache']) / chip.hbm_bw,
+                 'compile_seconds': time.time() - t0})
+  return rows
+
+
+def format_quant_decode(rows: list[dict[str, Any]], topology: str) -> str:
+  ref = rows[0]
+  lines = [f'decode step with quantized weights on {topology} (per chip):',
+           f'{"scheme":>8} {"params MiB":>10} {"args MiB":>9} {"XLA MB/iter":>11} '
+           f'{"HBM ms/tok":>10} {"x f32":>6}']
+  for r in rows:
+    lines.append(f'{r["scheme"]:>8} {r["params"] / 2**20:10.1f} {r["arguments"] / 2**20:9.1f} '
+                 f'{r["xla_bytes"] / 1e6:11.1f} {r["hbm_ms_per_token"]:10.3f} '
+                 f'{ref["hbm_ms_per_token"] / r["hbm_ms_per_token"]:5.2f}x')
+  return '\n'.join(lines)
+
+
 def _oom_report(spec: Spec, lay: dict[str, Any], chip: Chip, topology: str, chips: int,
                 error: str) -> dict[str, Any]:
   """The TPU compiler refused the layout as out of HBM: report what we know without an
@@ -518,5 +563,6 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 __all__ = ['CHIPS', 'Chip', 'TOPOLOGY_EXAMPLES', 'active_matmul_params', 'collectives',
-           'compile_decode_step', 'compile_report', 'compile_train_step', 'format_report',
-           'model_flops', 'parse_topology', 'probe_costs', 'topology_devices']
+           'compile_decode_step', 'compile_report', 'compile_train_step', 'format_quant_decode',
+           'format_report', 'model_flops', 'parse_topology', 'probe_costs',
+           'quant_decode_report', 'topology_devices']

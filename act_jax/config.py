@@ -23,9 +23,10 @@ import numpy as np
 from act_jax import data as data_lib
 from act_jax import halting as halting_lib
 from act_jax import moe as moe_lib
+from act_jax import quant as quant_lib
 from act_jax.errors import ConfigError
-from act_jax.spec import (DataSpec, HaltingSpec, MeshSpec, MoESpec, ModelSpec, Spec,
-                          TrainSpec)
+from act_jax.spec import (DataSpec, HaltingSpec, MeshSpec, MoESpec, ModelSpec, QuantSpec,
+                          Spec, TrainSpec)
 
 DTYPES = ('float32', 'bfloat16')
 REMAT_POLICIES = ('none', 'full', 'dots')
@@ -65,6 +66,11 @@ def default_config() -> ml_collections.ConfigDict:
       b2=0.95, clip_norm=1.0, log_every=25, eval_every=250, eval_batches=8,
       checkpoint_every=250, keep_checkpoints=2, async_checkpointing=True,
       nonfinite='abort', multihost=False, max_seconds=0.0, certify_tolerance=0.0))
+  # Quantization (act_jax/quant.py): a weight scheme here trains with QAT; experiments.quantize
+  # writes stored=True runs. Routers, halting units, exit heads and norms stay float32 unless
+  # gates=True.
+  c.quant = ml_collections.ConfigDict(dict(
+      scheme='none', stored=False, experts_only=False, gates=False, tile=32, bits=''))
   return c
 
 
@@ -173,7 +179,8 @@ def resolve(config: Any, device_count: Optional[int] = None) -> Spec:
   return Spec(seed=int(c.seed), model=model, halting=halting, moe=moe,
               data=_section(DataSpec, c.data.to_dict()),
               train=_section(TrainSpec, c.train.to_dict()),
-              mesh=MeshSpec(*mesh), policy=policy,
+              mesh=MeshSpec(*mesh), quant=quant_lib.resolve(c.quant, model, moe),
+              policy=policy,
               exit_layers=tuple((s + 1) * model.group_size for s in policy.exit_steps()),
               capped_policies=tuple(sorted(k for k, v in halting_lib.POLICIES.items()
                                            if v.can_cap_depth)))
@@ -185,6 +192,10 @@ def check_training(spec: Spec) -> None:
   if spec.data.name in data_lib.CAUSAL_ONLY:
     _require(spec.model.causal, 'model.causal', spec.model.causal,
              f'data.name={spec.data.name!r} is a causal LM task; needs model.causal=True')
+  _require(not spec.quant.stored, 'quant.stored', spec.quant.stored,
+           'this run holds quantized weights (experiments.quantize wrote it) and cannot be '
+           'trained; train the float run, with quant.scheme=w8|w4 for quantization-aware '
+           'training')
   split = spec.mesh.data * spec.mesh.fsdp * spec.mesh.expert
   _require(spec.data.batch_size % split == 0, 'data.batch_size', spec.data.batch_size,
            f'must be divisible by mesh.data*mesh.fsdp*mesh.expert ({split}): the batch is '

@@ -29,6 +29,7 @@ from act_jax.errors import CheckpointError
 
 MANIFEST = 'manifest.json'
 _GROUPS = ('params', 'moe_state')
+_WIDENED = ('int4',)  # stored as int8 in the .npz files
 
 
 def _leaves(state: dict):
@@ -43,6 +44,10 @@ def export_run(workdir: str, out_dir: str, max_file_mb: float = 15.0,
   """Writes the latest checkpoint of `workdir` as manifest.json + weights-NN.npz files."""
   spec, state = inference.load_run(workdir)
   arrays = {k: np.asarray(jax.device_get(v)) for k, v in _leaves(state)}
+  # .npz keeps only NumPy's own dtypes: int4 (a quantized run) travels as int8 and the
+  # manifest keeps the real dtype
+  dtypes = {k: str(v.dtype) for k, v in arrays.items()}
+  arrays = {k: v.astype(np.int8) if dtypes[k] in _WIDENED else v for k, v in arrays.items()}
   os.makedirs(out_dir, exist_ok=True)
   limit = int(max_file_mb * 2**20)
   files: list[dict[str, np.ndarray]] = [{}]
@@ -60,7 +65,7 @@ def export_run(workdir: str, out_dir: str, max_file_mb: float = 15.0,
     np.savez(os.path.join(out_dir, name), **{f'a{j}': v for j, v in enumerate(group.values())})
     for j, (k, v) in enumerate(group.items()):
       entries[k] = {'file': name, 'member': f'a{j}', 'shape': list(v.shape),
-                    'dtype': str(v.dtype)}
+                    'dtype': dtypes[k]}
   manifest = {'step': int(state['step']), 'config': spec.to_dict(),
               'arrays': entries}
   with open(os.path.join(out_dir, MANIFEST), 'w') as f:
@@ -103,9 +108,11 @@ def import_run(src_dir: str, workdir: str, log: Callable[[str], None] = print) -
     e = have[k]
     if e['file'] not in opened:
       opened[e['file']] = np.load(os.path.join(src_dir, e['file']))
-    return opened[e['file']][e['member']]
+    return opened[e['file']][e['member']].astype(np.dtype(e['dtype']))
 
-  state = training.init_state(spec, mesh, shardings)  # fresh optimiser state
+  # fresh optimiser state (a quantized run has none: its abstract state is the target)
+  state = (dict(abstract) if spec.quant.stored else
+           training.init_state(spec, mesh, shardings))
   for g in _GROUPS:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(state.get(g) or {})
     new = [jax.device_put(load(f'{g}/{path_str(p)}'), v.sharding) for p, v in leaves]

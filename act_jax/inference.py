@@ -231,7 +231,7 @@ def _fill_pending(spec: Spec, variables, cache, lazy, j, index, batch: int, rows
     new = []
     for g, p in enumerate(params):
       k, v = project_kv(rms_norm(h_BWD, p['scale']), p['wk'], p['wv'], pos_BW, m.rope_base,
-                        dtype_of(m.dtype))
+                        dtype_of(m.dtype), spec.quant)
       entry = {}
       for name, val in (('k', k), ('v', v)):
         full = kv[g][name]                                    # [N,B,T,H,J]
@@ -358,7 +358,7 @@ def _fill_skipped_kv(spec: Spec, variables, cache, h_BLD, exit_step_BL, executed
       if kv_fill == 'project':
         p = kv_params[g] if m.share_weights else index_steps(kv_params[g], j)
         k, v = project_kv(rms_norm(h_BLD, p['scale']), p['wk'], p['wv'], positions_BL,
-                          m.rope_base, dtype_of(m.dtype))
+                          m.rope_base, dtype_of(m.dtype), spec.quant)
       else:
         k, v = k_exit, v_exit
       entry = {}

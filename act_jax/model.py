@@ -95,18 +95,19 @@ class Layer(nn.Module):
     x_kv = None if kv_h_BLD is None else attn_norm(kv_h_BLD)
     attn_BLD, cache = Attention(m.num_heads, m.head_dim, m.d_model, causal=m.causal,
                                 rope_base=m.rope_base, dtype=dtype, param_dtype=pdtype,
-                                name='attn')(x, positions_BL, cache, cache_index, key_mask_BT,
+                                quant=self.config.quant, name='attn')(x, positions_BL, cache, cache_index, key_mask_BT,
                                              x_kv)
     h1_BLD = h_BLD + attn_BLD.astype(h_BLD.dtype)
     x = RMSNorm(param_dtype=pdtype, name='ffn_norm')(h1_BLD)
     if self.kind == 'moe':
       moe = self.config.moe
       ffn_BLD, aux['moe'] = MoEFFN(moe, d_model=m.d_model, d_ff=moe.d_ff, causal=m.causal,
-                                   dtype=dtype, param_dtype=pdtype,
+                                   dtype=dtype, param_dtype=pdtype, quant=self.config.quant,
                                    name='moe')(x, active_BL, token_ids_BL, self.train,
                                                 count_valid=cache is not None)
     else:
-      ffn_BLD = GatedMLP(m.d_ff, dtype=dtype, param_dtype=pdtype, name='mlp')(x)
+      ffn_BLD = GatedMLP(m.d_ff, dtype=dtype, param_dtype=pdtype, quant=self.config.quant,
+                         name='mlp')(x)
     out_BLD = h1_BLD + ffn_BLD.astype(h_BLD.dtype)
     if mod:
       delta_BLD = (out_BLD - h_BLD) * gate_BL[..., None].astype(h_BLD.dtype)

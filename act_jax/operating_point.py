@@ -529,6 +529,12 @@ def train_and_certify(config, workdir: str, log: Callable[[str], None] = print,
   if not POLICIES[spec.halting.name].can_exit:
     log(f'certification skipped: halting.name={spec.halting.name!r} has no exits')
     return res
+  if spec.quant.scheme != 'none':
+    # the checkpoint keeps float master weights: certify the model that will be served
+    log(f'certification deferred: a quantization-aware run (quant.scheme='
+        f'{spec.quant.scheme!r}) is served quantized; experiments.quantize --workdir={workdir} '
+        f'--scheme={spec.quant.scheme} certifies the quantized run')
+    return res
   if jax.process_count() > 1:
     log('certification skipped in a multi-process run: run python -m experiments.calibrate '
         f'--workdir={workdir} --measure=accuracy on one host')

@@ -165,8 +165,24 @@ class MeshSpec:
     return (self.data, self.fsdp, self.expert, self.model)
 
 
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+  """config.quant (act_jax/quant.py). scheme 'none' = float32. With stored=False a weight
+  scheme (w8, w4) trains with quantization-aware training (the checkpoint keeps float master
+  weights); stored=True (written by experiments.quantize) = the params hold qwix QArrays."""
+  scheme: str         # 'none' | 'w8' | 'w4' | 'w8a8' | 'auto'
+  stored: bool        # weights stored quantized (a PTQ run); False: float (QAT when scheme set)
+  experts_only: bool  # quantize only expert weights (routed + shared), not attention/dense MLP
+  gates: bool         # also quantize routers, halting units, exit classifiers, unembedding
+  tile: int           # 4-bit weights: one scale per `tile` contraction entries (0: per channel)
+  # scheme 'auto' (written by experiments.quantize): bits per unit, 'unit=b,b,..;unit=..'
+  # with units 'layer_j/moe' (one entry per (step, expert)) and 'layer_j/attn', 'layer_j/mlp'
+  # (one per step)
+  bits: str
+
+
 SECTIONS = {'model': ModelSpec, 'halting': HaltingSpec, 'moe': MoESpec, 'data': DataSpec,
-            'train': TrainSpec, 'mesh': MeshSpec}
+            'train': TrainSpec, 'mesh': MeshSpec, 'quant': QuantSpec}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,6 +267,7 @@ class Spec:
   data: DataSpec
   train: TrainSpec
   mesh: MeshSpec
+  quant: QuantSpec
   policy: Any                      # the built halting policy (hashable, see HaltingPolicy)
   exit_layers: tuple[int, ...]     # 1-based layer after which each exit step's tokens leave
   capped_policies: tuple[str, ...]  # registered policies that accept a depth cap (messages)
@@ -270,5 +287,5 @@ class Spec:
 
 
 __all__ = ['DataSpec', 'HaltingSpec', 'MeshSpec', 'MoESpec', 'ModelSpec', 'NEVER_EXIT',
-           'OperatingPoint', 'SECTIONS', 'Spec', 'TrainSpec', 'threshold_at',
+           'OperatingPoint', 'QuantSpec', 'SECTIONS', 'Spec', 'TrainSpec', 'threshold_at',
            'threshold_per_step']

@@ -13,6 +13,7 @@ Dims (legend: act_jax/__init__.py): B batch, L length, V vocab, N depth steps, E
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -32,6 +33,7 @@ from act_jax import config as config_lib
 from act_jax import data as data_lib
 from act_jax import moe as moe_lib
 from act_jax import multihost
+from act_jax import quant as quant_lib
 from act_jax import sharding as sharding_lib
 from act_jax import telemetry
 from act_jax.model import make_model
@@ -128,8 +130,16 @@ def init_state_boxed(config: Any, rng: jax.Array) -> State:
 
 
 def state_shardings(config: Any, mesh) -> tuple[State, State]:
-  """(abstract unboxed state, NamedSharding tree) for the current mesh."""
+  """(abstract unboxed state, NamedSharding tree) for the current mesh. A quantized run
+  (quant.stored) has no optimiser state, and QArrays where its weights are quantized."""
   spec = config_lib.as_spec(config)
+  if spec.quant.stored:
+    float_spec = dataclasses.replace(spec, quant=quant_lib.NO_QUANT)
+    abstract, shardings = state_shardings(float_spec, mesh)
+    abstract = {k: v for k, v in abstract.items() if k != 'opt_state'}
+    abstract['params'] = quant_lib.abstract_params(abstract['params'], spec.quant)
+    shardings = jax.tree.map(lambda a: a.sharding, abstract)
+    return abstract, shardings
   boxed = jax.eval_shape(lambda r: init_state_boxed(spec, r), jax.random.PRNGKey(0))
   specs = nn.get_partition_spec(boxed)
   specs = nn.logical_to_mesh(specs, sharding_lib.LOGICAL_RULES)
@@ -178,6 +188,7 @@ def make_train_step(config: Any) -> Callable:
 
   def train_step(state: State, batch: dict, rng: jax.Array):
     def loss_fn(params):
+      params = quant_lib.fake_quant(params, spec.quant)  # QAT (quant.scheme); else as is
       logits, aux = model.apply({'params': params, 'moe_state': state['moe_state']},
                                 batch['inputs'], rngs={'jitter': rng, 'halting': rng})
       loss, terms = total_loss(spec, logits, aux, batch, step=state['step'])
@@ -206,10 +217,12 @@ def make_train_step(config: Any) -> Callable:
 
 def make_eval_step(config: Any) -> Callable:
   """Per-example sums so the host can aggregate by domain and difficulty."""
-  model = make_model(config_lib.as_spec(config), train=False)
+  spec = config_lib.as_spec(config)
+  model = make_model(spec, train=False)
 
   def eval_step(state: State, batch: dict, threshold=None):
-    logits, aux = model.apply({'params': state['params'], 'moe_state': state['moe_state']},
+    params = quant_lib.fake_quant(state['params'], spec.quant)  # QAT: what training sees
+    logits, aux = model.apply({'params': params, 'moe_state': state['moe_state']},
                               batch['inputs'], threshold=threshold,
                               rngs={'halting': jax.random.PRNGKey(0)})  # halting.sample
     w = batch['weights']

@@ -39,12 +39,19 @@ _PROBES = flags.DEFINE_bool('probes', True, 'Compile 2- and 3-step probes to cor
                             'per-loop-body FLOP count (2 extra compiles).')
 _DECODE = flags.DEFINE_bool('decode', True, 'Also compile the early-exit decode step.')
 _JSON = flags.DEFINE_string('json', None, 'Also write the report as JSON to this path.')
+_QUANT = flags.DEFINE_list('quant_schemes', [], 'Instead of the training report: compile the '
+                           'decode step with float32 and with each of these weight schemes '
+                           '(w8, w4, w8a8) stored, and compare bytes per chip.')
 flags.mark_flags_as_required(['config', 'topology'])
 
 
 def main(argv):
   del argv
   quiet_logs()
+  if _QUANT.value:
+    rows = aot.quant_decode_report(_CONFIG.value, _TOPOLOGY.value, tuple(_QUANT.value))
+    print(aot.format_quant_decode(rows, _TOPOLOGY.value))
+    return
   report = aot.compile_report(_CONFIG.value, _TOPOLOGY.value, probes=_PROBES.value,
                               decode=_DECODE.value)
   print(aot.format_report(report))

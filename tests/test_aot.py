@@ -163,3 +163,18 @@ def test_collectives_fall_back_to_xla_dump(tmp_path, monkeypatch):
   monkeypatch.setenv('XLA_FLAGS', '')
   out = aot.optimized_collectives(Broken(), 'jit_train_step')
   assert out['all-gather']['count'] == 0 and 'RET_CHECK' in out['error']['message']
+
+
+@needs_libtpu
+def test_quantized_decode_compiles_for_tpu_with_fewer_bytes():
+  """experiments.compile --quant_schemes: the decode step compiles for a TPU slice with the
+  weights stored int8 / int4 (QArrays sharded like the weights); per chip the parameters
+  shrink toward 1/4 and 1/8 (the f32 embedding, norms, routers and scales stay)."""
+  c = lm.get_config('runlocal')
+  c.mesh.update(data=2, expert=2)
+  rows = aot.quant_decode_report(c, 'v5e:2x2', ('w8', 'w4'))
+  f32, w8, w4 = (r['params'] for r in rows)
+  assert [r['scheme'] for r in rows] == ['float32', 'w8', 'w4']
+  assert f32 / 4.5 < w8 < f32 / 2 and w4 < w8 * 0.8  # int4 packed; the f32 embedding stays
+  assert rows[1]['hbm_ms_per_token'] < rows[0]['hbm_ms_per_token']
+  assert 'w8' in aot.format_quant_decode(rows, 'v5e:2x2')

@@ -17,6 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from act_jax import quant as quant_lib
+from act_jax.spec import QuantSpec
+
 Cache = dict  # {'k': [B,T,H,J], 'v': [B,T,H,J]}
 
 
@@ -32,16 +35,17 @@ def apply_rope(x_BLHJ: jax.Array, positions_BL: jax.Array, base: float = 10000.0
 
 
 def project_kv(x_BLD: jax.Array, wk_DHJ: jax.Array, wv_DHJ: jax.Array, positions_BL: jax.Array,
-               rope_base: float = 10000.0, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+               rope_base: float = 10000.0, dtype=jnp.float32,
+               quant: QuantSpec = quant_lib.NO_QUANT) -> tuple[jax.Array, jax.Array]:
   """Keys (rotated) and values of x: what later tokens read from a layer.
 
   A pure function of the two projections so early-exit decoding can fill the KV cache of
-  skipped layers without touching (or copying) the rest of their parameters.
+  skipped layers without touching (or copying) the rest of their parameters. The weights may
+  be stored quantized (act_jax/quant.py).
   """
   x = x_BLD.astype(dtype)
-  k_BLHJ = apply_rope(jnp.einsum('bld,dhk->blhk', x, wk_DHJ.astype(dtype)), positions_BL,
-                      rope_base)
-  return k_BLHJ, jnp.einsum('bld,dhk->blhk', x, wv_DHJ.astype(dtype))
+  proj = lambda w: quant_lib.einsum('bld,dhk->blhk', x, quant_lib.cast(w, dtype), quant)  # noqa: E731
+  return apply_rope(proj(wk_DHJ), positions_BL, rope_base), proj(wv_DHJ)
 
 
 def init_cache(batch: int, max_len: int, num_heads: int, head_dim: int,
@@ -58,6 +62,7 @@ class Attention(nn.Module):
   rope_base: float = 10000.0
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  quant: QuantSpec = quant_lib.NO_QUANT
 
   def setup(self):
     # fan-in scaled init; explicit params (not DenseGeneral) so the logical names match ranks.
@@ -77,11 +82,13 @@ class Attention(nn.Module):
                          (self.num_heads, self.head_dim, self.d_model), self.param_dtype)
 
   def _proj(self, x_BLD, w_DHJ):
-    return jnp.einsum('bld,dhk->blhk', x_BLD.astype(self.dtype), w_DHJ.astype(self.dtype))
+    return quant_lib.einsum('bld,dhk->blhk', x_BLD.astype(self.dtype),
+                            quant_lib.cast(w_DHJ, self.dtype), self.quant)
 
   def kv(self, x_BLD: jax.Array, positions_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Keys (rotated) and values of x: what later tokens read from this layer."""
-    return project_kv(x_BLD, self.wk_DHJ, self.wv_DHJ, positions_BL, self.rope_base, self.dtype)
+    return project_kv(x_BLD, self.wk_DHJ, self.wv_DHJ, positions_BL, self.rope_base, self.dtype,
+                      self.quant)
 
   def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, cache: Optional[Cache] = None,
                cache_index: Optional[jax.Array] = None, key_mask_BT: Optional[jax.Array] = None,
@@ -115,11 +122,13 @@ class Attention(nn.Module):
     else:
       k_BTHJ, v_BTHJ, key_pos_BT = k_BLHJ, v_BLHJ, positions_BL
     out_BLD = attend(q_BLHJ, k_BTHJ.astype(self.dtype), v_BTHJ.astype(self.dtype), positions_BL,
-                     key_pos_BT, self.causal, key_mask_BT, self.wo.astype(self.dtype))
+                     key_pos_BT, self.causal, key_mask_BT, quant_lib.cast(self.wo, self.dtype),
+                     self.quant)
     return out_BLD, cache
 
 
-def attend(q_BLHJ, k_BTHJ, v_BTHJ, q_pos_BL, k_pos_BT, causal: bool, key_mask_BT, wo_HJD):
+def attend(q_BLHJ, k_BTHJ, v_BTHJ, q_pos_BL, k_pos_BT, causal: bool, key_mask_BT, wo_HJD,
+           quant: QuantSpec = quant_lib.NO_QUANT):
   """Softmax attention in f32 followed by the output projection."""
   scale = q_BLHJ.shape[-1] ** -0.5
   s_BHLT = jnp.einsum('blhk,bthk->bhlt', q_BLHJ, k_BTHJ,
@@ -132,4 +141,4 @@ def attend(q_BLHJ, k_BTHJ, v_BTHJ, q_pos_BL, k_pos_BT, causal: bool, key_mask_BT
   s_BHLT = jnp.where(mask_BLT[:, None], s_BHLT, -1e30)
   p_BHLT = jax.nn.softmax(s_BHLT, axis=-1).astype(v_BTHJ.dtype)
   o_BLHJ = jnp.einsum('bhlt,bthk->blhk', p_BHLT, v_BTHJ)
-  return jnp.einsum('blhk,hkd->bld', o_BLHJ, wo_HJD)
+  return quant_lib.einsum('blhk,hkd->bld', o_BLHJ, wo_HJD, quant)

@@ -8,11 +8,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from act_jax import quant as quant_lib
+from act_jax.spec import QuantSpec
+
 
 class GatedMLP(nn.Module):
   d_ff: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  quant: QuantSpec = quant_lib.NO_QUANT  # weights may be stored quantized (act_jax/quant.py)
 
   @nn.compact
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
@@ -26,5 +30,7 @@ class GatedMLP(nn.Module):
                           (self.d_ff, d), self.param_dtype)
     # 2-D matmuls: XLA:CPU runs [B*L, D] @ [D, F] (fwd+bwd) ~1.7x faster than the 3-D form.
     x_ZD = x_BLD.reshape(-1, d).astype(self.dtype)
-    h_ZF = nn.silu(x_ZD @ w_gate_DF.astype(self.dtype)) * (x_ZD @ w_in_DF.astype(self.dtype))
-    return (h_ZF @ w_out_FD.astype(self.dtype)).reshape(x_BLD.shape[:-1] + (d,))
+    mm = lambda x, w: quant_lib.einsum('zd,df->zf', x, quant_lib.cast(w, self.dtype),  # noqa: E731
+                                       self.quant)
+    h_ZF = nn.silu(mm(x_ZD, w_gate_DF)) * mm(x_ZD, w_in_DF)
+    return mm(h_ZF, w_out_FD).reshape(x_BLD.shape[:-1] + (d,))

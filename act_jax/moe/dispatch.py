@@ -36,16 +36,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from act_jax import quant as quant_lib
 from act_jax.moe.routers import RoutingPlan, SoftPlan
 from act_jax.sharding import constrain
+from act_jax.spec import QuantSpec
+
+NO_QUANT = quant_lib.NO_QUANT
 
 BUFFER_NAMES = ('expert_group', 'expert', None, 'embed')
 EMAJOR_NAMES = ('expert', 'expert_group', None, 'embed')
 
 
 def expert_mlp(x_GECD: jax.Array, w_in_EDF: jax.Array, w_gate_EDF: jax.Array,
-               w_out_EFD: jax.Array) -> jax.Array:
-  """All experts' gated MLPs as batched matmuls over the stacked weights.
+               w_out_EFD: jax.Array, quant: QuantSpec = NO_QUANT) -> jax.Array:
+  """All experts' gated MLPs as batched matmuls over the stacked weights (float, or stored
+  quantized: act_jax/quant.py).
 
   Runs expert-major ([E, G*C, D]): XLA:CPU's batched dot wants the batch dim leading; the
   two buffer transposes cost far less than the strided dots they avoid (measured ~25% of
@@ -55,10 +60,10 @@ def expert_mlp(x_GECD: jax.Array, w_in_EDF: jax.Array, w_gate_EDF: jax.Array,
   x_GECD = constrain(x_GECD, BUFFER_NAMES)
   x_EGCD = constrain(x_GECD.transpose(1, 0, 2, 3), EMAJOR_NAMES)
   x_ERD = x_EGCD.reshape(e_, g * c_, d)
-  gate_ERF = jnp.einsum('erd,edf->erf', x_ERD, w_gate_EDF)
-  up_ERF = jnp.einsum('erd,edf->erf', x_ERD, w_in_EDF)
+  gate_ERF = quant_lib.einsum('erd,edf->erf', x_ERD, w_gate_EDF, quant)
+  up_ERF = quant_lib.einsum('erd,edf->erf', x_ERD, w_in_EDF, quant)
   h_ERF = jax.nn.silu(gate_ERF) * up_ERF
-  y_ERD = jnp.einsum('erf,efd->erd', h_ERF, w_out_EFD)
+  y_ERD = quant_lib.einsum('erf,efd->erd', h_ERF, w_out_EFD, quant)
   y_EGCD = constrain(y_ERD.reshape(e_, g, c_, d), EMAJOR_NAMES)
   return constrain(y_EGCD.transpose(1, 0, 2, 3), BUFFER_NAMES)
 
@@ -108,7 +113,8 @@ def dropless_block_size(num_assignments: int, num_experts: int) -> int:
 
 def dropless_forward(x_GSD: jax.Array, expert_index_GSK: jax.Array,
                      combine_weight_GSK: jax.Array, weights: tuple[jax.Array, ...],
-                     num_experts: int, block: int | None = None) -> jax.Array:
+                     num_experts: int, block: int | None = None,
+                     quant: QuantSpec = NO_QUANT) -> jax.Array:
   """Dropless top-k without capacity padding: sort by expert, block-sparse matmul.
 
   The M assignments are sorted by expert (one sort, like MegaBlocks, Gale et al. 2023) and
@@ -140,10 +146,11 @@ def dropless_forward(x_GSD: jax.Array, expert_index_GSK: jax.Array,
   # Expert of each block; unused tail blocks (all padding) borrow expert E-1 on zero rows.
   block_e_Q = jnp.searchsorted(jnp.cumsum(padded_E), jnp.arange(q) * p, side='right')
   block_e_Q = jnp.minimum(block_e_Q, e_ - 1)
-  w_in_QDF, w_gate_QDF, w_out_QFD = (jnp.take(w, block_e_Q, axis=0) for w in weights)
-  h_QUF = (jax.nn.silu(jnp.einsum('qud,qdf->quf', x_QUD, w_gate_QDF))
-           * jnp.einsum('qud,qdf->quf', x_QUD, w_in_QDF))
-  y_RD = jnp.einsum('quf,qfd->qud', h_QUF, w_out_QFD).reshape(r, d)
+  w_in_QDF, w_gate_QDF, w_out_QFD = (quant_lib.take(w, block_e_Q, axis=0) for w in weights)
+  mm = lambda eq, x, w: quant_lib.einsum(eq, x, w, quant)  # noqa: E731
+  h_QUF = (jax.nn.silu(mm('qud,qdf->quf', x_QUD, w_gate_QDF))
+           * mm('qud,qdf->quf', x_QUD, w_in_QDF))
+  y_RD = mm('quf,qfd->qud', h_QUF, w_out_QFD).reshape(r, d)
   row_M = jnp.zeros((m,), jnp.int32).at[src_M].set(row_sorted_M)   # undo the sort
   y_MD = jnp.take(y_RD, row_M, axis=0, mode='fill', fill_value=0)  # halted: row r -> 0
   w_ZK = combine_weight_GSK.reshape(t, k).astype(y_RD.dtype)
@@ -153,7 +160,7 @@ def dropless_forward(x_GSD: jax.Array, expert_index_GSK: jax.Array,
 # ----------------------------------------------------------------------------- ragged
 
 def ragged_forward(x_GSD: jax.Array, plan: RoutingPlan, weights: tuple[jax.Array, ...],
-                   num_experts: int) -> jax.Array:
+                   num_experts: int, quant: QuantSpec = NO_QUANT) -> jax.Array:
   """Token-choice experts as grouped matmuls: sort the kept (token, choice) assignments by
   expert and run jax.lax.ragged_dot (one grouped GEMM per weight, the MegaBlocks / MaxText
   'sparse matmul' form; Mosaic's grouped-matmul kernel on TPU, cuBLAS grouped GEMM on GPU).
@@ -173,9 +180,9 @@ def ragged_forward(x_GSD: jax.Array, plan: RoutingPlan, weights: tuple[jax.Array
   sizes_E = jnp.zeros((num_experts + 1,), jnp.int32).at[key_M].add(1)[:num_experts]
   x_MD = jnp.take(x_GSD.reshape(g * s, d), src_M // k, axis=0)
   w_in_EDF, w_gate_EDF, w_out_EFD = weights
-  h_MF = (jax.nn.silu(jax.lax.ragged_dot(x_MD, w_gate_EDF, sizes_E))
-          * jax.lax.ragged_dot(x_MD, w_in_EDF, sizes_E))
-  y_MD = jax.lax.ragged_dot(h_MF, w_out_EFD, sizes_E)
+  h_MF = (jax.nn.silu(quant_lib.ragged_dot(x_MD, w_gate_EDF, sizes_E, quant))
+          * quant_lib.ragged_dot(x_MD, w_in_EDF, sizes_E, quant))
+  y_MD = quant_lib.ragged_dot(h_MF, w_out_EFD, sizes_E, quant)
   # Undo the sort; rows past the last group (dropped / halted) are not computed: zero them.
   y_MD = jnp.zeros_like(y_MD).at[src_M].set(y_MD)
   y_MD = jnp.where(kept_M[:, None], y_MD, 0)
@@ -205,36 +212,39 @@ def einsum_combine(y_GECD: jax.Array, plan: RoutingPlan, num_tokens: int) -> jax
 # ----------------------------------------------------------------------------- soft MoE
 
 def soft_moe(x_GSD: jax.Array, plan: SoftPlan, weights: tuple[jax.Array, ...],
-             num_experts: int) -> jax.Array:
+             num_experts: int, quant: QuantSpec = NO_QUANT) -> jax.Array:
   """slots = dispatch^T X; out = expert(slots); y = combine . out (Puigcerver et al. 2023)."""
   g, s, d = x_GSD.shape
   n = plan.dispatch_GSP.shape[-1]
   dt = x_GSD.dtype
   slots_GPD = jnp.einsum('gsp,gsd->gpd', plan.dispatch_GSP.astype(dt), x_GSD)
-  out_GECD = expert_mlp(slots_GPD.reshape(g, num_experts, n // num_experts, d), *weights)
+  out_GECD = expert_mlp(slots_GPD.reshape(g, num_experts, n // num_experts, d), *weights,
+                        quant=quant)
   return jnp.einsum('gsp,gpd->gsd', plan.combine_GSP.astype(dt), out_GECD.reshape(g, n, d))
 
 
 def moe_forward(x_GSD: jax.Array, plan: Any, weights: tuple[jax.Array, ...], mode: str,
-                num_experts: int, dropless: bool = False) -> jax.Array:
+                num_experts: int, dropless: bool = False,
+                quant: QuantSpec = NO_QUANT) -> jax.Array:
   """Routed-experts output y_GSD for a plan; weights = (w_in_EDF, w_gate_EDF, w_out_EFD).
 
   dropless=True with mode='gather' uses the sorted block-sparse path (the plan's C = S
   buffers are then only used by the einsum reference).
   """
   if isinstance(plan, SoftPlan):
-    return soft_moe(x_GSD, plan, weights, num_experts)
+    return soft_moe(x_GSD, plan, weights, num_experts, quant)
   s = x_GSD.shape[1]
   if mode == 'ragged':
     if plan.slot_index_GSK is not None:
-      return ragged_forward(x_GSD, plan, weights, num_experts)
+      return ragged_forward(x_GSD, plan, weights, num_experts, quant)
     mode = 'gather'  # expert choice has no token side to sort
   if mode == 'gather' and dropless:
     return dropless_forward(x_GSD, plan.expert_index_GSK, plan.combine_weight_GSK, weights,
-                            num_experts)
+                            num_experts, quant=quant)
   if mode == 'gather':
-    return gather_combine(expert_mlp(gather_dispatch(x_GSD, plan.token_for_slot_GEC), *weights),
-                          plan, s)
+    return gather_combine(expert_mlp(gather_dispatch(x_GSD, plan.token_for_slot_GEC), *weights,
+                                     quant=quant), plan, s)
   if mode == 'einsum':
-    return einsum_combine(expert_mlp(einsum_dispatch(x_GSD, plan), *weights), plan, s)
+    return einsum_combine(expert_mlp(einsum_dispatch(x_GSD, plan), *weights, quant=quant),
+                          plan, s)
   raise ValueError(f'unknown dispatch {mode!r}')

@@ -39,13 +39,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from act_jax import quant as quant_lib
 from act_jax.data.corpus import PAD
 from act_jax.errors import ConfigError
 from act_jax.layers.mlp import GatedMLP
 from act_jax.moe import dispatch as dispatch_lib
 from act_jax.moe import routers as R
 from act_jax.sharding import constrain
-from act_jax.spec import MoESpec
+from act_jax.spec import MoESpec, QuantSpec
 
 ACT_NAMES = ('batch', 'length', 'embed')
 # Switch recommends a 10x smaller router init for stable routing early in training.
@@ -133,6 +134,7 @@ class MoEFFN(nn.Module):
   causal: bool
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  quant: QuantSpec = quant_lib.NO_QUANT  # expert weights may be stored quantized
 
   @nn.compact
   def __call__(self, x_BLD: jax.Array, running_BL: jax.Array | None = None,
@@ -147,7 +149,8 @@ class MoEFFN(nn.Module):
     x_BLD = constrain(x_BLD, ACT_NAMES)
     run_BL = jnp.ones((b, l), bool) if running_BL is None else running_BL.astype(bool)
     if not info.routed:
-      y_BLD = _dense_ffn(GatedMLP(self.d_ff, self.dtype, self.param_dtype, name='dense'), x_BLD)
+      y_BLD = _dense_ffn(GatedMLP(self.d_ff, self.dtype, self.param_dtype, self.quant,
+                                  name='dense'), x_BLD)
       return y_BLD, self._empty_aux(run_BL)
 
     # Groups: one sequence each by default, else contiguous chunks of group_size tokens.
@@ -167,12 +170,13 @@ class MoEFFN(nn.Module):
     plan = self._route(info, x_GSD, run_GS, token_ids_BL, train, g, s, valid_GS)
     x_GSD = constrain(x_GSD.astype(self.dtype), ('expert_group', 'length', 'embed'))
     y_GSD = dispatch_lib.moe_forward(x_GSD, plan, self._expert_weights(e_, d, f),
-                                     m.dispatch, e_, dropless=info.dropless)
+                                     m.dispatch, e_, dropless=info.dropless, quant=self.quant)
     # Halted tokens already get no slots; this also zeroes Soft MoE's combine for them.
     y_GSD = jnp.where(run_GS[..., None], y_GSD, 0).astype(self.dtype)
     y_BLD = constrain(y_GSD.reshape(b, l, d), ACT_NAMES)
     if m.shared_experts:
-      shared = GatedMLP(m.shared_experts * f, self.dtype, self.param_dtype, name='shared')
+      shared = GatedMLP(m.shared_experts * f, self.dtype, self.param_dtype, self.quant,
+                        name='shared')
       y_BLD = y_BLD + _dense_ffn(shared, x_BLD).astype(self.dtype)
     return y_BLD, router_aux(plan, run_GS, m.router, (b, l))
 
@@ -204,9 +208,8 @@ class MoEFFN(nn.Module):
 
   def _expert_weights(self, e_: int, d: int, f: int) -> tuple[jax.Array, ...]:
     init = _expert_init()
-    p = lambda name, shape, names: self.param(  # noqa: E731
-        name, nn.with_logical_partitioning(init, names), shape, self.param_dtype
-    ).astype(self.dtype)
+    p = lambda name, shape, names: quant_lib.cast(self.param(  # noqa: E731
+        name, nn.with_logical_partitioning(init, names), shape, self.param_dtype), self.dtype)
     return (p('w_in', (e_, d, f), ('expert', 'embed', 'mlp')),
             p('w_gate', (e_, d, f), ('expert', 'embed', 'mlp')),
             p('w_out', (e_, f, d), ('expert', 'mlp', 'embed')))
