@@ -95,8 +95,8 @@ class Layer(nn.Module):
     x_kv = None if kv_h_BLD is None else attn_norm(kv_h_BLD)
     attn_BLD, cache = Attention(m.num_heads, m.head_dim, m.d_model, causal=m.causal,
                                 rope_base=m.rope_base, dtype=dtype, param_dtype=pdtype,
-                                quant=self.config.quant, name='attn')(x, positions_BL, cache, cache_index, key_mask_BT,
-                                             x_kv)
+                                quant=self.config.quant, name='attn')(
+                                    x, positions_BL, cache, cache_index, key_mask_BT, x_kv)
     h1_BLD = h_BLD + attn_BLD.astype(h_BLD.dtype)
     x = RMSNorm(param_dtype=pdtype, name='ffn_norm')(h1_BLD)
     if self.kind == 'moe':

@@ -69,6 +69,12 @@ def check_args(spec: Spec, scheme: str, experts_only: bool, budget_bits: Optiona
       raise ConfigError(f'--budget_bits={budget_bits:g}: below the minimum {quant.MIN_BITS} '
                         f'bits per weight (int{quant.MIN_BITS}); allowed: '
                         f'{quant.MIN_BITS}..{top}')
+    if budget_bits > top:
+      raise ConfigError(f'--budget_bits={budget_bits:g}: above {top} (every unit at int{top} '
+                        f'is --scheme=w{top}); allowed: {quant.MIN_BITS}..{top}')
+    if spec.model.share_weights:
+      raise ConfigError('--scheme=auto: model.share_weights=True has one set of layer weights '
+                        'for every step, so there are no per-layer units; use w8 or w4')
   elif budget_bits is not None:
     raise ConfigError(f'--budget_bits={budget_bits:g}: only with --scheme=auto')
   if isinstance(tile, bool) or tile < 0:
@@ -85,13 +91,28 @@ def quantized_spec(spec: Spec, scheme: str, experts_only: bool = False, gates: b
   return config_lib.resolve(cfg, device_count=1)
 
 
+def _complete(out: str) -> Optional[dict]:
+  """OUT's quant.json when quantize_run finished writing OUT (its last step), else None."""
+  path = os.path.join(out, QUANT_JSON)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    info = json.load(f)
+  return info if info.get('complete') else None
+
+
 def _check_out(workdir: str, out: str) -> None:
+  """Refuses to overwrite a finished quantized run; clears what a killed one left."""
   if os.path.abspath(out) == os.path.abspath(workdir):
     raise ConfigError(f'--out={out!r}: must differ from --workdir (the float run is kept)')
   ck = os.path.join(out, 'checkpoints')
-  if os.path.isdir(ck) and os.listdir(ck):
+  if _complete(out) is not None or (
+      os.path.isdir(ck) and not os.path.exists(os.path.join(out, QUANT_JSON))
+      and os.listdir(ck)):
     raise CheckpointError(f'--out={out!r} already holds a checkpoint; choose a new --out '
                           f'(nothing was changed)')
+  if os.path.isdir(ck):  # a quantize_run killed before it finished: ours to redo
+    shutil.rmtree(ck)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -253,7 +274,9 @@ def check_operating_point(src: str, out: str, num_batches: int = 16,
   tol, measure = float(cal['tolerance']), cal.get('measure', 'consistency')
   drop = (f_full - q['accuracy'][0]) / f_full
   quant_drop = (f_full - q['full_accuracy']) / f_full
-  holds = drop <= tol if measure == 'accuracy' else q['consistency'][0] >= 1 - tol
+  # consistency as certified: the served predictions vs the FLOAT model's full depth
+  agree = _agreement(spec_f, state_f, spec_q, state_q, test, op)
+  holds = drop <= tol if measure == 'accuracy' else agree >= 1 - tol
   res = {'threshold': op.threshold, 'max_layers': op.max_layers, 'measure': measure,
          'tolerance': tol, 'float_full_accuracy': f_full,
          'float_accuracy_at_threshold': sw['float']['accuracy'][0],
@@ -261,33 +284,64 @@ def check_operating_point(src: str, out: str, num_batches: int = 16,
          'quantized_accuracy_at_threshold': q['accuracy'][0],
          'quantized_layers_at_threshold': q['mean_layers'][0],
          'quantized_consistency_at_threshold': q['consistency'][0],
+         'consistency_vs_float_full': agree,
          'drop_at_threshold': drop, 'drop_full_depth': quant_drop, 'holds': bool(holds),
          'n_test_tokens': q['n'],
          # re-certification tries the same candidates (a fixed sequence stops at its first
          # failure, so a longer list is a different test)
-         'thresholds': (cal.get('frontier') or {}).get('thresholds')}
+         'thresholds': (cal.get('frontier') or {}).get('thresholds'),
+         # and the same test: risk, p-value method, cap(s), or a layers budget
+         'calibration': {k: cal.get(k) for k in ('risk', 'method', 'mode', 'max_layers', 'caps',
+                                                 'budget_layers')}}
   log(f'certified point of {src} (threshold {op.threshold:g}, <= {tol:.1%} {measure}) on the '
       f'quantized run: accuracy {q["accuracy"][0]:.4f} vs float full depth {f_full:.4f} '
       f'({-drop:+.2%}; quantization alone {-quant_drop:+.2%}), {q["mean_layers"][0]:.2f} layers')
   if not holds:
     what = (f'drop {drop:.2%} > tolerance {tol:.1%}' if measure == 'accuracy' else
-            f'consistency {q["consistency"][0]:.4f} < {1 - tol:.4f}')
+            f'consistency with float full depth {agree:.4f} < {1 - tol:.4f}')
     log(f'WARNING: the calibration of {src} no longer holds on the quantized model ({what}); '
         f'use the re-certified point (experiments.calibrate --workdir={out})')
   return res
 
 
-def quantize_run(workdir: str, out: str, scheme: str, experts_only: bool = False,
-                 gates: bool = False, tile: int = 32, budget_bits: Optional[float] = None,
-                 recalibrate: bool = True, num_batches: int = 16,
-                 log: Callable[[str], None] = print) -> dict:
+def _agreement(spec_f: Spec, state_f: dict, spec_q: Spec, state_q: dict,
+               batches: Sequence[dict], op: OperatingPoint) -> float:
+  """Fraction of scored tokens whose prediction at `op` on the quantized run equals the float
+  run's at full depth."""
+  fwd_f, fwd_q = (operating_point._jitted_forward(s) for s in (spec_f, spec_q))
+  full, at = OperatingPoint.full_depth().vector(spec_f), op.vector(spec_q)
+  var = lambda st: {'params': st['params'], 'moe_state': st['moe_state']}  # noqa: E731
+  same = n = 0.0
+  for b in batches:
+    m = np.asarray(b['weights']) > 0
+    pf = np.asarray(jnp.argmax(fwd_f(var(state_f), jnp.asarray(b['inputs']), full)[0], -1))
+    pq = np.asarray(jnp.argmax(fwd_q(var(state_q), jnp.asarray(b['inputs']), at)[0], -1))
+    same, n = same + float(((pf == pq) & m).sum()), n + float(m.sum())
+  return same / max(n, 1.0)
+
+
+def quantize_run(workdir: str, out: str, scheme: Optional[str] = None,
+                 experts_only: bool = False, gates: bool = False, tile: int = 32,
+                 budget_bits: Optional[float] = None, recalibrate: bool = True,
+                 num_batches: int = 16, log: Callable[[str], None] = print) -> dict:
   """Writes the quantized run OUT of WORKDIR's latest checkpoint (PTQ; a QAT run's float
-  master weights quantize to exactly what its training forward saw). Returns quant.json."""
+  master weights quantize to exactly what its training forward saw when the scheme, tile,
+  experts_only and gates match its own: scheme=None takes the QAT run's scheme, else w8).
+  OUT/quant.json is written last with 'complete': a killed run is redone, never reused.
+  Returns quant.json."""
   spec = inference.read_config(workdir)
+  qat = spec.quant if spec.quant.scheme != 'none' and not spec.quant.stored else None
+  scheme = scheme or (qat.scheme if qat else 'w8')
   check_args(spec, scheme, experts_only, budget_bits, tile, workdir)
   _check_out(workdir, out)
   quantized_spec(spec, scheme, experts_only, gates, tile,
                  'layer_0/attn=8' if scheme == 'auto' else '')  # bad combinations fail now
+  if qat and (qat.scheme, qat.tile, qat.experts_only, qat.gates) != (scheme, tile,
+                                                                      experts_only, gates):
+    log(f'WARNING: {workdir} was trained quantization-aware with scheme={qat.scheme}, '
+        f'tile={qat.tile}, experts_only={qat.experts_only}, gates={qat.gates}; quantizing '
+        f'with scheme={scheme}, tile={tile}, experts_only={experts_only}, gates={gates} '
+        f'stores other values than training saw')
   t0 = time.time()
   spec, state = inference.load_run(workdir)
   rows: list[dict] = []
@@ -302,53 +356,72 @@ def quantize_run(workdir: str, out: str, scheme: str, experts_only: bool = False
   qspec = quantized_spec(spec, scheme, experts_only, gates, tile, bits)
   qparams = quant.quantize_params(state['params'], qspec.quant)
   os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, 'config.json'), 'w') as f:
-    json.dump(qspec.to_dict(), f, indent=2)
-  step = int(state['step'])
+  fb = quant.model_bytes(state['params'])
+  qb = quant.model_bytes(qparams, qspec.quant)
+  info = {'source': os.path.abspath(workdir), 'step': int(state['step']), 'scheme': scheme,
+          'experts_only': experts_only, 'gates': gates, 'tile': tile,
+          'budget_bits': budget_bits, 'float_bytes': fb, 'bytes': qb, 'auto': rows,
+          'complete': False}
+  _write_json(os.path.join(out, QUANT_JSON), info)  # marks OUT as ours while it is written
+  _write_json(os.path.join(out, 'config.json'), qspec.to_dict())
+  step = info['step']
   ck = checkpointing.Checkpointer(os.path.join(out, 'checkpoints'), async_save=False)
   ck.save(step, {'step': jnp.asarray(step, jnp.int32), 'params': qparams,
                  'moe_state': state['moe_state']}, force=True)
   ck.close()
   if os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
     shutil.copy(os.path.join(workdir, 'metrics.jsonl'), os.path.join(out, 'metrics.jsonl'))
-  fb = quant.model_bytes(state['params'])
-  qb = quant.model_bytes(qparams, qspec.quant)
-  info = {'source': os.path.abspath(workdir), 'step': step, 'scheme': scheme,
-          'experts_only': experts_only, 'gates': gates, 'tile': tile,
-          'budget_bits': budget_bits, 'float_bytes': fb, 'bytes': qb, 'auto': rows}
-  _write_json(os.path.join(out, QUANT_JSON), info)
   log(f'quantized {workdir} (step {step}) with {scheme} -> {out}: model {fb["total"] / 2**20:.2f}'
       f' -> {qb["total"] / 2**20:.2f} MiB ({fb["total"] / qb["total"]:.2f}x smaller); experts '
       f'{_ratio(fb["expert"], qb["expert"])}, layers {_ratio(fb["layer"], qb["layer"])}'
       + (f'; at the assigned bits {qb["assigned"] / 2**20:.2f} MiB' if scheme == 'auto' else '')
       + f' ({time.time() - t0:.0f} s)')
   info['operating_point'] = check_operating_point(workdir, out, num_batches, log)
-  old = info['operating_point']
-  if old is not None:
-    tol, measure = old['tolerance'], old['measure']
-  else:  # a QAT run defers its certification (train.certify_tolerance) to this point
-    tol, measure = spec.train.certify_tolerance, 'accuracy'
-  if recalibrate and tol > 0 and spec.policy.can_exit:
-    log(f'{"re-" if old else ""}certifying on the quantized run ({measure}, tolerance '
-        f'{tol:.1%}) ...')
-    thresholds = ((old or {}).get('thresholds')
-                  or operating_point.CERTIFY_THRESHOLDS)
-    cal = operating_point.calibrate_run(out, tolerance=tol, measure=measure,
-                                        thresholds=thresholds, num_batches=num_batches,
-                                        log=lambda m: None)
-    # vs the float model's full depth when the source run has one measured, else (a QAT run)
-    # vs the quantized model's own
-    ref = old['float_full_accuracy'] if old else cal['full_depth']['accuracy']
-    rec = {'threshold': cal['chosen_threshold'], 'mean_layers': cal['test']['mean_layers'],
-           'accuracy': cal['test']['accuracy'], 'drop': (ref - cal['test']['accuracy']) / ref,
-           'reference': 'float full depth' if old else 'quantized full depth'}
-    info['recertified'] = rec
-    thr = 'none (full depth)' if rec['threshold'] is None else f'{rec["threshold"]:g}'
-    log(f'certified threshold {thr}: {rec["mean_layers"]:.2f} layers, accuracy '
-        f'{rec["accuracy"]:.4f} ({-rec["drop"]:+.2%} vs {rec["reference"]}); wrote '
-        f'{out}/calibration.json')
+  if recalibrate and spec.policy.can_exit:
+    info['recertified'] = _recertify(spec, out, info['operating_point'], num_batches, log)
+  info['complete'] = True
   _write_json(os.path.join(out, QUANT_JSON), info)
   return info
+
+
+def _recertify(spec: Spec, out: str, old: Optional[dict], num_batches: int,
+               log: Callable[[str], None]) -> Optional[dict]:
+  """Certifies the quantized run with the source's test (tolerance, measure, candidates,
+  risk, method, cap(s) or layers budget), or -- a QAT run, which deferred it -- at
+  train.certify_tolerance. None when there is nothing to certify or too little data."""
+  if old is not None:
+    kw = {'tolerance': old['tolerance'], 'measure': old['measure']}
+    c = old['calibration']
+    for k in ('risk', 'method', 'max_layers', 'caps'):
+      if c.get(k) is not None:
+        kw[k] = c[k]
+    if c.get('mode') == 'budget':
+      kw['budget_layers'] = c['budget_layers']
+    kw['thresholds'] = old.get('thresholds') or operating_point.CERTIFY_THRESHOLDS
+  elif spec.train.certify_tolerance > 0:
+    kw = {'tolerance': spec.train.certify_tolerance, 'measure': 'accuracy',
+          'thresholds': operating_point.CERTIFY_THRESHOLDS}
+  else:
+    return None
+  if kw.get('caps') is not None:
+    kw.pop('max_layers', None)  # the chosen cap is one of the caps
+  log(f'{"re-" if old else ""}certifying on the quantized run ({kw["measure"]}, tolerance '
+      f'{kw["tolerance"]:.1%}) ...')
+  try:
+    cal = operating_point.calibrate_run(out, num_batches=num_batches, log=lambda m: None, **kw)
+  except ConfigError as e:  # e.g. too few held-out tokens for this tolerance
+    log(f'certification skipped: {e}')
+    return None
+  # vs the float model's full depth when the source was certified, else the quantized one's
+  ref = old['float_full_accuracy'] if old else cal['full_depth']['accuracy']
+  rec = {'threshold': cal['chosen_threshold'], 'mean_layers': cal['test']['mean_layers'],
+         'accuracy': cal['test']['accuracy'], 'drop': (ref - cal['test']['accuracy']) / ref,
+         'reference': 'float full depth' if old else 'quantized full depth'}
+  thr = 'none (full depth)' if rec['threshold'] is None else f'{rec["threshold"]:g}'
+  log(f'certified threshold {thr}: {rec["mean_layers"]:.2f} layers, accuracy '
+      f'{rec["accuracy"]:.4f} ({-rec["drop"]:+.2%} vs {rec["reference"]}); wrote '
+      f'{out}/calibration.json')
+  return rec
 
 
 def _ratio(a: float, b: float) -> str:
@@ -403,10 +476,16 @@ def compare_schemes(workdir: str, out_root: str, schemes: Sequence[str] = ('w8',
   runs = {FLOAT: workdir}
   for s in schemes:
     out = os.path.join(out_root, s)
-    if not os.path.exists(os.path.join(out, QUANT_JSON)):
+    done = _complete(out)
+    want = {'scheme': s, 'experts_only': experts_only, 'gates': False, 'tile': tile,
+            'budget_bits': budget_bits if s == 'auto' else None}
+    if done is not None and any(done.get(k) != v for k, v in want.items()):
+      raise CheckpointError(f'{out} was quantized with other settings '
+                            f'({ {k: done.get(k) for k in want} }); use a new --out')
+    if done is None:
       log(f'== quantizing with {s} ==')
-      quantize_run(workdir, out, s, experts_only, False, tile,
-                   budget_bits if s == 'auto' else None, True, num_batches, log)
+      quantize_run(workdir, out, s, experts_only, False, tile, want['budget_bits'], True,
+                   num_batches, log)
     runs[s] = out
   test = data_lib.make_dataset(spec.data, spec.seed).eval_batches(num_batches)[1::2]
   loaded = {name: inference.load_run(d) for name, d in runs.items()}
@@ -485,7 +564,8 @@ def format_compare(rows: Sequence[dict]) -> str:
                'reported on the test half); top1 chg: scored tokens x MoE layers whose first '
                'expert differs from float32; load: max/mean expert load; ms/tok: full-depth '
                'greedy decoding, batch 1 (x f32: speed vs float32, same run, round-robin); '
-               'GB/s: model bytes / time per token')
+               'GB/s: model bytes / time per token (a batch-1 step at full depth reads every '
+               'weight: the batched expert matmul runs every expert\'s buffer)')
   for r in rows:
     if r['assigned_bytes'] < r['bytes'] - 1:
       lines.append(f'{r["name"]}: a tensor whose members mix 8 and 4 bits is stored int8: '

@@ -134,10 +134,10 @@ def parse_bits(text: str) -> dict[str, tuple[int, ...]]:
       bits = tuple(int(v) for v in vals.split(','))
     except ValueError:
       bits = ()
-    if not sep or not re.fullmatch(r'layer_\d+/(moe|attn|mlp)', unit) or not bits or \
+    if not sep or not re.fullmatch(r'layer_\d+/(moe|shared|attn|mlp)', unit) or not bits or \
         any(b not in BITS_CHOICES for b in bits):
       raise ConfigError(f'quant.bits: bad entry {part!r}; want unit=b,b,... with units '
-                        f'layer_<j>/moe|attn|mlp and bits in {BITS_CHOICES}')
+                        f'layer_<j>/moe|shared|attn|mlp and bits in {BITS_CHOICES}')
     out[unit] = bits
   return out
 
@@ -168,14 +168,16 @@ def role(path: tuple[str, ...]) -> Optional[str]:
 
 
 def unit(path: tuple[str, ...]) -> Optional[str]:
-  """The auto scheme's unit of a layer / expert weight: 'layer_j/moe' (per step and expert),
-  'layer_j/attn' or 'layer_j/mlp' (per step)."""
+  """The auto scheme's unit of a layer / expert weight: 'layer_j/moe' (per step and routed
+  expert), 'layer_j/shared' (the shared experts), 'layer_j/attn' or 'layer_j/mlp' (per step)."""
   r = role(path)
   if r not in ('expert', 'layer') or len(path) < 3 or path[0] != 'stack':
     return None
   layer = path[1]
   if path[-2] == 'attn':
     return f'{layer}/attn'
+  if path[-2] == 'shared':
+    return f'{layer}/shared'
   if r == 'expert':
     return f'{layer}/moe'
   return f'{layer}/mlp'
@@ -227,15 +229,17 @@ def _member_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, .
 def quantize_weight(path: tuple[str, ...], w: jax.Array, bits: Any, tile: int) -> qwix.QArray:
   """The stored form of one weight. bits: an int, or (auto) an int array over the weight's
   leading member axes ([N, E] or [N]): a member at 4 bits keeps its own 4-bit grid and scale
-  inside the int8 container when any other member has 8."""
+  inside the int8 container when any other member has 8. Under auto every weight uses the
+  4-bit (tiled) scale layout, so a member's values do not depend on its neighbours' bits."""
   b = np.asarray(bits)
   if b.ndim == 0:
     return qwix.quantize(w, _QTYPES[int(b)], **_how(path, w.shape, int(b), tile))
-  if (b == b.flat[0]).all():
-    return quantize_weight(path, w, int(b.flat[0]), tile)
-  # Mixed: the same scale layout (tiled as 4-bit) for both grids, then pick per member.
   kw = _how(path, w.shape, MIN_BITS, tile)
+  if (b == MIN_BITS).all():
+    return qwix.quantize(w, _QTYPES[MIN_BITS], **kw)
   q8 = qwix.quantize(w, jnp.int8, **kw)
+  if (b == 8).all():
+    return q8
   q4 = qwix.quantize(w, jnp.int4, **kw)
   low = jnp.asarray(b == MIN_BITS)
   pick = lambda lo, hi: jnp.where(low.reshape(low.shape + (1,) * (hi.ndim - low.ndim)),  # noqa: E731
@@ -245,11 +249,11 @@ def quantize_weight(path: tuple[str, ...], w: jax.Array, bits: Any, tile: int) -
 
 def _unit_bits(spec: QuantSpec, path: tuple[str, ...], shape: tuple[int, ...]) -> Any:
   """Per-member bits array of an auto tensor (or the scheme's int)."""
-  if spec.scheme != 'auto' or role(path) == 'gate':
+  if spec.scheme != 'auto' or role(path) == 'gate' or weight_bits(spec, path) == 0:
     return weight_bits(spec, path)
   u = unit(path)
   table = parse_bits(spec.bits)
-  if u not in table:  # not a unit (embedding, norms), or a unit auto left alone
+  if u not in table:  # a unit auto left alone
     return weight_bits(spec, path)
   lead = _member_shape(path, shape)
   bits = np.asarray(table[u], np.int32)
@@ -265,20 +269,23 @@ def _paths(tree: Any):
   return keys, [v for _, v in flat], treedef
 
 
-def quantize_params(params: Any, spec: QuantSpec) -> Any:
-  """PTQ: float params -> the stored tree (QArrays where weight_bits > 0; gates, when
-  quantized, as float32 round trips)."""
+def _map_quantized(params: Any, spec: QuantSpec, fn) -> Any:
+  """fn(path, w, bits) on every leaf the scheme quantizes; the others as they are."""
   keys, leaves, treedef = _paths(params)
   out = []
   for path, w in zip(keys, leaves):
     bits = _unit_bits(spec, path, w.shape)
-    if np.max(bits) == 0:
-      out.append(w)
-    elif role(path) == 'gate':
-      out.append(qwix.dequantize(quantize_weight(path, w, bits, spec.tile)).astype(w.dtype))
-    else:
-      out.append(quantize_weight(path, w, bits, spec.tile))
+    out.append(w if np.max(bits) == 0 else fn(path, w, bits))
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def quantize_params(params: Any, spec: QuantSpec) -> Any:
+  """PTQ: float params -> the stored tree (QArrays where weight_bits > 0; gates, when
+  quantized, as float32 round trips)."""
+  def store(path, w, bits):
+    q = quantize_weight(path, w, bits, spec.tile)
+    return qwix.dequantize(q).astype(w.dtype) if role(path) == 'gate' else q
+  return _map_quantized(params, spec, store)
 
 
 def fake_quant(params: Any, spec: QuantSpec) -> Any:
@@ -286,16 +293,11 @@ def fake_quant(params: Any, spec: QuantSpec) -> Any:
   sees the quantized values, the gradient reaches the float master weight unchanged."""
   if spec.scheme == 'none' or spec.stored:
     return params
-  keys, leaves, treedef = _paths(params)
-  out = []
-  for path, w in zip(keys, leaves):
-    bits = _unit_bits(spec, path, w.shape)
-    if np.max(bits) == 0:
-      out.append(w)
-      continue
+
+  def ste(path, w, bits):
     wq = qwix.dequantize(quantize_weight(path, jax.lax.stop_gradient(w), bits, spec.tile))
-    out.append(w + jax.lax.stop_gradient(wq.astype(w.dtype) - w))
-  return jax.tree_util.tree_unflatten(treedef, out)
+    return w + jax.lax.stop_gradient(wq.astype(w.dtype) - w)
+  return _map_quantized(params, spec, ste)
 
 
 def abstract_params(abstract: Any, spec: QuantSpec) -> Any:
@@ -338,8 +340,8 @@ def dequantize(params: Any) -> Any:
 
 # ----------------------------------------------------------------------------- the matmuls
 def cast(w: Any, dtype) -> Any:
-  """A float weight in the compute dtype; a QArray as it is (its matmul dequantizes)."""
-  return w if is_quantized(w) else w.astype(dtype)
+  """A weight in the compute dtype (a QArray: its scale, so its matmul dequantizes to it)."""
+  return w.astype(dtype)
 
 
 def _act(x: jax.Array, lhs: str, contracted: str, spec: QuantSpec) -> Any:

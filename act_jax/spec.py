@@ -176,8 +176,8 @@ class QuantSpec:
   gates: bool         # also quantize routers, halting units, exit classifiers, unembedding
   tile: int           # 4-bit weights: one scale per `tile` contraction entries (0: per channel)
   # scheme 'auto' (written by experiments.quantize): bits per unit, 'unit=b,b,..;unit=..'
-  # with units 'layer_j/moe' (one entry per (step, expert)) and 'layer_j/attn', 'layer_j/mlp'
-  # (one per step)
+  # with units 'layer_j/moe' (one entry per (step, routed expert)) and 'layer_j/shared',
+  # 'layer_j/attn', 'layer_j/mlp' (one per step)
   bits: str
 
 

@@ -23,7 +23,8 @@ from act_jax import ptq
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The float (or QAT) training run.')
 _OUT = flags.DEFINE_string('out', None, 'Where the quantized run is written (a new directory).')
-_SCHEME = flags.DEFINE_string('scheme', 'w8', 'w8 | w4 | w8a8 | auto.')
+_SCHEME = flags.DEFINE_string('scheme', None, 'w8 | w4 | w8a8 | auto (default: the scheme a '
+                               'quantization-aware run trained with, else w8).')
 _EXPERTS = flags.DEFINE_bool('experts_only', False, 'Quantize only expert weights (routed and '
                              'shared), not attention or dense FFNs.')
 _GATES = flags.DEFINE_bool('quantize_gates', False, 'Also quantize routers, halting units, exit '

@@ -212,7 +212,9 @@ def run(tmp_path_factory):
 
 def test_quantized_run_saves_restores_exports(run, tmp_path):
   out = str(tmp_path / 'w8')
-  info = ptq.quantize_run(run, out, 'w8', log=lambda s: None)
+  lines = []
+  info = ptq.quantize_run(run, out, log=lines.append)  # the QAT run's own scheme: w8
+  assert not any('WARNING' in ln for ln in lines), lines
   assert info['bytes']['expert'] < info['float_bytes']['expert'] / 3.5
   spec_f, state_f = inference.load_run(run)
   spec_q, state_q = inference.load_run(out)
@@ -228,7 +230,9 @@ def test_quantized_run_saves_restores_exports(run, tmp_path):
 
 def test_w4_export_keeps_int4(run, tmp_path):
   out = str(tmp_path / 'w4')
-  ptq.quantize_run(run, out, 'w4', log=lambda s: None)
+  lines = []
+  ptq.quantize_run(run, out, 'w4', log=lines.append)
+  assert any('trained quantization-aware with scheme=w8' in ln for ln in lines), lines
   m = export.export_run(out, str(tmp_path / 'x'), log=lambda s: None)
   assert 'int4' in {e['dtype'] for e in m['arrays'].values()}
   export.import_run(str(tmp_path / 'x'), str(tmp_path / 'back'), log=lambda s: None)
@@ -300,20 +304,24 @@ def test_auto_bits_meet_the_budget_and_keep_the_most_sensitive(run):
   assert b['assigned'] <= b['total']
 
 
-def test_operating_point_check_warns_when_the_old_certificate_breaks(run, tmp_path):
-  """A calibration.json whose tolerance any accuracy loss breaks: the check reports the drop
-  at the old threshold vs float full depth, and warns exactly when it exceeds the tolerance."""
+@pytest.mark.parametrize('measure', ['accuracy', 'consistency'])
+def test_operating_point_check_warns_when_the_old_certificate_breaks(run, tmp_path, measure):
+  """A calibration.json whose tolerance almost any change breaks: the check reports the drop
+  at the old threshold vs float full depth (and, for consistency, the agreement with the float
+  model's full-depth predictions), and warns exactly when the old tolerance is exceeded."""
   src = str(tmp_path / 'src')
   shutil.copytree(run, src)
   with open(os.path.join(src, 'calibration.json'), 'w') as f:
     json.dump({'chosen_threshold': 0.5, 'max_layers': None, 'tolerance': 1e-9,
-               'measure': 'accuracy'}, f)
+               'measure': measure}, f)
   lines = []
   info = ptq.quantize_run(src, str(tmp_path / 'w4'), 'w4', recalibrate=False, num_batches=4,
                           log=lines.append)
   op = info['operating_point']
-  assert op['threshold'] == 0.5
-  assert op['holds'] == (op['drop_at_threshold'] <= 1e-9)
+  assert op['threshold'] == 0.5 and 0 <= op['consistency_vs_float_full'] <= 1
+  holds = (op['drop_at_threshold'] <= 1e-9 if measure == 'accuracy'
+           else op['consistency_vs_float_full'] >= 1 - 1e-9)
+  assert op['holds'] == holds
   assert any('no longer holds' in ln for ln in lines) == (not op['holds'])
   full = op['float_full_accuracy']
   np.testing.assert_allclose(op['drop_at_threshold'],
@@ -327,6 +335,11 @@ def test_bad_input_is_refused_by_name(run, tmp_path):
     ptq.quantize_run(run, str(tmp_path / 'a'), 'auto', budget_bits=3, log=lambda s: None)
   with pytest.raises(ConfigError, match='--scheme=auto needs --budget_bits'):
     ptq.quantize_run(run, str(tmp_path / 'a'), 'auto', log=lambda s: None)
+  with pytest.raises(ConfigError, match='--budget_bits=9: above 8'):
+    ptq.quantize_run(run, str(tmp_path / 'a'), 'auto', budget_bits=9, log=lambda s: None)
+  shared = _spec(model__share_weights=True)
+  with pytest.raises(ConfigError, match='--scheme=auto: model.share_weights=True'):
+    ptq.check_args(shared, 'auto', False, 5.0, 32, 'RUN')
   with pytest.raises(ConfigError, match='--budget_bits=5: only with --scheme=auto'):
     ptq.quantize_run(run, str(tmp_path / 'a'), 'w8', budget_bits=5, log=lambda s: None)
   with pytest.raises(ConfigError, match='--out=.*must differ from --workdir'):
@@ -358,3 +371,30 @@ def test_quantize_binary_one_error_line(run, tmp_path):
                      text=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   errs = [ln for ln in p.stderr.splitlines() if ln.startswith('error:')]
   assert p.returncode == 2 and len(errs) == 1 and "--scheme='int3'" in errs[0], p.stderr
+
+
+def test_a_killed_quantization_is_redone_not_reused(run, tmp_path):
+  """OUT with an unfinished quant.json (the first thing quantize_run writes) and a partial
+  checkpoint directory: the next run clears it and finishes; a finished OUT is refused."""
+  out = tmp_path / 'q'
+  (out / 'checkpoints' / '3.orbax-checkpoint-tmp-1').mkdir(parents=True)
+  (out / 'quant.json').write_text(json.dumps({'complete': False}))
+  info = ptq.quantize_run(run, str(out), 'w8', log=lambda s: None)
+  assert info['complete'] and json.loads((out / 'quant.json').read_text())['complete']
+  assert inference.load_run(str(out))[0].quant.stored
+
+
+def test_auto_gives_shared_experts_their_own_unit():
+  spec = _spec(moe__shared_experts=1)
+  params, moe_state, _ = _init(spec)
+  batch = data_lib.make_dataset(spec.data, spec.seed).eval_batches(1)
+  table, rows = ptq.choose_bits(spec, params, moe_state, batch, 4.0, experts_only=True,
+                                log=lambda s: None)
+  n, e = spec.model.num_steps, spec.moe.num_experts
+  assert set(table) == {'layer_1/moe', 'layer_1/shared'}  # experts only: no attn / mlp
+  assert len(table['layer_1/moe']) == n * e and len(table['layer_1/shared']) == n
+  assert all(b == 4 for bits in table.values() for b in bits)  # budget 4: everything int4
+  qspec = ptq.quantized_spec(spec, 'auto', experts_only=True, bits=quant.format_bits(table))
+  qp = quant.quantize_params(params, qspec.quant)
+  assert qp['stack']['layer_1']['moe']['shared']['w_in'].qvalue.dtype == jnp.int4
+  assert not quant.is_quantized(qp['stack']['layer_1']['attn']['wq'])

@@ -12,6 +12,10 @@ hidden 384). Variants (':arg', comma-separated): halting=<policy>, router=<route
     -0.54 % accuracy vs full depth.
   python -m experiments.train --config=experiments/configs/lm.py:halting=none,router=none \
       --workdir=runs/dense        # the dense fixed-depth baseline
+  python -m experiments.train --config=experiments/configs/lm.py --config.quant.scheme=w4 \
+      --workdir=runs/lm_qat_w4    # quantization-aware (int4 weights, float master copy)
+    then experiments.quantize --scheme=w4: measured 2026-12-01, full-depth accuracy 0.5677 vs
+    0.5680 for post-training w4 of the float run (float32 0.5717; README "Quantization").
   python -m experiments.train --config=experiments/configs/lm.py:runlocal --workdir=/tmp/lm
     tiny (seconds); used by the tests.
 """
