@@ -25,8 +25,8 @@ from act_jax import halting as halting_lib
 from act_jax import moe as moe_lib
 from act_jax import quant as quant_lib
 from act_jax.errors import ConfigError
-from act_jax.spec import (DataSpec, HaltingSpec, MeshSpec, MoESpec, ModelSpec, QuantSpec,
-                          Spec, TrainSpec)
+from act_jax.spec import (DataSpec, HaltingSpec, MeshSpec, MoESpec, ModelSpec, Spec,
+                          TrainSpec)
 
 DTYPES = ('float32', 'bfloat16')
 REMAT_POLICIES = ('none', 'full', 'dots')
