@@ -8,7 +8,10 @@ same held-out test half: model and expert bytes, accuracy at full depth and per 
 the frontier (x fewer layers at <= 1 % drop), tokens whose top-1 expert changed vs float32,
 load balance, the certified threshold carried over vs re-certified, and full-depth decoding
 speed timed round-robin in this one process. Writes OUT/quant_compare.json.
-Measured: README "Quantization".
+Measured 2026-12-01 on runs/lm_default (15 min): w8 / w4 / w8a8 / auto(5 bits) at -0.0 /
+-0.65 / 0.00 / -0.08 % full-depth accuracy vs float32, frontier 1.62 / 1.59 / 1.62 / 1.61x
+fewer layers (float32 1.62x), decode on this CPU 0.83-0.99x of float32 (README
+"Quantization" has the table).
 """
 from absl import flags
 
