@@ -48,6 +48,7 @@ from jax.experimental import topologies
 from act_jax import config as config_lib
 from act_jax import inference
 from act_jax import moe as moe_lib
+from act_jax import quant as quant_lib
 from act_jax import model as model_lib
 from act_jax import sharding as sharding_lib
 from act_jax import training
@@ -433,6 +434,11 @@ def quant_decode_report(config: ml_collections.ConfigDict, topology: str,
   cache) / HBM bandwidth: a decode step reads each once). XLA's cost analysis counts the
   depth loop's body once, so its bytes are per loop iteration -- compare them across schemes,
   not with the HBM-bound figure."""
+  fixed = [k for k, v in quant_lib.SCHEMES.items() if v.weight_bits]  # auto needs a table
+  bad = [s for s in schemes if s not in fixed]
+  if bad:
+    raise ConfigError(f'--quant_schemes={",".join(schemes)}: {", ".join(bad)} not allowed; '
+                      f'allowed: {", ".join(fixed)}')
   chip = parse_topology(topology)
   devices = topology_devices(topology)
   config = config_lib.complete(config)

@@ -172,6 +172,8 @@ def test_quantized_decode_compiles_for_tpu_with_fewer_bytes():
   shrink toward 1/4 and 1/8 (the f32 embedding, norms, routers and scales stay)."""
   c = lm.get_config('runlocal')
   c.mesh.update(data=2, expert=2)
+  with pytest.raises(ConfigError, match='--quant_schemes=w8,auto: auto not allowed'):
+    aot.quant_decode_report(c, 'v5e:2x2', ('w8', 'auto'))
   rows = aot.quant_decode_report(c, 'v5e:2x2', ('w8', 'w4'))
   f32, w8, w4 = (r['params'] for r in rows)
   assert [r['scheme'] for r in rows] == ['float32', 'w8', 'w4']
