@@ -172,20 +172,19 @@ def choose_bits(spec: Spec, params: Any, moe_state: Any, batches: Sequence[dict]
   table8 = {u: [8] * n for u, n in members.items()}
   fspec = float_spec(spec)
 
-  def materialize(table: dict[str, list[int]]) -> dict:
-    """Float params with the units' weights quantize-dequantized at `table`'s bits."""
-    new = dict(flat)
-    for u, ps in tensors.items():
-      for p in ps:
-        lead = quant._member_shape(p, flat[p].shape)
-        bits = np.asarray(table[u]).reshape(lead)
-        new[p] = quant.dequantize(quant.quantize_weight(p, flat[p], bits, tile))
-    return _unflatten(params, new)
+  def rounded(u: str, bits: list[int], into: dict) -> dict:
+    """`into` with unit u's weights quantize-dequantized at `bits` (one per member)."""
+    out = dict(into)
+    for p in tensors[u]:
+      b = np.asarray(bits).reshape(quant._member_shape(p, flat[p].shape))
+      out[p] = quant.dequantize(quant.quantize_weight(p, flat[p], b, tile))
+    return out
 
   t0 = time.time()
-  base_params = materialize(table8)
-  base, load = heldout_loss(fspec, base_params, moe_state, batches)
-  base_flat = {tuple(p): w for p, w in zip(*quant._paths(base_params)[:2])}
+  base_flat = dict(flat)
+  for u in tensors:  # every unit at 8 bits: the baseline each trial moves one member from
+    base_flat = rounded(u, table8[u], base_flat)
+  base, load = heldout_loss(fspec, _unflatten(params, base_flat), moe_state, batches)
   rows = []
   total = sum(members.values())
   done = 0
@@ -196,11 +195,7 @@ def choose_bits(spec: Spec, params: Any, moe_state: Any, batches: Sequence[dict]
     for m in range(n):
       bits = [8] * n
       bits[m] = quant.MIN_BITS
-      trial = dict(base_flat)
-      for p in ps:
-        lead = quant._member_shape(p, flat[p].shape)
-        trial[p] = quant.dequantize(quant.quantize_weight(
-            p, flat[p], np.asarray(bits).reshape(lead), tile))
+      trial = rounded(u, bits, base_flat)
       loss, _ = heldout_loss(fspec, _unflatten(params, trial), moe_state, batches)
       freq = None
       if slot is not None and load.size:
