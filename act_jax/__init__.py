@@ -14,4 +14,5 @@ Shape suffixes (`x_BLD`, `w_EDF`): one legend for the whole package, each letter
     R expert buffer rows         Q dropless row blocks           U rows per dropless block
     Z flattened tokens           W positions per lazy KV-fill chunk
     A positions of a self-speculative draft/verify window (draft length + 1)
+    I datastore entries (kNN keys)  O nearest neighbours retrieved per query
 """

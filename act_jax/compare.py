@@ -4,7 +4,7 @@
 is loaded, so it is instant) and returns a text table plus one row dict per run:
 
   run, halting, router, eval_loss, eval_accuracy, layers_mean, layers_full, tokens_per_sec,
-  dropped_frac, load_imbalance
+  dropped_frac, load_imbalance, fallback_frac (moe.fallback runs: share sent to the generalist)
 
 Final eval metrics come from the last eval record; tokens/s is the median of the last three
 train records, never the first one (it includes compilation). MoE columns prefer eval
@@ -26,7 +26,8 @@ from act_jax.report import _save, plt
 COLUMNS = (('run', 'run'), ('halting', 'halting'), ('router', 'router'),
            ('eval_loss', 'eval loss'), ('eval_accuracy', 'eval acc'),
            ('layers', 'layers/full'), ('tokens_per_sec', 'tok/s'),
-           ('dropped_frac', 'dropped'), ('load_imbalance', 'imbalance'))
+           ('dropped_frac', 'dropped'), ('load_imbalance', 'imbalance'),
+           ('fallback_frac', 'fallback'))
 
 
 def _last(records: Sequence[dict], key: str) -> float | None:
@@ -76,9 +77,11 @@ def run_row(workdir: str, name: str | None = None) -> dict[str, Any]:
       'tokens_per_sec': float(np.median(tps)) if tps else None,
       'step': int(records[-1]['step']) if records else None,
   }
-  for key in ('dropped_frac', 'load_imbalance'):
+  for key in ('dropped_frac', 'load_imbalance', 'fallback_frac'):
     v = _last(evals, f'moe/{key}')
     row[key] = v if v is not None else _last(train, f'moe/{key}')
+  if config.get('moe', {}).get('fallback', 'none') == 'none':
+    row['fallback_frac'] = None  # no generalist fallback: '-', not 0 %
   return row
 
 
@@ -93,7 +96,7 @@ def _cell(row: dict, key: str) -> str:
     return v
   if key == 'tokens_per_sec':
     return f'{v:,.0f}'
-  if key == 'dropped_frac':
+  if key in ('dropped_frac', 'fallback_frac'):
     return f'{100 * v:.1f}%'
   return f'{v:.4f}' if key.startswith('eval_') else f'{v:.3f}'
 

@@ -23,6 +23,7 @@ import numpy as np
 from act_jax import data as data_lib
 from act_jax import halting as halting_lib
 from act_jax import moe as moe_lib
+from act_jax.moe import fallback as moe_fallback
 from act_jax import quant as quant_lib
 from act_jax.errors import ConfigError
 from act_jax.spec import (DataSpec, HaltingSpec, MeshSpec, MoESpec, ModelSpec, Spec,
@@ -52,11 +53,14 @@ def default_config() -> ml_collections.ConfigDict:
       per_sequence=False, mod_capacity=0.5, classifier_loss_weight=1.0, sample=False,
       exit_aware=0.0, distill=0.0, cost_warmup=0))
   # moe.renormalize: top_k weight p_e / sum of the K chosen p; ignored for top_k=1, whose
-  # weight stays p_e (Switch: p_e / p_e = 1 gives the router no task-loss gradient)
+  # weight stays p_e (Switch: p_e / p_e = 1 gives the router no task-loss gradient).
+  # moe.fallback (none | max_prob | entropy): tokens whose router confidence is below
+  # moe.fallback_threshold go to the shared expert alone (act_jax/moe/fallback.py)
   c.moe = ml_collections.ConfigDict(dict(
       router='none', num_experts=8, top_k=2, capacity_factor=1.25, every=2, shared_experts=0,
       d_ff=0, dispatch='gather', renormalize=True, priority='position', group_size=0,
-      jitter=0.0, lb_loss_weight=0.01, z_loss_weight=0.001, bias_rate=0.0, num_slots=1))
+      jitter=0.0, lb_loss_weight=0.01, z_loss_weight=0.001, bias_rate=0.0, num_slots=1,
+      fallback='none', fallback_threshold=0.0))
   # Mesh axes (act_jax/sharding.py): data parallel, FSDP (batch + every weight's d_model
   # split), expert parallel, tensor parallel. data * fsdp * expert * model = device count;
   # one axis may be -1: it takes the devices the others leave.
@@ -170,6 +174,8 @@ def resolve(config: Any, device_count: Optional[int] = None) -> Spec:
   moe = _section(MoESpec, moe_values)
   if moe_lib.ROUTERS[moe.router].routed:
     moe_lib.validate_moe(moe, d_model=m.d_model, causal=m.causal, mesh_expert=mesh[2])
+  else:  # a dense model has no router to be unsure: moe.fallback must stay 'none'
+    moe_fallback.validate(moe, moe_lib.ROUTERS[moe.router])
     _require(not (m.causal and moe.priority == 'probability'), 'moe.priority', moe.priority,
              "'probability' ranks tokens by the whole group's router scores, which leaks "
              "future tokens in a causal model; use 'position'")

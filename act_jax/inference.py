@@ -262,12 +262,14 @@ def write_position(full_NBTHJ, new_BTHJ, i, index, length, rows):
 
 
 def forward_while(config: Any, variables: dict, tokens_BL: jax.Array,
-                  threshold: Any = None) -> tuple[jax.Array, dict]:
+                  threshold: Any = None, retrieval: Optional[dict] = None
+                  ) -> tuple[jax.Array, dict]:
   """Batch forward that stops the depth loop once every token has exited (threshold: an
-  OperatingPoint, [N] or scalar; default: the spec's default operating point)."""
+  OperatingPoint, [N] or scalar; default: the spec's default operating point). retrieval:
+  the datastore's arrays when spec.retrieval is set (act_jax/retrieval)."""
   spec = config_lib.as_spec(config)
   carry, bcast = prepare_inputs(spec, top_variables(variables), tokens_BL,
-                                threshold_arg(spec, threshold))
+                                threshold_arg(spec, threshold), retrieval=retrieval)
   carry, ys, _ = _depth_while(spec, variables, carry, bcast)
   return finish_outputs(spec, carry, ys, bcast['head'], tokens_BL)
 
@@ -382,7 +384,8 @@ def _fill_skipped_kv(spec: Spec, variables, cache, h_BLD, exit_step_BL, executed
 
 def decode_step(config: Any, variables: dict, cache: list, token_B1: jax.Array,
                 index: jax.Array, threshold: Any, kv_fill: str = 'project',
-                compact: bool = False, lazy: Optional[dict] = None) -> tuple[jax.Array, dict]:
+                compact: bool = False, lazy: Optional[dict] = None,
+                retrieval: Optional[dict] = None) -> tuple[jax.Array, dict]:
   """One early-exit decoding step for a batch of single tokens at position `index` (one
   position, or one per row [B]: continuous batching, see act_jax/serving.py).
 
@@ -393,7 +396,7 @@ def decode_step(config: Any, variables: dict, cache: list, token_B1: jax.Array,
   if (kv_fill == 'lazy') != (lazy is not None):
     raise ConfigError("kv_fill='lazy' and the lazy state (inference.init_lazy) go together")
   carry, bcast = prepare_inputs(spec, top_variables(variables), token_B1, threshold_arg(spec, threshold),
-                                cache_index=index, decoding=True)
+                                cache_index=index, decoding=True, retrieval=retrieval)
   if compact:
     carry, ys, cache = _run_compacted(spec, variables, carry, bcast, cache, lazy=lazy)
   else:
@@ -419,12 +422,12 @@ def decode_step(config: Any, variables: dict, cache: list, token_B1: jax.Array,
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 5, 6))
 def _generate(spec: Spec, variables, prompt_BL, max_new: int, threshold_N, kv_fill: str,
-              compact: bool):
+              compact: bool, retrieval=None):
   b, p = prompt_BL.shape
   cache = init_cache(spec, b, p + max_new)
   model = make_model(spec)
   logits, aux = model.apply(variables, prompt_BL, threshold=threshold_N, cache=cache,
-                            cache_index=0)
+                            cache_index=0, retrieval=retrieval)
   first = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
   # the prompt ran as a masked scan: every layer of every prompt position is filled
   lazy0 = init_lazy(spec, b, p + max_new, p) if kv_fill == 'lazy' else None
@@ -432,15 +435,17 @@ def _generate(spec: Spec, variables, prompt_BL, max_new: int, threshold_N, kv_fi
   def body(c, t):
     cache, lazy, tok = c
     lg, a = decode_step(spec, variables, cache, tok[:, None], p + t, threshold_N, kv_fill,
-                        compact, lazy)
+                        compact, lazy, retrieval)
     nxt = jnp.argmax(lg[:, -1], -1).astype(jnp.int32)
-    return (a['cache'], a.get('lazy'), nxt), (tok, a['layers'][:, -1])
+    got = a.get('retrievals', jnp.zeros_like(a['layers']))[:, -1]
+    return (a['cache'], a.get('lazy'), nxt), (tok, a['layers'][:, -1], got)
 
-  (_, _, last), (toks, layers) = jax.lax.scan(body, (aux['cache'], lazy0, first),
-                                              jnp.arange(max_new - 1, dtype=jnp.int32))
+  (_, _, last), (toks, layers, got) = jax.lax.scan(body, (aux['cache'], lazy0, first),
+                                                   jnp.arange(max_new - 1, dtype=jnp.int32))
   tokens = jnp.concatenate([toks.T, last[:, None]], 1)
   # layers of generated token t are those of the step that consumed it (t < max_new - 1)
-  return {'tokens': tokens, 'layers': layers.T, 'prompt_layers': aux['layers']}
+  return {'tokens': tokens, 'layers': layers.T, 'prompt_layers': aux['layers'],
+          'retrievals': got.T}
 
 
 def check_lengths(spec: Spec, prompt_len: int, max_new: int) -> None:
@@ -455,13 +460,15 @@ def check_lengths(spec: Spec, prompt_len: int, max_new: int) -> None:
 
 
 def generate(config: Any, variables: dict, prompt_BL, max_new: int, threshold: Any,
-             kv_fill: str = 'project', compact: bool = False) -> dict:
+             kv_fill: str = 'project', compact: bool = False,
+             retrieval: Optional[dict] = None) -> dict:
   """Greedy early-exit decoding at an operating point (OperatingPoint, [N] or scalar);
   returns tokens [B, max_new] and the layers each consumed token ran ([B, max_new-1]: the
-  last generated token is never fed back)."""
+  last generated token is never fed back), and how often each retrieved (retrieval: the
+  datastore's arrays when spec.retrieval is set)."""
   spec = config_lib.as_spec(config)
   if kv_fill not in KV_FILL:
     raise ConfigError(f'kv_fill={kv_fill!r}: allowed: {", ".join(KV_FILL)}')
   check_lengths(spec, prompt_BL.shape[1], max_new)
   return _generate(spec, variables, jnp.asarray(prompt_BL, jnp.int32), max_new,
-                   threshold_arg(spec, threshold), kv_fill, bool(compact))
+                   threshold_arg(spec, threshold), kv_fill, bool(compact), retrieval)

@@ -12,6 +12,8 @@ counted as executed layers. Per step:
     h_new = group(h_prev, running);  h_new = where(running, h_new, h_prev)
     state, running' = policy.step(state, h_prev, h_new, signals(h_new), i, threshold)
 The forward returns (logits, aux); aux carries telemetry and loss inputs (never side effects).
+With a datastore attached (spec.retrieval, act_jax/retrieval/arm.py) each step may also
+retrieve between the exit head and the exit decision; aux['retrievals'] counts the searches.
 Every module takes the resolved Spec (act_jax.spec); `make_model` also accepts a config and
 resolves it once. What a halting policy needs or does is read from its capability flags.
 
@@ -29,8 +31,10 @@ import jax.numpy as jnp
 from act_jax import config as config_lib
 from act_jax import halting as halting_lib
 from act_jax.data import PAD as PAD_ID
+from act_jax.errors import ConfigError
 from act_jax.layers import Attention, GatedMLP, RMSNorm, rms_norm
 from act_jax.moe import MoEFFN
+from act_jax.retrieval import arm as retrieval_arm
 from act_jax.sharding import constrain
 from act_jax.spec import Spec, threshold_at, threshold_per_step
 
@@ -117,9 +121,11 @@ class Layer(nn.Module):
 
 
 class DepthStep(nn.Module):
-  """One scan step: a group of layers, then the halting policy's step."""
+  """One scan step: a group of layers, then the halting policy's step (and, with a
+  datastore, the retrieval arm between the exit head and the exit decision)."""
   config: Spec
   train: bool = False
+  keep_states: bool = False  # ys['h']: the state after the step (datastore keys)
 
   @nn.compact
   def __call__(self, carry, xs, bcast):
@@ -174,6 +180,13 @@ class DepthStep(nn.Module):
                                                    (None, None)))(x)[..., 0]
     if policy.needs_uniform and not self.train:
       signals['uniform'] = jax.random.uniform(self.make_rng('halting'), running_BL.shape)
+    knn_BLV = carry.get('knn')
+    if knn_BLV is not None:
+      # Retrieval arm (act_jax/retrieval/arm.py): retrieve here or not, then the exit
+      # decision below sees the interpolated distribution (and so does the output).
+      signals['exit_logits'], knn_BLV, retrieved_BL = retrieval_arm.step(
+          self.config, bcast['retrieval'], bcast['head']['norm_scale'], h_new,
+          signals['exit_logits'], knn_BLV, carry['i'], running_BL)
     state, running_next, step_out = policy.step(
         carry['state'], h_prev, h_new, signals, carry['i'],
         threshold_at(bcast['threshold'], carry['i']), running_BL, self.train)
@@ -185,6 +198,11 @@ class DepthStep(nn.Module):
     ys = {'step': step_out, 'running': running_BL,
           'layers': _layers_executed(layer_aux, running_BL),
           'layer_aux': layer_aux}
+    if knn_BLV is not None:
+      new_carry['knn'] = knn_BLV
+      ys['retrieved'] = retrieved_BL
+    if self.keep_states:
+      ys['h'] = h_new
     if 'exit_logits' in signals:
       ys['exit_logits'] = signals['exit_logits']
     if xs is not None:
@@ -205,14 +223,18 @@ class AdaptiveTransformer(nn.Module):
   """Causal LM or bidirectional encoder with a halting policy over a scanned depth.
 
   threshold: the operating point in any form spec.threshold_per_step accepts (scalar,
-  OperatingPoint.vector [N], per-row [B, 1]); default: the policy's default threshold."""
+  OperatingPoint.vector [N], per-row [B, 1]); default: the policy's default threshold.
+  retrieval: the datastore's arrays (retrieval.datastore.Datastore.arrays) when
+  config.retrieval is set. keep_states: aux['step_states'] [N, B, L, D]."""
   config: Spec
   train: bool = False
+  keep_states: bool = False
 
   @nn.compact
   def __call__(self, tokens_BL: jax.Array, threshold: Optional[jax.Array] = None,
                positions_BL: Optional[jax.Array] = None, cache: Any = None,
-               cache_index: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
+               cache_index: Optional[jax.Array] = None,
+               retrieval: Optional[dict] = None) -> tuple[jax.Array, dict]:
     cfg, m = self.config, self.config.model
     n_steps = m.num_steps
     pdtype = dtype_of(m.param_dtype)
@@ -235,7 +257,7 @@ class AdaptiveTransformer(nn.Module):
         threshold = jax.random.uniform(self.make_rng('halting'), (tokens_BL.shape[0], 1),
                                        minval=cfg.halting.exit_aware, maxval=1.0)
     carry, bcast = prepare_inputs(cfg, top, tokens_BL, threshold, positions_BL, cache_index,
-                                  decoding=cache is not None)
+                                  decoding=cache is not None, retrieval=retrieval)
     if exit_aware:
       carry['h_exit'] = carry['h']  # read only where a criterion was met
     step_cls = DepthStep
@@ -250,7 +272,7 @@ class AdaptiveTransformer(nn.Module):
                      split_rngs={'params': True, 'jitter': True, 'halting': True},
                      in_axes=(0, nn.broadcast), length=n_steps, unroll=m.scan_unroll,
                      metadata_params={nn.PARTITION_NAME: 'layers'})
-    carry, ys = scan(cfg, self.train, name='stack')(carry, cache, bcast)
+    carry, ys = scan(cfg, self.train, self.keep_states, name='stack')(carry, cache, bcast)
     return finish_outputs(cfg, carry, ys, bcast['head'], tokens_BL)
 
 
@@ -283,6 +305,11 @@ def finish_outputs(spec: Spec, carry: dict, ys: dict, head: dict, tokens_BL
     aux['mod_selected'], aux['mod_pred_logit'] = mod['selected'], mod['predictor_logit']
   if 'cache' in ys:
     aux['cache'] = ys['cache']
+  if 'retrieved' in ys:
+    aux['retrieved'] = ys['retrieved']                    # [N,B,L] retrieved at step n
+    aux['retrievals'] = jnp.sum(ys['retrieved'], axis=0)  # [B,L]
+  if 'h' in ys:
+    aux['step_states'] = ys['h']                          # [N,B,L,D]
   return logits_BLV, aux
 
 
@@ -298,10 +325,13 @@ def head_params(spec: Spec, top_params: dict) -> dict:
 
 
 def prepare_inputs(spec: Spec, top_params: dict, tokens_BL, threshold=None, positions_BL=None,
-                   cache_index=None, decoding: bool = False) -> tuple[dict, dict]:
+                   cache_index=None, decoding: bool = False, retrieval: Optional[dict] = None
+                   ) -> tuple[dict, dict]:
   """Embedding, initial carry and the scan's broadcast inputs (shared with inference.py).
 
-  The threshold enters the loop in its one internal form, per step ([N] or [B, N])."""
+  The threshold enters the loop in its one internal form, per step ([N] or [B, N]). With
+  an active retrieval arm (spec.retrieval, mode != 'never') the datastore's arrays ride in
+  the broadcast inputs and each token's latest kNN distribution in the carry."""
   m, policy = spec.model, spec.policy
   b, l = tokens_BL.shape
   if positions_BL is None:
@@ -321,12 +351,20 @@ def prepare_inputs(spec: Spec, top_params: dict, tokens_BL, threshold=None, posi
            'threshold': threshold_per_step(threshold, m.num_steps)}
   carry = {'h': h_BLD, 'running': valid_BL, 'state': policy.init(h_BLD),
            'i': jnp.zeros((), jnp.int32)}
+  if retrieval_arm.active(spec):
+    retrieval_arm.check_model(spec)
+    if retrieval is None:
+      raise ConfigError(f'spec.retrieval.mode={spec.retrieval.mode!r} needs the datastore\'s '
+                        f'arrays (retrieval=Datastore.arrays)')
+    bcast['retrieval'] = retrieval
+    carry['knn'] = jnp.zeros((b, l, m.vocab_size), jnp.float32)  # all zero: none retrieved
   return carry, bcast
 
 
-def make_model(config: Any, train: bool = False) -> AdaptiveTransformer:
+def make_model(config: Any, train: bool = False, keep_states: bool = False
+               ) -> AdaptiveTransformer:
   """The model of a Spec (a config is resolved first)."""
-  return AdaptiveTransformer(config_lib.as_spec(config), train=train)
+  return AdaptiveTransformer(config_lib.as_spec(config), train=train, keep_states=keep_states)
 
 
 def init_cache(config: Any, batch: int, max_len: int) -> list:

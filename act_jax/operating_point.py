@@ -17,12 +17,13 @@ Dims: B batch, L length.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
 import os
 import time
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -451,9 +452,15 @@ def byte_char(tok: int) -> str:
 
 def generate_listing(workdir: str, prompt: str, threshold: Optional[float] = None,
                      max_new: int = 64, kv_fill: str = 'project',
-                     max_layers: Optional[int] = None) -> str:
-  """Greedy continuation + a per-byte line of exit layers (1-9, a=10, b=11, ...)."""
+                     max_layers: Optional[int] = None,
+                     retrieval: Optional[tuple[Any, dict]] = None) -> str:
+  """Greedy continuation + a per-byte line of exit layers (1-9, a=10, b=11, ...).
+  retrieval: (RetrievalSpec, the datastore's arrays) -- act_jax.retrieval.datastore
+  .generate_listing -- adds a line of how many times each byte's step retrieved."""
   spec, state = inference.load_run(workdir)
+  arrays = None
+  if retrieval is not None:
+    spec, arrays = dataclasses.replace(spec, retrieval=retrieval[0]), retrieval[1]
   variables = {'params': state['params'], 'moe_state': state['moe_state']}
   op, _ = run_operating_point(workdir, spec, threshold, max_layers)
   ids = np.concatenate([[data_lib.BOS], data_lib.encode(prompt)])[None].astype(np.int32)
@@ -462,8 +469,8 @@ def generate_listing(workdir: str, prompt: str, threshold: Optional[float] = Non
     raise ConfigError(f'--prompt is {ids.shape[1]} tokens (with BOS); the model max length is '
                       f'{limit}: shorten the prompt')
   max_new = min(max_new, limit - ids.shape[1])
-  run = lambda: jax.block_until_ready(inference.generate(spec, variables, ids, max_new, op,
-                                                         kv_fill))
+  run = lambda: jax.block_until_ready(inference.generate(spec, variables, ids, max_new, op,  # noqa: E731
+                                                         kv_fill, retrieval=arrays))
   run()  # compile
   t = time.perf_counter()
   out = run()
@@ -479,14 +486,22 @@ def generate_listing(workdir: str, prompt: str, threshold: Optional[float] = Non
            f'(checkpoint step {state["step"]}, {spec.model.num_layers} layers)',
            f'prompt: {prompt!r}']
   width = 64
+  got = np.concatenate([np.asarray(out['retrievals'][0]), [0]])
+  got_chars = ['.' if g == 0 else _LAYER_CHARS[int(g)] for g in got]
   for i in range(0, len(text_chars), width):
     lines.append('text   ' + ''.join(text_chars[i:i + width]))
     lines.append('layers ' + ''.join(layer_chars[i:i + width]))
+    if arrays is not None:
+      lines.append('kNN    ' + ''.join(got_chars[i:i + width]))
   mean_layers = float(np.nanmean(layers))
   lines.append(f'{max_new} bytes in {dt * 1e3:.1f} ms ({max_new / dt:.1f} tokens/s); mean layers '
                f'{mean_layers:.2f} / {spec.model.num_layers} '
                f'({spec.model.num_layers / mean_layers:.2f}x fewer)  '
                '[layers: exit layer of the step that consumed each byte; ? = last byte]')
+  if arrays is not None:
+    lines.append(f'retrieve={spec.retrieval.mode}: {float(np.mean(got[:-1] > 0)):.0%} of '
+                 f'bytes retrieved ({float(np.mean(got[:-1])):.2f} searches per byte; kNN line: '
+                 f'searches in the step that consumed each byte)')
   return '\n'.join(lines)
 
 

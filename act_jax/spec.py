@@ -105,6 +105,8 @@ class MoESpec:
   z_loss_weight: float
   bias_rate: float
   num_slots: int
+  fallback: str               # 'none' | 'max_prob' | 'entropy' (act_jax/moe/fallback.py)
+  fallback_threshold: float   # fall back when the router confidence is below it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +181,21 @@ class QuantSpec:
   # with units 'layer_j/moe' (one entry per (step, routed expert)) and 'layer_j/shared',
   # 'layer_j/attn', 'layer_j/mlp' (one per step)
   bits: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalSpec:
+  """The retrieval arm at inference (act_jax/retrieval; not a config section: a datastore is
+  attached to a trained run with --datastore). Static facts only: the datastore's arrays, the
+  interpolation weight, kNN temperature and gate threshold are traced values, so moving
+  them never recompiles."""
+  mode: str                  # 'never' | 'always' | 'gate' (retrieval.MODES)
+  steps: tuple[int, ...]     # depth steps that may retrieve (the datastore's key steps)
+  neighbours: int            # O nearest neighbours per retrieval
+  approx: bool               # jax.lax.approx_max_k per block instead of exact top_k
+  recall_target: float       # approx_max_k's recall target
+  block: int = 8192          # datastore entries scored per search block
+  mesh: Any = None           # a Mesh whose 'data' axis splits the entries (knn.sharded_search)
 
 
 SECTIONS = {'model': ModelSpec, 'halting': HaltingSpec, 'moe': MoESpec, 'data': DataSpec,
@@ -271,6 +288,7 @@ class Spec:
   policy: Any                      # the built halting policy (hashable, see HaltingPolicy)
   exit_layers: tuple[int, ...]     # 1-based layer after which each exit step's tokens leave
   capped_policies: tuple[str, ...]  # registered policies that accept a depth cap (messages)
+  retrieval: Optional[RetrievalSpec] = None  # inference with a datastore (act_jax.retrieval)
 
   @property
   def default_operating_point(self) -> OperatingPoint:
@@ -287,5 +305,5 @@ class Spec:
 
 
 __all__ = ['DataSpec', 'HaltingSpec', 'MeshSpec', 'MoESpec', 'ModelSpec', 'NEVER_EXIT',
-           'OperatingPoint', 'QuantSpec', 'SECTIONS', 'Spec', 'TrainSpec', 'threshold_at',
+           'OperatingPoint', 'QuantSpec', 'RetrievalSpec', 'SECTIONS', 'Spec', 'TrainSpec', 'threshold_at',
            'threshold_per_step']

@@ -107,6 +107,7 @@ def step_metrics(logits_BLV, aux, batch) -> dict[str, jax.Array]:
     out['moe/dropped_frac'] = jnp.mean(a['dropped_frac'])
     out['moe/router_entropy'] = jnp.mean(a['router_entropy'])
     out['moe/max_prob'] = jnp.mean(a['max_prob'])
+    out['moe/fallback_frac'] = jnp.mean(a['fallback_frac'])  # 0 unless moe.fallback is set
     load = a['load']  # [layers, E]
     out['moe/load_imbalance'] = jnp.mean(
         jnp.max(load, -1) / jnp.maximum(jnp.mean(load, -1), 1e-9))
@@ -233,6 +234,7 @@ def make_eval_step(config: Any) -> Callable:
     if 'moe' in aux:
       out['moe_load'] = aux['moe']['load']                # [layers, E]
       out['moe_dropped'] = aux['moe']['dropped_frac']     # [layers]
+      out['moe_fallback'] = aux['moe']['fallback_frac']   # [layers]
       out['top1_expert'] = aux['moe']['top1_expert']      # [layers, B, L]
     return out
 
@@ -272,6 +274,7 @@ def evaluate(config: Any, state, eval_step, batches, domains, threshold=None,
   spec = config_lib.as_spec(config)
   rows = {k: [] for k in ('loss_sum', 'weight_sum', 'correct_sum', 'layers_sum')}
   dom, diff, load, dropped, tok_layers, tok_w, top1 = [], [], [], [], [], [], []
+  fallback = []
   for b in batches:
     dev = put(b) if put is not None else {k: jnp.asarray(v) for k, v in b.items()}
     out = _fetch(eval_step(state, dev, threshold))
@@ -284,6 +287,7 @@ def evaluate(config: Any, state, eval_step, batches, domains, threshold=None,
     if 'moe_load' in out:
       load.append(out['moe_load'])
       dropped.append(out['moe_dropped'])
+      fallback.append(out['moe_fallback'])
       top1.append(np.asarray(out['top1_expert']).reshape(out['top1_expert'].shape[0], -1))
   r = {k: np.concatenate(v) for k, v in rows.items()}
   top1_all = np.concatenate(top1, axis=1) if top1 else None  # [layers, tokens]
@@ -335,6 +339,8 @@ def evaluate(config: Any, state, eval_step, batches, domains, threshold=None,
     res['moe/dropped_frac'] = float(np.mean(np.stack(dropped)))
     res['moe/load_imbalance'] = float(np.mean(load_arr.max(-1) / np.maximum(load_arr.mean(-1), 1e-9)))
     res['moe/unused_experts'] = float(np.sum(load_arr == 0))
+    if spec.moe.fallback != 'none':
+      res['moe/fallback_frac'] = float(np.mean(np.stack(fallback)))
   return {k: float(v) for k, v in res.items()}
 
 
@@ -519,7 +525,9 @@ def result_lines(spec: Spec, res: dict[str, float], domains) -> list[str]:
     lines += difficulty_lines(res, full)
   if 'moe/load_imbalance' in res:
     lines.append(f'experts: load max/mean {res["moe/load_imbalance"]:.2f}, dropped '
-                 f'{res["moe/dropped_frac"]:.2%}, unused {int(res["moe/unused_experts"])}')
+                 f'{res["moe/dropped_frac"]:.2%}, unused {int(res["moe/unused_experts"])}'
+                 + (f', fell back to the generalist {res["moe/fallback_frac"]:.2%}'
+                    if 'moe/fallback_frac' in res else ''))
   return lines
 
 

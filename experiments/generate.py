@@ -6,12 +6,17 @@ r"""Continues a prompt with early-exit decoding and shows where every byte came 
     exact mode (self-speculative): output identical to full-depth greedy decoding; the
     draft layer and length are the fastest measured on held-out prompts unless --draft_layer /
     --draft_len are given; --temperature > 0 samples with the speculative-sampling rule.
+  python -m experiments.generate --workdir=runs/lm_default --datastore=runs/ds_flax \
+      --prompt='class Dense(Module):' --retrieve=gate
+    threshold mode with the retrieval arm: a third line marks the bytes that retrieved.
 """
 from absl import flags
 
 from experiments import define_max_layers_flag, quiet_logs, refuse_flags, run
 
 from act_jax import operating_point, speculative_bench
+from act_jax.errors import ConfigError
+from act_jax.retrieval import datastore
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.')
 _PROMPT = flags.DEFINE_string('prompt', 'def fib(n):', 'Prompt text.')
@@ -30,6 +35,10 @@ _DRAFT_LEN = flags.DEFINE_integer('draft_len', None, 'Exact mode: bytes drafted 
                                   'step (default: the fastest measured on held-out prompts).')
 _TEMP = flags.DEFINE_float('temperature', 0.0, 'Exact mode: 0 = greedy, > 0 = sampling.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Exact mode: sampling seed.')
+_DATASTORE = flags.DEFINE_string('datastore', None, 'Threshold mode: a kNN datastore of this '
+                                 'run (experiments.datastore) for the retrieval arm.')
+_RETRIEVE = flags.DEFINE_enum('retrieve', 'gate', ['never', 'always', 'gate'],
+                              'With --datastore: when a token retrieves.')
 flags.mark_flag_as_required('workdir')
 
 
@@ -38,11 +47,18 @@ def main(argv):
   quiet_logs()
   if _MODE.value == 'threshold':
     refuse_flags('threshold', ('draft_layer', 'draft_len', 'temperature', 'seed'))
+    if _RETRIEVE.present and not _DATASTORE.value:
+      raise ConfigError(f'--retrieve={_RETRIEVE.value}: applies with --datastore')
+    if _DATASTORE.value:
+      print(datastore.generate_listing(_WORKDIR.value, _DATASTORE.value, _PROMPT.value,
+                                       _RETRIEVE.value, _THR.value, _NEW.value, _FILL.value,
+                                       _MAX_LAYERS.value))
+      return
     print(operating_point.generate_listing(_WORKDIR.value, _PROMPT.value, _THR.value,
                                            _NEW.value, _FILL.value,
                                            max_layers=_MAX_LAYERS.value))
     return
-  refuse_flags('exact', ('threshold', 'max_layers', 'kv_fill'))
+  refuse_flags('exact', ('threshold', 'max_layers', 'kv_fill', 'datastore', 'retrieve'))
   print(speculative_bench.generate_listing(_WORKDIR.value, _PROMPT.value, _NEW.value,
                                            _DRAFT_LAYER.value, _DRAFT_LEN.value, _TEMP.value,
                                            _SEED.value))

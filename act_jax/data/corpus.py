@@ -273,6 +273,35 @@ class TextDataset(Dataset):
                                    for d, o in enumerate(per_doc) if r < len(o)])
     return self._eval_windows
 
+  def heldout_texts(self) -> list[tuple[str, bytes]]:
+    """(name, bytes) of every held-out document (without BOS/EOS)."""
+    out = []
+    for _, held in self._splits:
+      for name, start, n in zip(held.names, held.starts, held.lengths):
+        out.append((name, held.tokens[start + 1:start + n - 1].astype(np.uint8).tobytes()))
+    return out
+
+  def spread_batches(self, num_batches: int) -> list[dict[str, np.ndarray]]:
+    """Held-out batches whose windows are evenly spaced over ALL held-out windows of each
+    domain (in document order), instead of every document's beginning first as in
+    eval_batches: boilerplate at the top of files (licence headers, imports) then weighs no
+    more than it does in the text. Domains alternate as in eval_batches."""
+    nd, b = len(self.domains), self._batch_size
+    per = [[(d, o) for d, n in enumerate(held.lengths)
+            for o in range(0, max(int(n) - 1, 1), self._seq_len)] for _, held in self._splits]
+    want = [len(range(dom, num_batches * b, nd)) for dom in range(nd)]
+    picks = [[w[i] for i in np.linspace(0, len(w) - 1, k).astype(int)] for w, k in zip(per, want)]
+    batches = []
+    for i in range(num_batches):
+      windows, domains = [], []
+      for g in range(i * b, (i + 1) * b):
+        dom, k = g % nd, g // nd
+        doc, offset = picks[dom][k]
+        windows.append(self._splits[dom][1].window(doc, offset, self._seq_len))
+        domains.append(dom)
+      batches.append(pack_batch(windows, self._seq_len, domains))
+    return batches
+
   def eval_batches(self, num_batches: int) -> list[dict[str, np.ndarray]]:
     wins, nd, b = self._windows(), len(self.domains), self._batch_size
     batches = []

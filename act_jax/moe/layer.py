@@ -29,7 +29,11 @@ aux (float32 unless noted, all unweighted, over running tokens only):
                  hash (nothing to learn).
   z_loss         ST-MoE (Zoph et al. 2022): mean_t logsumexp(logits)^2 (soft: over the N slot
                  logits); 0 for hash.
-  top1_expert    int32 [B, L] first-choice expert, -1 for halted tokens.
+  top1_expert    int32 [B, L] first-choice expert, -1 for halted tokens (and, with
+                 moe.fallback, for tokens sent to the generalist).
+  fallback       bool [B, L] the token went to the generalist path (act_jax/moe/fallback.py:
+                 low router confidence or every choice over capacity); fallback_frac its
+                 share of running tokens; fallback_score f32 [B, L] the router confidence.
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ from act_jax.data.corpus import PAD
 from act_jax.errors import ConfigError
 from act_jax.layers.mlp import GatedMLP
 from act_jax.moe import dispatch as dispatch_lib
+from act_jax.moe import fallback as fallback_lib
 from act_jax.moe import routers as R
 from act_jax.sharding import constrain
 from act_jax.spec import MoESpec, QuantSpec
@@ -52,7 +57,7 @@ ACT_NAMES = ('batch', 'length', 'embed')
 # Switch recommends a 10x smaller router init for stable routing early in training.
 ROUTER_INIT = nn.initializers.variance_scaling(0.1, 'fan_in', 'truncated_normal')
 AUX_KEYS = ('load', 'dropped_frac', 'router_entropy', 'max_prob', 'lb_loss', 'z_loss',
-            'top1_expert')
+            'top1_expert', 'fallback', 'fallback_frac', 'fallback_score')
 
 
 def _expert_init() -> Any:
@@ -70,9 +75,11 @@ def _masked_mean(v_GS: jax.Array, run_GS: jax.Array, n: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(run_GS, v_GS, 0.0)) / n
 
 
-def router_aux(plan: Any, run_GS: jax.Array, router: str, shape_BL: tuple[int, int]
-               ) -> dict[str, jax.Array]:
-  """Losses and telemetry of one layer's routing (module docstring), running tokens only."""
+def router_aux(plan: Any, run_GS: jax.Array, router: str, shape_BL: tuple[int, int],
+               fallback_GS: jax.Array | None = None, fallback: str = 'none',
+               all_run_GS: jax.Array | None = None) -> dict[str, jax.Array]:
+  """Losses and telemetry of one layer's routing (module docstring), over the routed
+  running tokens run_GS; fallback_frac over all running tokens all_run_GS (default run_GS)."""
   info = R.ROUTERS[router]
   probs_GSE = plan.probs_GSE
   # Soft MoE: z-loss over the per-token slot logits (the softmax it actually takes).
@@ -118,9 +125,15 @@ def router_aux(plan: Any, run_GS: jax.Array, router: str, shape_BL: tuple[int, i
     z_loss = _masked_mean(jax.nn.logsumexp(logits, -1) ** 2, run_GS, n_run)
   else:
     z_loss = zero
+  fb_GS = jnp.zeros(run_GS.shape, bool) if fallback_GS is None else fallback_GS
+  all_GS = run_GS if all_run_GS is None else all_run_GS
+  n_all = jnp.maximum(jnp.sum(all_GS.astype(jnp.float32)), 1.0)
   return dict(load=load_E, dropped_frac=dropped.astype(jnp.float32), router_entropy=entropy,
               max_prob=max_prob, lb_loss=lb_loss, z_loss=z_loss,
-              top1_expert=top1_GS.reshape(shape_BL))
+              top1_expert=top1_GS.reshape(shape_BL), fallback=fb_GS.reshape(shape_BL),
+              fallback_frac=_masked_mean(fb_GS.astype(jnp.float32), all_GS, n_all),
+              fallback_score=fallback_lib.score(probs_GSE, 'max_prob' if fallback == 'none'
+                                                else fallback).reshape(shape_BL))
 
 
 class MoEFFN(nn.Module):
@@ -167,29 +180,35 @@ class MoEFFN(nn.Module):
     valid_GS = None
     if count_valid and token_ids_BL is not None:
       valid_GS = token_ids_BL.reshape(g, s) != PAD
-    plan = self._route(info, x_GSD, run_GS, token_ids_BL, train, g, s, valid_GS)
+    plan, low_GS = self._route(info, x_GSD, run_GS, token_ids_BL, train, g, s, valid_GS)
+    routed_GS = run_GS if low_GS is None else run_GS & ~low_GS
     x_GSD = constrain(x_GSD.astype(self.dtype), ('expert_group', 'length', 'embed'))
     y_GSD = dispatch_lib.moe_forward(x_GSD, plan, self._expert_weights(e_, d, f),
                                      m.dispatch, e_, dropless=info.dropless, quant=self.quant)
-    # Halted tokens already get no slots; this also zeroes Soft MoE's combine for them.
-    y_GSD = jnp.where(run_GS[..., None], y_GSD, 0).astype(self.dtype)
+    fb_GS = low_GS
+    if low_GS is not None and plan.slot_index_GSK is not None:
+      # every choice over capacity: the generalist alone serves it (it got no slot anyway)
+      fb_GS = low_GS | (routed_GS & jnp.all(plan.slot_index_GSK < 0, -1))
+    # Halted and fallback tokens already get no slots; this also zeroes Soft MoE's combine.
+    y_GSD = jnp.where(routed_GS[..., None], y_GSD, 0).astype(self.dtype)
     y_BLD = constrain(y_GSD.reshape(b, l, d), ACT_NAMES)
     if m.shared_experts:
       shared = GatedMLP(m.shared_experts * f, self.dtype, self.param_dtype, self.quant,
                         name='shared')
       y_BLD = y_BLD + _dense_ffn(shared, x_BLD).astype(self.dtype)
-    return y_BLD, router_aux(plan, run_GS, m.router, (b, l))
+    return y_BLD, router_aux(plan, routed_GS, m.router, (b, l), fb_GS, m.fallback, run_GS)
 
   def _route(self, info: R.RouterInfo, x_GSD: jax.Array, run_GS: jax.Array,
              token_ids_BL: jax.Array | None, train: bool, g: int, s: int,
-             valid_GS: jax.Array | None = None) -> Any:
+             valid_GS: jax.Array | None = None) -> tuple[Any, jax.Array | None]:
+    """(routing plan, fallback mask [G, S] or None when moe.fallback is 'none')."""
     m = self.moe_cfg
     e_, d = m.num_experts, x_GSD.shape[-1]
     if info.scores == 'token_ids':
       if token_ids_BL is None:
         raise ConfigError(f'moe.router={m.router!r} routes by token id: pass token_ids_BL to '
                           f'MoEFFN')
-      return info.plan(token_ids_BL.reshape(g, s), m, s, run_GS, None, valid_GS)
+      return info.plan(token_ids_BL.reshape(g, s), m, s, run_GS, None, valid_GS), None
     xr_GSD = x_GSD.astype(jnp.float32)   # router always in float32
     if train and m.jitter > 0:
       xr_GSD = R.jitter_input(xr_GSD, m.jitter, self.make_rng('jitter'))
@@ -197,14 +216,21 @@ class MoEFFN(nn.Module):
       p = e_ * m.num_slots
       phi_DP = self.param('soft_phi', nn.with_logical_partitioning(
           nn.initializers.lecun_normal(), ('embed', None)), (d, p), jnp.float32)
-      return info.plan(xr_GSD @ phi_DP, m, s, run_GS, None, valid_GS)
+      return info.plan(xr_GSD @ phi_DP, m, s, run_GS, None, valid_GS), None
     # Router kernel replicated (tiny; avoids an all-gather before softmax/top-k).
     w_DE = self.param('router', nn.with_logical_partitioning(ROUTER_INIT, ('embed', None)),
                       (d, e_), jnp.float32)
     bias_E = None
     if info.learns_bias and m.bias_rate > 0:
       bias_E = self.variable('moe_state', 'bias', jnp.zeros, (e_,), jnp.float32).value
-    return info.plan(xr_GSD @ w_DE, m, s, run_GS, bias_E, valid_GS)
+    logits_GSE = xr_GSD @ w_DE
+    plan = info.plan(logits_GSE, m, s, run_GS, bias_E, valid_GS)
+    if m.fallback == 'none':
+      return plan, None
+    # low-confidence tokens leave routing before capacity is assigned (fallback.py)
+    fb_GS = run_GS & (fallback_lib.score(plan.probs_GSE, m.fallback) < m.fallback_threshold)
+    plan = info.plan(logits_GSE, m, s, run_GS & ~fb_GS, bias_E, valid_GS)
+    return plan, fb_GS
 
   def _expert_weights(self, e_: int, d: int, f: int) -> tuple[jax.Array, ...]:
     init = _expert_init()
@@ -220,4 +246,6 @@ class MoEFFN(nn.Module):
     z = jnp.zeros((), jnp.float32)
     return dict(load=jnp.zeros((e_,), jnp.float32), dropped_frac=z, router_entropy=z,
                 max_prob=z, lb_loss=z, z_loss=z,
-                top1_expert=jnp.full(run_BL.shape, -1, jnp.int32))
+                top1_expert=jnp.full(run_BL.shape, -1, jnp.int32),
+                fallback=jnp.zeros(run_BL.shape, bool), fallback_frac=z,
+                fallback_score=jnp.zeros(run_BL.shape, jnp.float32))

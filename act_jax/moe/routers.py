@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 
 from act_jax.errors import ConfigError
+from act_jax.moe import fallback as fallback_lib
 from act_jax.spec import MoESpec
 
 DISPATCHES = ('gather', 'ragged', 'einsum')
@@ -116,6 +117,7 @@ def validate_moe(moe_cfg: MoESpec, *, d_model: int, causal: bool, mesh_expert: i
     raise ConfigError(f'moe.num_slots={g("num_slots")}: must be >= 1')
   if int(g('every')) < 1:
     raise ConfigError(f'moe.every={g("every")}: must be >= 1')
+  fallback_lib.validate(moe_cfg, ROUTERS[router])
 
 
 def capacity(tokens_per_group: int, num_experts: int, k: int, capacity_factor: float) -> int:
@@ -342,6 +344,7 @@ class RouterInfo(NamedTuple):
   z_loss: bool = True       # the router z-loss applies (there are learned logits)
   learns_bias: bool = False  # DeepSeek-V3 selection bias applies (moe.bias_rate)
   dropless: bool = False    # never drops: the gather path runs the block-sparse kernel
+  can_fall_back: bool = False  # token choice over learned probabilities: moe.fallback applies
 
   @property
   def routed(self) -> bool:
@@ -350,9 +353,10 @@ class RouterInfo(NamedTuple):
 
 ROUTERS: dict[str, RouterInfo] = {
     'none': RouterInfo(None, scores='none', z_loss=False),
-    'top_k': RouterInfo(_plan_top_k, uses_top_k=True, balance_loss=True, learns_bias=True),
+    'top_k': RouterInfo(_plan_top_k, uses_top_k=True, balance_loss=True, learns_bias=True,
+                        can_fall_back=True),
     'dropless': RouterInfo(_plan_dropless, uses_top_k=True, balance_loss=True,
-                           learns_bias=True, dropless=True),
+                           learns_bias=True, dropless=True, can_fall_back=True),
     'expert_choice': RouterInfo(_plan_expert_choice, causal_ok=False, uses_top_k=True),
     'soft': RouterInfo(_plan_soft, scores='slots', causal_ok=False),
     'hash': RouterInfo(_plan_hash, scores='token_ids', z_loss=False),
