@@ -174,11 +174,11 @@ def resolve(config: Any, device_count: Optional[int] = None) -> Spec:
   moe = _section(MoESpec, moe_values)
   if moe_lib.ROUTERS[moe.router].routed:
     moe_lib.validate_moe(moe, d_model=m.d_model, causal=m.causal, mesh_expert=mesh[2])
-  else:  # a dense model has no router to be unsure: moe.fallback must stay 'none'
-    moe_fallback.validate(moe, moe_lib.ROUTERS[moe.router])
     _require(not (m.causal and moe.priority == 'probability'), 'moe.priority', moe.priority,
              "'probability' ranks tokens by the whole group's router scores, which leaks "
              "future tokens in a causal model; use 'position'")
+  else:  # a dense model has no router to be unsure: moe.fallback must stay 'none'
+    moe_fallback.validate(moe, moe_lib.ROUTERS[moe.router])
   _check_layout(model, moe, mesh)
   halting = _section(HaltingSpec, c.halting.to_dict())
   policy = halting_lib.make_policy(halting, model.num_steps)  # validates config.halting

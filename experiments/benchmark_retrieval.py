@@ -12,7 +12,10 @@ package's source (default: flax) with a datastore built from its other files
   3. generalist fallback (a run with a shared expert, --fallback_workdir) calibrated to
      --fallback_rate of in-domain tokens: in-domain and shifted;
   4. cost: one retrieval (exact / approx_max_k) per token vs one layer, at 10^5 and 10^6 keys.
-Measured 2026-12-01 on the 2-core CPU: README "Retrieval and fallback".
+Measured 2026-12-01 on the 2-core CPU (README "Retrieval and fallback as gating choices"):
+shifted accuracy 0.5129 -> 0.5971 always / 0.5885 gate (90 % of the gain, 45.8 % of tokens
+search); stdlib -0.29 / -0.35 points; 2.73 vs 3.72 layers at <= 1 % drop; fallback 2.08 %
+in domain, 1.62 % shifted, accuracy +0.0001; a 10^5-key search ~40-55 layers per token.
 """
 import os
 import time

@@ -5,7 +5,10 @@ r"""Builds the kNN datastore of a trained run over any text or code (act_jax/ret
 Keys are the run's states at every exit step, values the next bytes, of the train split of
 the files (the held-out split is what `evaluate --data_files` scores); a tenth of the train
 documents tunes the interpolation and trains the retrieval gate. Killed, it resumes where it
-stopped. Measured 2026-12-01 (README "Retrieval"): see the README table.
+stopped. Measured 2026-12-01 on the 2-core CPU (runs/lm_default over the installed flax
+package): 200,014 entries x 3 exit steps written in 38 s (~5,300 entries/s, 25 chunks), then
+~5 minutes of tuning (16,368 tokens kept out + 8,192 of the stdlib): lam 0.3, gate threshold
+0.08; README "Retrieval and fallback as gating choices".
 """
 from absl import flags
 
