@@ -92,6 +92,20 @@ def main(argv):
   del argv
   quiet_logs()
   skip = set(_SKIP.value)
+  # every flag checked before anything loads or compiles
+  if not skip <= {'1', '2', '3', '4'}:
+    raise ConfigError(f'--skip={",".join(sorted(skip))}: tables are 1, 2, 3, 4')
+  try:
+    sizes = [int(k) for k in _KEYS.value]
+    sweep = [float(x) for x in _SWEEP.value]
+  except ValueError as e:
+    raise ConfigError(f'--keys={_KEYS.value} / --thresholds={_SWEEP.value}: numbers expected'
+                      ) from e
+  if any(n < 16 for n in sizes) or any(not 0 < t <= 1 for t in sweep):
+    raise ConfigError('--keys must be >= 16 (the neighbours searched) and --thresholds in (0, 1]')
+  if not 0 < _TOL.value < 1 or not 0 < _FB_RATE.value < 1:
+    raise ConfigError(f'--tolerance={_TOL.value} and --fallback_rate={_FB_RATE.value} must be '
+                      f'in (0, 1)')
   spec, state = inference.load_run(_WORKDIR.value)
   variables = {'params': state['params'], 'moe_state': state['moe_state']}
   op, source = operating_point.run_operating_point(_WORKDIR.value, spec)
@@ -140,7 +154,7 @@ def main(argv):
     print(f'{"retrieve":>8} {"threshold":>9} {"accuracy":>8} {"layers":>6} {"retrieved":>9}')
     best = {}
     for mode in ('never', 'gate'):
-      for t in [float(x) for x in _SWEEP.value] + [None]:
+      for t in sweep + [None]:
         p = full if t is None else OperatingPoint(t)
         r = _evaluate(spec, variables, ds, far, far_dom, mode, p)
         ok = r['accuracy'] >= target
@@ -156,10 +170,6 @@ def main(argv):
     fallback_run.evaluate_run(_FB_WORKDIR.value, ['max_prob', 'entropy'], _FB_RATE.value,
                               _FILES.value, _BATCHES.value)
   if '4' not in skip:
-    try:
-      sizes = [int(k) for k in _KEYS.value]
-    except ValueError as e:
-      raise ConfigError(f'--keys={_KEYS.value}: integers expected') from e
     print(f'\n== 4. cost: one search (16 neighbours, D={spec.model.d_model}, float16 keys) vs one '
           f'layer (full forward / {spec.model.num_layers}) on the same tokens ==')
     print('\n'.join(cost_table(spec, variables, sizes)))

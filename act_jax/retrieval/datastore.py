@@ -46,7 +46,7 @@ from act_jax import sharding as sharding_lib
 from act_jax import data as data_lib
 from act_jax.data import corpus
 from act_jax.errors import CheckpointError, ConfigError
-from act_jax.model import head_params, make_model
+from act_jax.model import make_model
 from act_jax.retrieval import arm as arm_lib
 from act_jax.retrieval import gate as gate_lib
 from act_jax.retrieval import knn as knn_lib
