@@ -222,7 +222,7 @@ def build(workdir: str, files: str, out: str, max_bytes: int = 300_000,
     if stop_after is not None and written >= stop_after and left:
       return {'complete': False, 'done': len(done), 'chunks': n_chunks}
   meta = dict(args, key='final_norm(h) at each exit step', complete=True,
-              document_hashes=sorted({doc_hash(d) for _, d in store_docs + tune_docs}))
+              document_hashes=sorted({doc_hash(text) for _, text in store_docs + tune_docs}))
   ds = load(out, spec, params=state['params'], meta=meta)
   meta['tuned'] = tune(spec, variables, ds, tune_docs, tune_windows, neighbours, log)
   _write_json(os.path.join(out, META), meta)
