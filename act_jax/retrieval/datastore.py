@@ -387,9 +387,14 @@ def tune(spec: Spec, variables: dict, ds: Datastore, docs, max_windows: int,
   d_fin = a['d'][-1][np.isfinite(a['d'][-1]) & (a['d'][-1] > 0)]
   base = float(np.median(d_fin)) if d_fin.size else 1.0
 
+  knn_cache: dict = {}
+
   def mixed(st, x, lam, tau, cut=np.inf):  # interpolated distribution at exit step x
-    p_knn = np.asarray(knn_lib.knn_probs(jnp.asarray(st['d'][x]), jnp.asarray(st['v'][x]),
-                                         vocab, tau))
+    key = (id(st), x, tau)  # p_kNN depends on neither lam nor the cut: computed once
+    if key not in knn_cache:
+      knn_cache[key] = np.asarray(knn_lib.knn_probs(
+          jnp.asarray(st['d'][x]), jnp.asarray(st['v'][x]), vocab, tau))
+    p_knn = knn_cache[key]
     use = (st['d'][x][:, :1] <= cut)
     return np.where(use, lam * p_knn + (1 - lam) * st['p_lm'][x], st['p_lm'][x])
 
