@@ -23,8 +23,9 @@ setup(
         'qwix>=0.1.8',
     ],
     extras_require={
-        'test': ['pytest>=8.0', 'nbclient>=0.10', 'nbformat>=5.10', 'ipykernel>=6.29',
-                 'scipy>=1.11'],
+        # pytest-xdist: the suite runs on 2 workers (pytest.ini; docs/testing.md)
+        'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'nbclient>=0.10', 'nbformat>=5.10',
+                 'ipykernel>=6.29', 'scipy>=1.11'],
         'colab': ['treescope>=0.1.5', 'nbformat>=5.10'],
         # TPU runtime; on a CPU machine it lets experiments.compile compile for named TPU
         # topologies (jax.experimental.topologies) without a TPU.

@@ -1,4 +1,6 @@
-"""Moving a run between machines: export -> import is exact; bad exports are refused."""
+"""Moving a run between machines: export -> import is exact; bad exports are refused.
+
+Reads the suite's shared trained run 'lm' (tests/conftest.py: trained once per suite run)."""
 import json
 import os
 
@@ -6,19 +8,15 @@ import jax
 import numpy as np
 import pytest
 
-from act_jax import export, inference, training
+from act_jax import export, inference
 from act_jax.errors import CheckpointError
-from experiments.configs import lm
 
 
-@pytest.fixture(scope='module')
-def run(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp('src'))
-  c = lm.get_config('runlocal')  # confidence + top-k MoE: params and moe_state
-  c.train.update(steps=3, eval_every=1000)
-  c.moe.bias_rate = 0.01  # a non-trivial moe_state that must travel too
-  training.train_and_evaluate(c, path, log=lambda s: None)
-  return path
+@pytest.fixture
+def run(shared_runs):
+  # confidence + top-k MoE: params and a non-trivial moe_state (moe.bias_rate) that must
+  # travel too; 10 steps, checkpoints at 5 and 10
+  return shared_runs.path('lm')
 
 
 def test_export_import_round_trip_is_exact(run, tmp_path):
@@ -30,10 +28,10 @@ def test_export_import_round_trip_is_exact(run, tmp_path):
              len(np.load(os.path.join(out, f)).files) == 1 for f in files)
   assert os.path.exists(os.path.join(out, 'metrics.jsonl'))
   new = str(tmp_path / 'imported')
-  assert export.import_run(out, new, log=lambda s: None) == manifest['step'] == 3
+  assert export.import_run(out, new, log=lambda s: None) == manifest['step'] == 10
   c1, s1 = inference.load_run(run)
   c2, s2 = inference.load_run(new)
-  assert c1.to_dict() == c2.to_dict() and s2['step'] == 3
+  assert c1.to_dict() == c2.to_dict() and s2['step'] == 10
   for a, b in zip(jax.tree.leaves((s1['params'], s1['moe_state'])),
                   jax.tree.leaves((s2['params'], s2['moe_state']))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -7,29 +7,31 @@ import pytest
 
 from act_jax import config as config_lib
 from act_jax import data as data_lib
-from act_jax import telemetry, training
+from act_jax import inference, telemetry, training
 from act_jax.model import make_model
 from experiments.configs import lm, synthetic
 
 
 @pytest.mark.parametrize('policy', ['act', 'pondernet', 'confidence', 'learned_exit', 'mod'])
-def test_each_policy_trains_by_flag(policy, tmp_path):
-  config = lm.get_config(f'halting={policy},runlocal')
-  config.model.num_layers = 4
-  config.train.update(steps=4, eval_every=1000, log_every=2)
-  lines = []
-  res = training.train_and_evaluate(config, str(tmp_path), log=lines.append)
+def test_each_policy_trains_by_flag(policy, shared_runs):
+  """The suite's shared run 'policy_<name>' (lm.py:halting=<name>,runlocal, 4 steps, trained
+  once per suite run by train_and_evaluate; other tests read it too). For confidence, the
+  lm.py default, that run is the shared 'lm'."""
+  name = 'lm' if policy == 'confidence' else f'policy_{policy}'
+  path = shared_runs.path(name)
+  res, lines = shared_runs.results(name), shared_runs.log(name)
+  assert inference.read_config(path).halting.name == policy
   assert np.isfinite(res['loss'])
   assert 1.0 <= res['layers_mean'] <= 4.0
   assert any('exit depth' in l for l in lines)  # the histogram is in the log
   expected_term = {'act': 'ponder', 'pondernet': 'kl', 'learned_exit': 'exit_bce',
                    'mod': 'mod_predictor', 'confidence': 'task'}[policy]
-  from act_jax import telemetry
-  train_rows = telemetry.read_metrics(str(tmp_path), split='train')
+  train_rows = telemetry.read_metrics(path, split='train')
   assert expected_term in train_rows[-1]
 
 
 def test_act_halting_tracks_parity_difficulty_keys(tmp_path):
+  """Trains ACT on parity for 3 steps: the evaluation reports steps by difficulty."""
   config = synthetic.get_config('task=parity,halting=act,runlocal')
   config.train.update(steps=3, eval_every=1000)
   res = training.train_and_evaluate(config, str(tmp_path), log=lambda s: None)
@@ -90,6 +92,7 @@ def test_exit_aware_training_forward_matches_real_exits(policy):
 
 
 def test_exit_aware_samples_row_thresholds_and_trains(tmp_path):
+  """Exit-aware thresholds are drawn per row; the loop trains 3 steps with them."""
   config, tokens, v, _ = _exit_setup('confidence')
   config.halting.exit_aware = 0.3
   model = make_model(config, train=True)
@@ -119,7 +122,9 @@ def test_cost_warmup_ramps_only_the_compute_cost():
   assert float(full['ponder']) > 0.5  # 0.5 * (N + R) with N >= 1: the term is not trivially 0
 
 
+@pytest.mark.slow  # ~25 s: 240 updates; default tier: the cost warm-up and collapse checks
 def test_act_deep_start_does_not_collapse(tmp_path):
+  """Trains ACT on 8-entry parity, 120 updates on each of two seeds."""
   # ACT with the synthetic config's recipe (halting bias -3, ponder cost ramped in over the
   # first third) under a strong ponder cost (0.1) on 8-entry parity, 4 steps, 120 updates:
   # on both fixed seeds the depth stays adaptive (measured: 2.41 and 3.83 mean steps,

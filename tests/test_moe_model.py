@@ -10,6 +10,7 @@ from experiments.configs import lm
 
 
 def test_tiny_moe_lm_trains_and_uses_every_expert(tmp_path):
+  """Trains a tiny top-k MoE LM for 60 steps."""
   config = lm.get_config('halting=none,router=top_k,runlocal')
   config.model.num_layers = 4
   config.moe.update(num_experts=4, bias_rate=1e-3, shared_experts=1)

@@ -7,7 +7,8 @@ jax is imported. Parameters are sharded by their logical names (LOGICAL_RULES), 
 """
 CHILD = r'''
 import os
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'  # before jax import
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +  # before jax import
+                           ' --xla_force_host_platform_device_count=8')
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

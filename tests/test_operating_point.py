@@ -1,26 +1,22 @@
-"""calibrate / generate / benchmark on a tiny trained run, and their bad inputs."""
+"""calibrate / generate / benchmark on a tiny trained run, and their bad inputs.
+
+Each test works on its own copy of the suite's shared trained run 'lm' (calibrate writes
+into it); test_train_and_certify resumes its copy (nothing left to train) and certifies."""
 import json
 import os
 
 import numpy as np
 import pytest
 
-from act_jax import calibration, inference, operating_point, training
+from act_jax import calibration, inference, operating_point
+from act_jax import config as config_lib
 from act_jax.errors import CheckpointError, ConfigError
-from experiments.configs import lm
 
 
-def _train(path, policy):
-  c = lm.get_config(f'halting={policy},runlocal')
-  c.model.num_layers = 4
-  c.train.update(steps=6, eval_every=1000)
-  training.train_and_evaluate(c, str(path), log=lambda s: None)
-  return str(path)
-
-
-@pytest.fixture(scope='module')
-def run(tmp_path_factory):
-  return _train(tmp_path_factory.mktemp('conf'), 'confidence')
+@pytest.fixture
+def run(shared_runs, tmp_path):
+  """A copy of the shared 'lm' run: confidence exits, 4 layers, top-k MoE, 10 steps."""
+  return shared_runs.copy('lm', str(tmp_path / 'run'))
 
 
 def test_calibrate_writes_frontier_and_plot(run):
@@ -77,9 +73,10 @@ def test_generate_listing_and_bad_inputs(run):
     operating_point.generate_listing(run, 'x' * 100, 0.5)
 
 
-def test_policies_without_exits_are_refused(tmp_path):
+def test_policies_without_exits_are_refused(shared_runs, tmp_path):
+  run = shared_runs.copy('policy_mod', str(tmp_path / 'mod'))
   with pytest.raises(ConfigError, match='no inference-time exit'):
-    operating_point.calibrate_run(_train(tmp_path, 'mod'), log=lambda s: None)
+    operating_point.calibrate_run(run, log=lambda s: None)
 
 
 def test_missing_and_mismatched_checkpoints(run, tmp_path):
@@ -109,7 +106,7 @@ def test_benchmark_table(run):
 
 def test_evaluate_run_reports_each_threshold(run):
   rows = operating_point.evaluate_run(run, [None, 0.5], num_batches=2, log=lambda s: None)
-  # None: the run's operating point (its calibration.json if an earlier test wrote one)
+  # None: the run's operating point (the policy default: this copy has no calibration.json)
   want, _ = operating_point.run_operating_point(run, inference.read_config(run))
   assert [(r['threshold'], r['max_layers']) for r in rows] == [
       (want.threshold, want.max_layers), (0.5, None)]
@@ -164,16 +161,18 @@ def test_calibrate_on_an_accuracy_tolerance(run):
                                   log=lambda s: None)
 
 
-def test_train_and_certify_ends_at_a_certified_point(tmp_path):
-  # what experiments.train does when config.train.certify_tolerance > 0 (lm.py's default)
-  c = lm.get_config('halting=confidence,runlocal')
-  c.model.num_layers = 4
-  c.train.update(steps=6, eval_every=1000, certify_tolerance=0.5)
+def test_train_and_certify_ends_at_a_certified_point(run):
+  """What experiments.train does when config.train.certify_tolerance > 0 (lm.py's default):
+  train_and_evaluate, then certify. Here on a copy of the trained shared run with its own
+  config: training resumes at its last step (nothing left to train), evaluates, certifies."""
+  c = config_lib.complete(json.load(open(os.path.join(run, 'config.json'))))
+  c.train.certify_tolerance = 0.5
   lines = []
-  res = operating_point.train_and_certify(c, str(tmp_path), log=lines.append, num_batches=8)
+  res = operating_point.train_and_certify(c, run, log=lines.append, num_batches=8)
   text = '\n'.join(lines)
+  assert 'resumed from step 10' in text
   assert '== certified operating point (<= 50.0% relative accuracy drop' in text
-  saved = json.load(open(tmp_path / 'calibration.json'))
+  saved = json.load(open(os.path.join(run, 'calibration.json')))
   assert saved['measure'] == 'accuracy' and saved['tolerance'] == 0.5
   assert saved['chosen_threshold'] is not None  # a 50 % tolerance certifies something
   assert res['certified/threshold'] == saved['chosen_threshold']
@@ -187,6 +186,5 @@ def test_train_and_certify_ends_at_a_certified_point(tmp_path):
   for d in ('code', 'prose'):
     assert f'{d}: ' in text and 1.0 <= res[f'certified/{d}/layers_mean'] <= 4.0
   # every binary now serves at that point
-  op, source = operating_point.run_operating_point(str(tmp_path), inference.load_run(
-      str(tmp_path))[0])
+  op, source = operating_point.run_operating_point(run, inference.load_run(run)[0])
   assert op.threshold == saved['chosen_threshold'] and source.endswith('calibration.json')

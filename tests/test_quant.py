@@ -197,16 +197,13 @@ def test_qat_fake_quant_forward_and_straight_through_gradient():
 
 
 # ----------------------------------------------------------------------------- the run
-@pytest.fixture(scope='module')
-def run(tmp_path_factory):
-  """A tiny run trained with QAT at w8 (confidence exits + top-k MoE): its checkpoint holds
-  float master weights, which PTQ then quantizes like any float run's."""
-  path = str(tmp_path_factory.mktemp('qat'))
-  c = lm.get_config('runlocal')
-  c.quant.scheme = 'w8'
-  c.train.update(steps=3, eval_every=1000)
-  res = training.train_and_evaluate(c, path, log=lambda s: None)
-  assert np.isfinite(res['loss'])
+@pytest.fixture
+def run(shared_runs):
+  """The suite's shared run 'lm_qat_w8' (trained once per suite run, read only): a tiny run
+  trained with QAT at w8 (confidence exits + top-k MoE); its checkpoint holds float master
+  weights, which PTQ then quantizes like any float run's."""
+  path = shared_runs.path('lm_qat_w8')
+  assert np.isfinite(shared_runs.results('lm_qat_w8')['loss'])
   return path
 
 

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from act_jax import compare, data, report, telemetry
-from experiments.configs import lm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -127,15 +126,10 @@ def test_aux_histograms_known_answer():
 
 # ---------------------------------------------------------------- real tiny runs
 @pytest.fixture(scope='module')
-def moe_run(tmp_path_factory):
-  """10 steps of a 4-layer confidence-exit top_k MoE model; checkpoints at 5 and 10."""
-  from act_jax import training
-  config = lm.get_config('halting=confidence,router=top_k,runlocal')
-  config.model.num_layers = 4
-  config.train.update(steps=10, log_every=5, eval_every=5, checkpoint_every=5,
-                      keep_checkpoints=2, eval_batches=1)
-  workdir = str(tmp_path_factory.mktemp('moe_run'))
-  training.train_and_evaluate(config, workdir, log=lambda s: None)
+def moe_run(shared_runs, tmp_path_factory):
+  """A copy of the suite's shared run 'lm': 10 steps of a 4-layer confidence-exit top_k MoE
+  model, checkpoints at 5 and 10, eval every 5; with a calibration.json."""
+  workdir = shared_runs.copy('lm', str(tmp_path_factory.mktemp('moe_run') / 'tiny_moe_run'))
   with open(os.path.join(workdir, 'calibration.json'), 'w') as f:
     json.dump(CALIBRATION, f)
   return workdir

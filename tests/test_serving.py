@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 
 from act_jax import config as config_lib
-from act_jax import inference, operating_point, report, serving, training
+from act_jax import inference, operating_point, report, serving
 from act_jax.errors import ConfigError
 from act_jax.model import init_cache, make_model
 from act_jax.moe import routers
 from act_jax.spec import NEVER_EXIT, OperatingPoint
 from experiments.configs import lm
+from tests.conftest import binary_cases
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,34 +57,37 @@ def _alone(spec, v, r, point):
   return _REFS[key]
 
 
-def test_continuous_batching_equals_decoding_alone(model):
+@pytest.mark.parametrize('full_depth,kv_fill,compact,per_call', [
+    pytest.param(True, 'project', False, 1, marks=pytest.mark.slow),  # ~15 s; no exits
+    (False, 'project', False, 1),
+    (False, 'lazy', True, 3)])
+def test_continuous_batching_equals_decoding_alone(model, full_depth, kv_fill, compact,
+                                                   per_call):
   spec, v = model
   reqs = _requests()
   thr = _exiting_threshold(spec, v, reqs)
   # reference: inference.generate of each request alone (one position for the batch, eager
   # KV fill); served: 3 slots, per-row positions, eager or lazy fill, waiting or compacted
   # (3 decode steps per call: rows finish mid-call and idle until it returns)
-  for point, kv_fill, compact, per_call in ((OperatingPoint.full_depth(), 'project', False, 1),
-                                            (OperatingPoint(thr), 'project', False, 1),
-                                            (OperatingPoint(thr), 'lazy', True, 3)):
-    engine = serving.Engine(spec, v, slots=3, kv_fill=kv_fill, compact=compact,
-                            steps_per_call=per_call)
-    out = serving.replay(engine, reqs, [point], realtime=False)
-    layers = []
-    for r, rec in zip(reqs, out['records']):
-      ref = _alone(spec, v, r, point)
-      assert rec.tokens == [int(x) for x in ref['tokens'][0]], (r.id, point, kv_fill)
-      np.testing.assert_allclose(rec.layers, np.asarray(ref['layers'][0]))
-      assert rec.error is None and rec.done_s is not None
-      layers += rec.layers
-    if point.threshold < NEVER_EXIT:  # rows really exit at different depths
-      assert min(layers) < max(layers) == spec.model.num_layers
-    else:
-      assert set(layers) == {float(spec.model.num_layers)}
-    # joins happened while other rows were mid-request; then the batch drained
-    assert 3 in {s['active'] for s in out['steps']}
-    if per_call == 1:
-      assert {s['active'] for s in out['steps']} >= {2, 3}
+  point = OperatingPoint.full_depth() if full_depth else OperatingPoint(thr)
+  engine = serving.Engine(spec, v, slots=3, kv_fill=kv_fill, compact=compact,
+                          steps_per_call=per_call)
+  out = serving.replay(engine, reqs, [point], realtime=False)
+  layers = []
+  for r, rec in zip(reqs, out['records']):
+    ref = _alone(spec, v, r, point)
+    assert rec.tokens == [int(x) for x in ref['tokens'][0]], (r.id, point, kv_fill)
+    np.testing.assert_allclose(rec.layers, np.asarray(ref['layers'][0]))
+    assert rec.error is None and rec.done_s is not None
+    layers += rec.layers
+  if point.threshold < NEVER_EXIT:  # rows really exit at different depths
+    assert min(layers) < max(layers) == spec.model.num_layers
+  else:
+    assert set(layers) == {float(spec.model.num_layers)}
+  # joins happened while other rows were mid-request; then the batch drained
+  assert 3 in {s['active'] for s in out['steps']}
+  if per_call == 1:
+    assert {s['active'] for s in out['steps']} >= {2, 3}
 
 
 def test_exact_mode_serving_equals_full_depth_decoding_alone(model):
@@ -109,6 +113,8 @@ def test_exact_mode_serving_equals_full_depth_decoding_alone(model):
     serving.Engine(spec, v, slots=2, mode='exact', draft_layer=3, draft_len=2)
 
 
+@pytest.mark.slow  # ~33 s; lazy == eager decoding also holds in the default tier through
+# test_continuous_batching_equals_decoding_alone[False-lazy-True-3] (lazy slots vs eager alone)
 def test_lazy_kv_fill_equals_eager(model):
   spec, v = model
   prompt = np.asarray([r.prompt[:5] for r in _requests()[:4]])
@@ -176,11 +182,9 @@ def test_capacity_counts_only_real_tokens():
 
 
 @pytest.fixture(scope='module')
-def run(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp('serve'))
-  c = lm.get_config('runlocal')
-  c.train.update(steps=6, eval_every=1000)
-  training.train_and_evaluate(c, path, log=lambda s: None)
+def run(shared_runs, tmp_path_factory):
+  """A copy of the suite's shared run 'lm', calibrated with a 2-layer cap beside no cap."""
+  path = shared_runs.copy('lm', str(tmp_path_factory.mktemp('serve') / 'run'))
   operating_point.calibrate_run(path, tolerance=0.5, risk=0.2, num_batches=4, caps=[0, 2],
                                 log=lambda s: None)
   return path
@@ -230,14 +234,14 @@ def test_serve_binary_end_to_end(run, tmp_path):
 def test_serve_binary_bad_inputs(run, tmp_path):
   empty = tmp_path / 'empty.jsonl'
   empty.write_text('\n')
-  for args, msg in (([f'--trace={empty}'], 'no requests'),
-                    (['--trace=poisson:rate=2,duration=1s', '--slots=0'], '--slots=0'),
-                    (['--trace=bursty:base=1,peak=2,duration=0s'], 'duration'),
-                    (['--trace=poisson:rate=2,duration=1s', '--mode=exact'],
-                     '--mode=exact serves full depth by construction')):
-    proc = subprocess.run([sys.executable, '-m', 'experiments.serve', f'--workdir={run}',
-                           '--slo_p95_ms=100'] + args, cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+  cases = (([f'--trace={empty}'], 'no requests'),
+           (['--trace=poisson:rate=2,duration=1s', '--slots=0'], '--slots=0'),
+           (['--trace=bursty:base=1,peak=2,duration=0s'], 'duration'),
+           (['--trace=poisson:rate=2,duration=1s', '--mode=exact'],
+            '--mode=exact serves full depth by construction'))
+  procs = binary_cases('experiments.serve', [[f'--workdir={run}', '--slo_p95_ms=100'] + args
+                                             for args, _ in cases])  # one interpreter
+  for (args, msg), proc in zip(cases, procs):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert msg in proc.stderr and proc.stderr.count('\n') == 1, proc.stderr
 
@@ -245,10 +249,9 @@ def test_serve_binary_bad_inputs(run, tmp_path):
 def test_generate_and_serve_binaries_in_exact_mode(run, tmp_path):
   """generate --mode=exact on a trained run: the continuation equals threshold-mode full
   depth; tuning picks a draft and keeps it in the run; serve --mode=exact agrees 100 %."""
-  gen = lambda *a: subprocess.run(  # noqa: E731
-      [sys.executable, '-m', 'experiments.generate', f'--workdir={run}', '--prompt=def f(',
-       '--max_new_tokens=12'] + list(a), cwd=REPO, capture_output=True, text=True, timeout=600)
-  exact, full = gen('--mode=exact', '--draft_len=2'), gen('--threshold=1.0')
+  base = [f'--workdir={run}', '--prompt=def f(', '--max_new_tokens=12']
+  exact, full = binary_cases('experiments.generate', [base + ['--mode=exact', '--draft_len=2'],
+                                                      base + ['--threshold=1.0']])
   assert exact.returncode == 0 and full.returncode == 0, exact.stderr[-2000:] + full.stderr
   text = lambda out: [l for l in out.splitlines() if l.startswith('text ')]  # noqa: E731
   assert text(exact.stdout) == text(full.stdout) and text(exact.stdout)

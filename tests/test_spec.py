@@ -28,6 +28,7 @@ from act_jax.model import make_model
 from act_jax.spec import (NEVER_EXIT, OperatingPoint, Spec, threshold_at,
                           threshold_per_step)
 from experiments.configs import lm
+from tests.conftest import binary_cases
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V1 = os.path.join(REPO, 'tests', 'data', 'v1_runs')
@@ -341,8 +342,10 @@ def test_bad_config_or_flag_prints_one_line_without_traceback(tmp_path):
       (['experiments.generate', f'--workdir={os.path.join(V1, "act_dense")}',
         '--threshold=1.5'], r'^error: --threshold=1\.5: must be in \(0, 1\]'),
   ]
-  for args, pattern in cases:
-    p = _binary(args)
+  # one interpreter per binary (conftest.binary_cases): train's two refusals share one
+  procs = binary_cases('experiments.train', [a[1:] for a, _ in cases[:2]]) + \
+      [_binary(a) for a, _ in cases[2:]]
+  for (args, pattern), p in zip(cases, procs):
     assert p.returncode == 2, (args, p.stdout, p.stderr)
     lines = [l for l in p.stderr.splitlines() if l.strip() and not l.startswith('WARNING')]
     assert len(lines) == 1 and re.search(pattern, lines[0]), (args, p.stderr)

@@ -1,18 +1,16 @@
 """Seed sweeps (act_jax/sweep.py, experiments/sweep_seeds.py) and their report plot."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from act_jax import report, sweep
 from experiments.configs import synthetic
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import binary_cases
 
 
 def test_sweep_rows_table_and_plot(tmp_path):
+  """Trains parity / ACT for 2 steps on each of two seeds, then resumes the sweep."""
   config = synthetic.get_config('task=parity,halting=act,runlocal')  # 16 entries, train 1-8
   config.train.update(steps=2, eval_every=1000, eval_batches=2)
   lines = []
@@ -40,18 +38,27 @@ def test_sweep_rows_table_and_plot(tmp_path):
   assert [r['accuracy'] for r in again['seeds']] == [r['accuracy'] for r in out['seeds']]
 
 
-@pytest.mark.parametrize('args,needle', [
+BAD_FLAGS = [
     (['--seeds=0'], '--seeds=0: must be at least 1'),
     (['--first_seed=-2'], '--first_seed=-2: must be non-negative'),
     (['--config.data.train_max_difficulty=16'], 'data.train_max_difficulty=16'),
-])
-def test_bad_sweep_flags_fail_in_one_line(tmp_path, args, needle):
-  cmd = [sys.executable, '-m', 'experiments.sweep_seeds',
-         '--config=experiments/configs/synthetic.py:task=parity,runlocal',
-         f'--workdir={tmp_path}'] + args
-  p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                     env=dict(os.environ, JAX_PLATFORMS='cpu'))
+]
+
+
+@pytest.fixture(scope='module')
+def refusals(tmp_path_factory):
+  """Every BAD_FLAGS case run by the binary, all in one interpreter (conftest.binary_cases)."""
+  workdir = tmp_path_factory.mktemp('sweep_bad')
+  cases = [['--config=experiments/configs/synthetic.py:task=parity,runlocal',
+            f'--workdir={workdir}'] + args for args, _ in BAD_FLAGS]
+  return workdir, binary_cases('experiments.sweep_seeds', cases)
+
+
+@pytest.mark.parametrize('case', range(len(BAD_FLAGS)), ids=[a[0] for a, _ in BAD_FLAGS])
+def test_bad_sweep_flags_fail_in_one_line(refusals, case):
+  workdir, results = refusals
+  p, needle = results[case], BAD_FLAGS[case][1]
   lines = [l for l in p.stderr.splitlines() if l.strip() and not l.startswith('WARNING')]
   assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: '), p.stderr
   assert needle in lines[0] and 'Traceback' not in p.stderr
-  assert not os.path.exists(tmp_path / 'seed_0')  # refused before any training
+  assert not os.path.exists(workdir / 'seed_0')  # refused before any training

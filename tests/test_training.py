@@ -37,7 +37,9 @@ def losses(workdir):
   return {r['step']: r['loss'] for r in telemetry.read_metrics(workdir, split='train')}
 
 
+@pytest.mark.slow  # ~35 s: 60 steps; the default tier's learning check is test_moe_model's
 def test_runlocal_training_lowers_heldout_loss(tmp_path):
+  """Trains the runlocal LM for 60 steps: held-out loss falls by >= 1 nat/byte."""
   config = tiny(steps=60, lr=3e-3)
   mesh = sharding.make_mesh(shape=(1, 1, 1, 1))
   _, sh = training.state_shardings(config, mesh)
@@ -55,6 +57,7 @@ def test_runlocal_training_lowers_heldout_loss(tmp_path):
 
 
 def test_exact_resume_after_sigterm(tmp_path):
+  """Trains 8 steps straight, and 8 steps preempted by SIGTERM at step 3 then resumed."""
   config = tiny(steps=8)
   a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
   training.train_and_evaluate(config, a, log=lambda s: None)
@@ -83,6 +86,7 @@ def _train_cmd(workdir, steps):
 
 @pytest.mark.parametrize('kills', [1, pytest.param(4, marks=pytest.mark.slow)])
 def test_kill_9_always_resumes_from_a_complete_checkpoint(tmp_path, kills):
+  """Trains with the train binary: straight, and killed -9 `kills` times then resumed."""
   steps = 24
   ref, run = str(tmp_path / 'ref'), str(tmp_path / 'run')
   env = dict(os.environ, JAX_PLATFORMS='cpu')
@@ -116,6 +120,7 @@ def test_kill_9_always_resumes_from_a_complete_checkpoint(tmp_path, kills):
 
 
 def test_nonfinite_loss_aborts_and_is_never_checkpointed(tmp_path):
+  """Trains at lr=1e30 until the loss is non-finite."""
   config = tiny(steps=6, lr=1e30, warmup_steps=0, checkpoint_every=1)
   with pytest.raises(FloatingPointError, match='non-finite'):
     training.train_and_evaluate(config, str(tmp_path), log=lambda s: None)
@@ -126,23 +131,26 @@ def test_nonfinite_loss_aborts_and_is_never_checkpointed(tmp_path):
 
 
 def test_nonfinite_skip_keeps_training(tmp_path):
+  """Trains 3 steps at lr=1e30, skipping the non-finite updates."""
   config = tiny(steps=3, lr=1e30, warmup_steps=0, nonfinite='skip')
   training.train_and_evaluate(config, str(tmp_path), log=lambda s: None)
   _, state = final_params(config, str(tmp_path))
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state['params']))
 
 
-def test_incompatible_checkpoint_is_reported_and_left_untouched(tmp_path):
-  training.train_and_evaluate(tiny(steps=2), str(tmp_path), log=lambda s: None)
-  snapshot = {p: os.stat(p).st_mtime_ns for p in glob.glob(str(tmp_path / 'checkpoints/**'),
+def test_incompatible_checkpoint_is_reported_and_left_untouched(shared_runs, tmp_path):
+  """Another model trained on a copy of the suite's shared trained run 'lm'."""
+  run = tmp_path / 'run'
+  shared_runs.copy('lm', str(run))
+  snapshot = {p: os.stat(p).st_mtime_ns for p in glob.glob(str(run / 'checkpoints/**'),
                                                            recursive=True)}
   other = tiny(steps=4)
   other.model.d_model = 48
   with pytest.raises(CheckpointError) as e:
-    training.train_and_evaluate(other, str(tmp_path), log=lambda s: None)
+    training.train_and_evaluate(other, str(run), log=lambda s: None)
   msg = str(e.value)
   assert 'incompatible checkpoint' in msg and 'embedding' in msg and '(260, 48)' in msg
-  after = {p: os.stat(p).st_mtime_ns for p in glob.glob(str(tmp_path / 'checkpoints/**'),
+  after = {p: os.stat(p).st_mtime_ns for p in glob.glob(str(run / 'checkpoints/**'),
                                                         recursive=True)}
   assert after == snapshot
 
@@ -151,6 +159,7 @@ def test_incompatible_checkpoint_is_reported_and_left_untouched(tmp_path):
                                      pytest.param('router=top_k,halting=act,runlocal',
                                                   marks=pytest.mark.slow)])
 def test_multidevice_train_step_matches_single_device(multidevice, variant):
+  """One train step on 8 fake devices under four meshes equals one device (1e-5)."""
   out = multidevice('''
     import jax, numpy as np
     from act_jax import sharding, training, data
@@ -209,17 +218,18 @@ def test_reshard_restore_is_bitwise(multidevice, tmp_path):
   assert 'OK' in out
 
 
-def test_fsdp_matches_single_device_and_divides_parameter_memory(multidevice):
-  """mesh.fsdp = 2, 4, 8: same loss and gradients as one device (1e-5); each device holds
-  1/fsdp of the parameters (every weight's d_model dim is split); the step all-gathers
-  weights and reduces gradients."""
-  out = multidevice('''
+@pytest.mark.parametrize('fsdps', [(8,), pytest.param((2, 4), marks=pytest.mark.slow)])
+def test_fsdp_matches_single_device_and_divides_parameter_memory(multidevice, fsdps):
+  """mesh.fsdp = 8 (default tier; 2 and 4 in the slow tier): same loss and gradients as one
+  device (1e-5); each device holds 1/fsdp of the parameters (every weight's d_model dim is
+  split); the step all-gathers weights and reduces gradients."""
+  out = multidevice(f'''
     import jax, jax.numpy as jnp, numpy as np
     from act_jax import sharding, training, data, config as config_lib
     from experiments.configs import lm
     c = lm.get_config('router=top_k,halting=confidence,runlocal')
     c.data.batch_size = 8
-    batch = {k: jnp.asarray(v) for k, v in data.make_dataset(c.data, 0).train_batch(0).items()}
+    batch = {{k: jnp.asarray(v) for k, v in data.make_dataset(c.data, 0).train_batch(0).items()}}
     def grads(fsdp):
       n = 1 if fsdp == 1 else 8   # fsdp 1: the single-device reference
       c.mesh.update(data=n // fsdp, fsdp=fsdp)
@@ -229,19 +239,19 @@ def test_fsdp_matches_single_device_and_divides_parameter_memory(multidevice):
       state = training.init_state(spec, mesh, sh)
       model = training.make_model(spec, train=True)
       def loss_fn(p, b):
-        logits, aux = model.apply({'params': p, 'moe_state': state['moe_state']}, b['inputs'],
-                                  rngs={'jitter': jax.random.PRNGKey(1),
-                                        'halting': jax.random.PRNGKey(1)})
+        logits, aux = model.apply({{'params': p, 'moe_state': state['moe_state']}}, b['inputs'],
+                                  rngs={{'jitter': jax.random.PRNGKey(1),
+                                        'halting': jax.random.PRNGKey(1)}})
         return training.total_loss(spec, logits, aux, b)[0]
       with sharding.mesh_context(mesh):
-        bs = {k: jax.device_put(v, sharding.data_sharding(mesh, v.ndim)) for k, v in batch.items()}
+        bs = {{k: jax.device_put(v, sharding.data_sharding(mesh, v.ndim)) for k, v in batch.items()}}
         f = jax.jit(jax.value_and_grad(loss_fn), in_shardings=(sh['params'], None),
                     out_shardings=(None, sh['params']))
         (l, g), hlo = f(state['params'], bs), f.lower(state['params'], bs).compile().as_text()
       per_dev = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state['params']))
       return float(l), jax.device_get(g), per_dev, hlo
     l1, g1, bytes1, _ = grads(1)
-    for fsdp in (2, 4, 8):
+    for fsdp in {fsdps!r}:
       l, g, per_dev, hlo = grads(fsdp)
       assert abs(l - l1) < 1e-5, (fsdp, l, l1)
       jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), g, g1)
