@@ -13,7 +13,8 @@
 - **Grouped subprocesses.** `binary_cases(module, cases)` runs several command lines of one
   binary in one interpreter (each parsed and run as `python -m module ARGS` would be, with
   its exit status and stderr captured), so a binary's refusals cost one start-up;
-  `run_multidevice` starts a fresh interpreter with N fake CPU devices.
+  `run_multidevice` starts a fresh interpreter with N fake CPU devices, and
+  `run_multidevice_group` runs a file's multi-device checks in one such interpreter.
 - **The budget.** The summary lists every default-tier test that took over 30 s.
 """
 import fcntl
@@ -78,6 +79,61 @@ def run_multidevice(code: str, devices: int = 8, timeout: int = 600) -> str:
 @pytest.fixture
 def multidevice():
   return run_multidevice
+
+
+_GROUP_CHILD = r'''
+import contextlib, io, json, sys, textwrap, traceback
+with open(sys.argv[1]) as f:
+  codes = json.load(f)
+results = {}
+for name, code in codes.items():
+  out, ok = io.StringIO(), True
+  with contextlib.redirect_stdout(out):
+    try:  # each check in a namespace of its own; the interpreter (jax, its caches) is shared
+      exec(compile(textwrap.dedent(code), f'<{name}>', 'exec'), {'__name__': '__main__'})
+    except BaseException:
+      ok = False
+      traceback.print_exc(file=out)
+  results[name] = {'ok': ok, 'out': out.getvalue()}
+with open(sys.argv[2], 'w') as f:
+  json.dump(results, f)
+'''
+
+
+class MultideviceGroup:
+  """The outputs of several multi-device checks run in one child (`run_multidevice_group`);
+  `output(name)` fails only the test that owns a failed check, with its traceback."""
+
+  def __init__(self, results: dict[str, dict[str, Any]]):
+    self.results = results
+
+  def output(self, name: str) -> str:
+    r = self.results[name]
+    if not r['ok']:
+      raise AssertionError(f'multi-device check {name!r} failed:\n{r["out"]}')
+    return r['out']
+
+
+def run_multidevice_group(codes: dict[str, str], devices: int = 8,
+                          timeout: int = 900) -> MultideviceGroup:
+  """Runs each of `codes` (name -> code) as `run_multidevice` would, all in one child
+  interpreter with `devices` fake CPU devices: a file's multi-device checks pay for one
+  start-up and share what the child compiled."""
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
+                      f' --xla_force_host_platform_device_count={devices}').strip()
+  env['JAX_PLATFORMS'] = 'cpu'
+  with tempfile.TemporaryDirectory() as tmp:
+    src, dst = os.path.join(tmp, 'codes.json'), os.path.join(tmp, 'results.json')
+    with open(src, 'w') as f:
+      json.dump(codes, f)
+    proc = subprocess.run([sys.executable, '-c', _GROUP_CHILD, src, dst], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 or not os.path.exists(dst):
+      raise AssertionError(f'multi-device group failed ({proc.returncode}):\n{proc.stdout}\n'
+                           f'{proc.stderr[-3000:]}')
+    with open(dst) as f:
+      return MultideviceGroup(json.load(f))
 
 
 _CASES_CHILD = r'''

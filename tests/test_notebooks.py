@@ -1,9 +1,9 @@
 """The colab/ notebooks run headless end to end (tiny sizes via ACT_JAX_NOTEBOOK_TINY=1).
 
 Each notebook is executed with nbclient in a fresh kernel, cwd = a temp dir, and must finish
-without a cell error. The stored notebooks must carry no outputs. The quickstart runs in the
-default tier; the other two (each over a minute on 2 busy cores, each a chain of library calls
-that the default tier tests directly) in the slow tier, which CI runs too.
+without a cell error. The stored notebooks must carry no outputs. Executing them (35-85 s each
+on 2 busy cores, each a chain of library calls that the default tier tests directly) is the
+slow tier, which CI runs too; the default tier checks that each is stored clean and valid.
 """
 import os
 
@@ -52,6 +52,7 @@ def test_notebook_is_stored_clean(name):
   assert 'ACT_JAX_NOTEBOOK_TINY' in code[1].source
 
 
+@pytest.mark.slow  # ~35 s: trains, evaluates, plots; its calls: test_training, test_report
 def test_quickstart_runs(tmp_path):
   nb = _execute('01_quickstart.ipynb', tmp_path)
   text = _outputs_text(nb)

@@ -14,6 +14,7 @@ import pytest
 from act_jax import checkpointing, data, sharding, telemetry, training
 from act_jax.errors import CheckpointError
 from experiments.configs import lm
+from tests.conftest import run_multidevice_group
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -155,12 +156,11 @@ def test_incompatible_checkpoint_is_reported_and_left_untouched(shared_runs, tmp
   assert after == snapshot
 
 
-@pytest.mark.parametrize('variant', ['halting=none,router=none,runlocal',
-                                     pytest.param('router=top_k,halting=act,runlocal',
-                                                  marks=pytest.mark.slow)])
-def test_multidevice_train_step_matches_single_device(multidevice, variant):
-  """One train step on 8 fake devices under four meshes equals one device (1e-5)."""
-  out = multidevice('''
+DENSE = 'halting=none,router=none,runlocal'
+
+
+def _train_step_code(variant: str) -> str:
+  return '''
     import jax, numpy as np
     from act_jax import sharding, training, data
     from experiments.configs import lm
@@ -189,12 +189,11 @@ def test_multidevice_train_step_matches_single_device(multidevice, variant):
       if 'top_k' in VARIANT and shape[2] > 1:
         assert 'all-to-all' in hlo, 'tokens should move to their experts by all-to-all'
     print('OK', l1)
-  '''.replace('VARIANT', repr(variant)))
-  assert 'OK' in out
+  '''.replace('VARIANT', repr(variant))
 
 
-def test_reshard_restore_is_bitwise(multidevice, tmp_path):
-  out = multidevice(f'''
+def _reshard_code(path: str) -> str:
+  return f'''
     import jax, numpy as np
     from act_jax import sharding, training, checkpointing
     from experiments.configs import lm
@@ -203,7 +202,7 @@ def test_reshard_restore_is_bitwise(multidevice, tmp_path):
     mesh8 = sharding.make_mesh(shape=(8, 1, 1, 1))
     _, sh8 = training.state_shardings(c, mesh8)
     state = training.init_state(c, mesh8, sh8)
-    ck = checkpointing.Checkpointer({str(tmp_path)!r} + '/ck', async_save=False)
+    ck = checkpointing.Checkpointer({path!r} + '/ck', async_save=False)
     ck.save(1, state); ck.wait()
     ref = jax.device_get(state)
     for shape in [(2, 1, 4, 1), (1, 1, 1, 1), (2, 1, 2, 2), (1, 4, 1, 2)]:
@@ -214,16 +213,11 @@ def test_reshard_restore_is_bitwise(multidevice, tmp_path):
       assert leaf.sharding.mesh.shape == mesh.shape
       jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), ref)
     print('OK')
-  ''')
-  assert 'OK' in out
+  '''
 
 
-@pytest.mark.parametrize('fsdps', [(8,), pytest.param((2, 4), marks=pytest.mark.slow)])
-def test_fsdp_matches_single_device_and_divides_parameter_memory(multidevice, fsdps):
-  """mesh.fsdp = 8 (default tier; 2 and 4 in the slow tier): same loss and gradients as one
-  device (1e-5); each device holds 1/fsdp of the parameters (every weight's d_model dim is
-  split); the step all-gathers weights and reduces gradients."""
-  out = multidevice(f'''
+def _fsdp_code(fsdps: tuple[int, ...]) -> str:
+  return f'''
     import jax, jax.numpy as jnp, numpy as np
     from act_jax import sharding, training, data, config as config_lib
     from experiments.configs import lm
@@ -262,5 +256,37 @@ def test_fsdp_matches_single_device_and_divides_parameter_memory(multidevice, fs
       assert 'all-gather' in hlo and ('reduce-scatter' in hlo or 'all-reduce' in hlo), fsdp
       print('fsdp', fsdp, 'loss', l, 'bytes ratio', round(ratio, 3))
     print('OK')
-  ''')
+  '''
+
+
+@pytest.fixture(scope='module')
+def default_tier_children(tmp_path_factory):
+  """This file's default-tier 8-device checks, run in one child interpreter."""
+  return run_multidevice_group({
+      'train_step': _train_step_code(DENSE),
+      'reshard': _reshard_code(str(tmp_path_factory.mktemp('reshard'))),
+      'fsdp': _fsdp_code((8,))})
+
+
+@pytest.mark.parametrize('variant', [DENSE, pytest.param('router=top_k,halting=act,runlocal',
+                                                         marks=pytest.mark.slow)])
+def test_multidevice_train_step_matches_single_device(request, multidevice, variant):
+  """One train step on 8 fake devices under four meshes equals one device (1e-5)."""
+  out = (request.getfixturevalue('default_tier_children').output('train_step')
+         if variant == DENSE else multidevice(_train_step_code(variant)))
+  assert 'OK' in out
+
+
+def test_reshard_restore_is_bitwise(default_tier_children):
+  """A checkpoint saved on 8 devices restores bit for bit onto four other meshes."""
+  assert 'OK' in default_tier_children.output('reshard')
+
+
+@pytest.mark.parametrize('fsdps', [(8,), pytest.param((2, 4), marks=pytest.mark.slow)])
+def test_fsdp_matches_single_device_and_divides_parameter_memory(request, multidevice, fsdps):
+  """mesh.fsdp = 8 (default tier; 2 and 4 in the slow tier): same loss and gradients as one
+  device (1e-5); each device holds 1/fsdp of the parameters (every weight's d_model dim is
+  split); the step all-gathers weights and reduces gradients."""
+  out = (request.getfixturevalue('default_tier_children').output('fsdp')
+         if fsdps == (8,) else multidevice(_fsdp_code(fsdps)))
   assert 'OK' in out, out
