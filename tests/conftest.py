@@ -10,12 +10,15 @@
   per suite run, on first use, and hands out its folder to read; a test that writes into a
   run (calibration.json, report/, ...) takes `shared_runs.copy(name, dst)`. At the end of
   the session every shared run must be unchanged: a test that wrote into one fails the run.
+- **XLA at optimisation level 0** for every process of the suite (the models are tiny:
+  compiling is most of a test's time); ACT_JAX_TEST_XLA_OPT=1 keeps XLA's default.
 - **Grouped subprocesses.** `binary_cases(module, cases)` runs several command lines of one
   binary in one interpreter (each parsed and run as `python -m module ARGS` would be, with
   its exit status and stderr captured), so a binary's refusals cost one start-up;
   `run_multidevice` starts a fresh interpreter with N fake CPU devices, and
   `run_multidevice_group` runs a file's multi-device checks in one such interpreter.
-- **The budget.** The summary lists every default-tier test that took over 30 s.
+- **Order and the budget.** The longest files run first (pytest-xdist hands out files in
+  that order); the summary lists every default-tier test that took over 30 s.
 """
 import fcntl
 import hashlib
@@ -60,16 +63,22 @@ SLOW_LINE_S = 30.0  # default-tier tests above this are listed at the end of eve
 
 
 # ----------------------------------------------------------------------------- subprocesses
-def run_multidevice(code: str, devices: int = 8, timeout: int = 600) -> str:
-  """Runs `code` in a fresh interpreter that sees `devices` fake CPU devices.
-
-  XLA_FLAGS must be set before jax is imported, hence a subprocess (it inherits the compile
-  cache). Several checks of one file share a child: pass them as one `code`."""
+def _device_env(devices: int) -> dict[str, str]:
+  """This process's environment (the compile cache, XLA flags) with `devices` CPU devices."""
   env = dict(os.environ)
   env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
                       f' --xla_force_host_platform_device_count={devices}').strip()
   env['JAX_PLATFORMS'] = 'cpu'
-  proc = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], cwd=REPO, env=env,
+  return env
+
+
+def run_multidevice(code: str, devices: int = 8, timeout: int = 600) -> str:
+  """Runs `code` in a fresh interpreter that sees `devices` fake CPU devices.
+
+  XLA_FLAGS must be set before jax is imported, hence a subprocess (it inherits the compile
+  cache). A file's several checks can share one child: `run_multidevice_group`."""
+  proc = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], cwd=REPO,
+                        env=_device_env(devices),
                         capture_output=True, text=True, timeout=timeout)
   if proc.returncode != 0:
     raise AssertionError(f'subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}')
@@ -119,16 +128,13 @@ def run_multidevice_group(codes: dict[str, str], devices: int = 8,
   """Runs each of `codes` (name -> code) as `run_multidevice` would, all in one child
   interpreter with `devices` fake CPU devices: a file's multi-device checks pay for one
   start-up and share what the child compiled."""
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
-                      f' --xla_force_host_platform_device_count={devices}').strip()
-  env['JAX_PLATFORMS'] = 'cpu'
   with tempfile.TemporaryDirectory() as tmp:
     src, dst = os.path.join(tmp, 'codes.json'), os.path.join(tmp, 'results.json')
     with open(src, 'w') as f:
       json.dump(codes, f)
-    proc = subprocess.run([sys.executable, '-c', _GROUP_CHILD, src, dst], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, '-c', _GROUP_CHILD, src, dst], cwd=REPO,
+                          env=_device_env(devices), capture_output=True, text=True,
+                          timeout=timeout)
     if proc.returncode != 0 or not os.path.exists(dst):
       raise AssertionError(f'multi-device group failed ({proc.returncode}):\n{proc.stdout}\n'
                            f'{proc.stderr[-3000:]}')

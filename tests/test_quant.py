@@ -238,6 +238,8 @@ def test_w4_export_keeps_int4(run, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, a['params'], b['params'])
 
 
+@pytest.mark.slow  # ~40 s (8 devices); default tier: test_training's float reshard restore
+# and the quantized save / restore / export on one device below
 def test_restore_onto_other_meshes(multidevice, tmp_path):
   """A quantized checkpoint written on one device restores onto sharded meshes (the scale's
   reduced axes replicated), bit for bit, and the sharded model gives the same logits."""

@@ -58,8 +58,11 @@ def _alone(spec, v, r, point):
 
 
 @pytest.mark.parametrize('full_depth,kv_fill,compact,per_call', [
-    pytest.param(True, 'project', False, 1, marks=pytest.mark.slow),  # ~15 s; no exits
-    (False, 'project', False, 1),
+    # slow (~15-60 s each): full depth, and eager fill one step per call; the default tier
+    # keeps the configuration with the most moving parts (exits, lazy fill, compaction,
+    # 3 steps per call) and eager-fill engines in the tests below
+    pytest.param(True, 'project', False, 1, marks=pytest.mark.slow),
+    pytest.param(False, 'project', False, 1, marks=pytest.mark.slow),
     (False, 'lazy', True, 3)])
 def test_continuous_batching_equals_decoding_alone(model, full_depth, kv_fill, compact,
                                                    per_call):
@@ -246,9 +249,9 @@ def test_serve_binary_bad_inputs(run, tmp_path):
     assert msg in proc.stderr and proc.stderr.count('\n') == 1, proc.stderr
 
 
-def test_generate_and_serve_binaries_in_exact_mode(run, tmp_path):
+def test_generate_binary_in_exact_mode(run):
   """generate --mode=exact on a trained run: the continuation equals threshold-mode full
-  depth; tuning picks a draft and keeps it in the run; serve --mode=exact agrees 100 %."""
+  depth; tuning picks a draft and keeps it in the run. (serve --mode=exact: the next test.)"""
   base = [f'--workdir={run}', '--prompt=def f(', '--max_new_tokens=12']
   exact, full = binary_cases('experiments.generate', [base + ['--mode=exact', '--draft_len=2'],
                                                       base + ['--threshold=1.0']])
@@ -257,6 +260,11 @@ def test_generate_and_serve_binaries_in_exact_mode(run, tmp_path):
   assert text(exact.stdout) == text(full.stdout) and text(exact.stdout)
   assert 'mode=exact draft_layer=2 draft_len=2 temperature=0 (tuned at batch 1' in exact.stdout
   assert 'bytes per verify step' in exact.stdout
+
+
+@pytest.mark.slow  # ~25 s; default tier: exact-mode serving in process (above), serve binary
+def test_serve_binary_in_exact_mode(run, tmp_path):
+  """serve --mode=exact agrees 100 % with full depth."""
   out = tmp_path / 'serve'
   proc = subprocess.run(
       [sys.executable, '-m', 'experiments.serve', f'--workdir={run}', f'--out={out}',

@@ -48,7 +48,8 @@ def deepen(v, factor=3.0):
   return {'params': dict(v['params'], stack=stack), 'moe_state': v['moe_state']}
 
 
-@pytest.mark.parametrize('moe', [False, True])
+@pytest.mark.parametrize('moe', [False, pytest.param(True, marks=pytest.mark.slow)])  # ~35 s;
+# MoE in the default tier: test_serving's exact-mode serving == full-depth decoding alone
 def test_greedy_exact_equals_full_depth_decoding(moe):
   spec, v = setup(moe=moe)
   new = 14
