@@ -143,10 +143,10 @@ def run_multidevice_group(codes: dict[str, str], devices: int = 8,
 
 
 _CASES_CHILD = r'''
-import contextlib, importlib, io, json, os, sys
+import contextlib, importlib, io, json, sys
 from absl import flags
 import experiments
-module_name, cases = sys.argv[1], json.loads(sys.argv[2])
+module_name, cases, out_path = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 module = importlib.import_module(module_name)
 results = []
 for argv in cases:
@@ -164,7 +164,7 @@ for argv in cases:
       traceback.print_exc()
       code = 1
   results.append({'returncode': code, 'stdout': out.getvalue(), 'stderr': err.getvalue()})
-with open(os.environ['ACT_JAX_CASES_OUT'], 'w') as f:
+with open(out_path, 'w') as f:
   json.dump(results, f)
 '''
 
@@ -177,14 +177,14 @@ def binary_cases(module: str, cases: list[list[str]], env: dict[str, str] | None
   full_env = {k: v for k, v in os.environ.items() if k != 'ACT_JAX_TRACEBACK'}
   full_env.update(env or {})
   with tempfile.TemporaryDirectory() as tmp:
-    full_env['ACT_JAX_CASES_OUT'] = os.path.join(tmp, 'results.json')
-    proc = subprocess.run([sys.executable, '-c', _CASES_CHILD, module, json.dumps(cases)],
+    dst = os.path.join(tmp, 'results.json')
+    proc = subprocess.run([sys.executable, '-c', _CASES_CHILD, module, json.dumps(cases), dst],
                           cwd=REPO, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
-    if proc.returncode != 0 or not os.path.exists(full_env['ACT_JAX_CASES_OUT']):
+    if proc.returncode != 0 or not os.path.exists(dst):
       raise AssertionError(f'{module} cases: the child failed ({proc.returncode}):\n'
                            f'{proc.stderr[-3000:]}')
-    with open(full_env['ACT_JAX_CASES_OUT']) as f:
+    with open(dst) as f:
       results = json.load(f)
   return [subprocess.CompletedProcess([module] + a, r['returncode'], r['stdout'], r['stderr'])
           for a, r in zip(cases, results)]
