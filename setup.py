@@ -19,7 +19,7 @@ setup(
         'numpy>=1.26',
         'tensorboardX>=2.6',
         'matplotlib>=3.8',
-        # int8 / int4 quantization (act_jax/quant.py): QArray, einsum, ragged_dot, tiles
+        # int8 / int4 quantization (act_jax/model/quant.py): QArray, einsum, ragged_dot, tiles
         'qwix>=0.1.8',
     ],
     extras_require={

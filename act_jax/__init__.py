@@ -2,7 +2,26 @@
 
     config = experiments/configs/lm.py:get_config(...)   # ConfigDict: flags and config.json
     spec = act_jax.config.resolve(config)              # validated, frozen, every fact derived
-    model = act_jax.model.make_model(spec)             # modules, inference, binaries: the spec
+    model = act_jax.model.transformer.make_model(spec)  # modules, inference, binaries: the spec
+
+Packages by subsystem, bottom to top: a unit imports only units below it (tests/test_spec.py
+checks every import against LAYERS, and that nothing in act_jax imports experiments).
+    errors spec        the contract: ConfigError, the frozen Spec, OperatingPoint
+    telemetry          pure metrics from a forward's aux; JSONL metrics reader
+    scale/             mesh, sharding rules, multi-process set-up
+    data/              byte vocabulary, embedded corpus, files, synthetic tasks
+    model/             transformer, layers, halting policies, MoE, retrieval arm, quant numerics
+    config             defaults table and resolve(config) -> Spec (needs the registries above)
+    run/               the owner of a run directory: layout, JSON, checkpoints, load
+    train/             losses, steps, loop, seed sweeps
+    infer/             loops that really stop; exact (self-speculative) decoding; draft choice
+    calibrate/         Learn-then-Test and certified operating points
+    quant/             post-training quantization and its certified bit choice
+    retrieval/         datastores for the retrieval arm; fallback evaluation
+    serve/             serving engine, scheduler, SLO controller, traces
+    deploy/            AOT compilation for TPU slices, export
+    viz/               reports and plots
+    bench/             benchmarks (imported by nothing but experiments)
 
 Shape suffixes (`x_BLD`, `w_EDF`): one legend for the whole package, each letter one meaning.
     B batch                      L sequence length (queries)    T key / KV-cache length
@@ -15,4 +34,8 @@ Shape suffixes (`x_BLD`, `w_EDF`): one legend for the whole package, each letter
     Z flattened tokens           W positions per lazy KV-fill chunk
     A positions of a self-speculative draft/verify window (draft length + 1)
     I datastore entries (kNN keys)  O nearest neighbours retrieved per query
+
 """
+
+LAYERS = ('errors', 'spec', 'telemetry', 'scale', 'data', 'model', 'config', 'run', 'train',
+          'infer', 'calibrate', 'quant', 'retrieval', 'serve', 'deploy', 'viz', 'bench')

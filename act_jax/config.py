@@ -7,8 +7,8 @@ once: it checks every field before anything is traced or compiled (ConfigError n
 field, the value and what is allowed), derives every fact (act_jax.spec) and builds the
 halting policy. Everything past this file takes the Spec.
 
-Variants are chosen by registered name: `config.halting.name` (act_jax.halting.POLICIES),
-`config.moe.router` (act_jax.moe.ROUTERS), `config.data.name` (act_jax.data.KNOWN_NAMES).
+Variants are chosen by registered name: `config.halting.name` (act_jax.model.halting.POLICIES),
+`config.moe.router` (act_jax.model.moe.ROUTERS), `config.data.name` (act_jax.data.KNOWN_NAMES).
 """
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ import ml_collections
 import numpy as np
 
 from act_jax import data as data_lib
-from act_jax import halting as halting_lib
-from act_jax import moe as moe_lib
-from act_jax.moe import fallback as moe_fallback
-from act_jax import quant as quant_lib
+from act_jax.model import halting as halting_lib
+from act_jax.model import moe as moe_lib
+from act_jax.model.moe import fallback as moe_fallback
+from act_jax.model import quant as quant_lib
 from act_jax.errors import ConfigError
 from act_jax.spec import (DataSpec, HaltingSpec, MeshSpec, MoESpec, ModelSpec, Spec,
                           TrainSpec)
@@ -55,13 +55,13 @@ def default_config() -> ml_collections.ConfigDict:
   # moe.renormalize: top_k weight p_e / sum of the K chosen p; ignored for top_k=1, whose
   # weight stays p_e (Switch: p_e / p_e = 1 gives the router no task-loss gradient).
   # moe.fallback (none | max_prob | entropy): tokens whose router confidence is below
-  # moe.fallback_threshold go to the shared expert alone (act_jax/moe/fallback.py)
+  # moe.fallback_threshold go to the shared expert alone (act_jax/model/moe/fallback.py)
   c.moe = ml_collections.ConfigDict(dict(
       router='none', num_experts=8, top_k=2, capacity_factor=1.25, every=2, shared_experts=0,
       d_ff=0, dispatch='gather', renormalize=True, priority='position', group_size=0,
       jitter=0.0, lb_loss_weight=0.01, z_loss_weight=0.001, bias_rate=0.0, num_slots=1,
       fallback='none', fallback_threshold=0.0))
-  # Mesh axes (act_jax/sharding.py): data parallel, FSDP (batch + every weight's d_model
+  # Mesh axes (act_jax/scale/sharding.py): data parallel, FSDP (batch + every weight's d_model
   # split), expert parallel, tensor parallel. data * fsdp * expert * model = device count;
   # one axis may be -1: it takes the devices the others leave.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, model=1))
@@ -70,7 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
       b2=0.95, clip_norm=1.0, log_every=25, eval_every=250, eval_batches=8,
       checkpoint_every=250, keep_checkpoints=2, async_checkpointing=True,
       nonfinite='abort', multihost=False, max_seconds=0.0, certify_tolerance=0.0))
-  # Quantization (act_jax/quant.py): a weight scheme here trains with QAT; experiments.quantize
+  # Quantization (act_jax/model/quant.py): a weight scheme here trains with QAT; experiments.quantize
   # writes stored=True runs. Routers, halting units, exit heads and norms stay float32 unless
   # gates=True.
   c.quant = ml_collections.ConfigDict(dict(
@@ -324,7 +324,7 @@ def mesh_shape(mesh_cfg, n: int) -> tuple[int, int, int, int]:
 
 
 def _check_layout(model: ModelSpec, moe: MoESpec, mesh: tuple[int, int, int, int]) -> None:
-  """The dimensions the rule table (act_jax/sharding.py) splits must divide by their axis."""
+  """The dimensions the rule table (act_jax/scale/sharding.py) splits must divide by their axis."""
   _, fsdp, _, tp = mesh
   _require(model.d_model % fsdp == 0, 'mesh.fsdp', fsdp,
            f'must divide model.d_model={model.d_model} (FSDP splits every weight\'s d_model '

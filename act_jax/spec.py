@@ -105,7 +105,7 @@ class MoESpec:
   z_loss_weight: float
   bias_rate: float
   num_slots: int
-  fallback: str               # 'none' | 'max_prob' | 'entropy' (act_jax/moe/fallback.py)
+  fallback: str               # 'none' | 'max_prob' | 'entropy' (act_jax/model/moe/fallback.py)
   fallback_threshold: float   # fall back when the router confidence is below it
 
 
@@ -163,13 +163,13 @@ class MeshSpec:
 
   @property
   def shape(self) -> tuple[int, int, int, int]:
-    """In act_jax.sharding.MESH_AXES order."""
+    """In act_jax.scale.sharding.MESH_AXES order."""
     return (self.data, self.fsdp, self.expert, self.model)
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
-  """config.quant (act_jax/quant.py). scheme 'none' = float32. With stored=False a weight
+  """config.quant (act_jax/model/quant.py). scheme 'none' = float32. With stored=False a weight
   scheme (w8, w4) trains with quantization-aware training (the checkpoint keeps float master
   weights); stored=True (written by experiments.quantize) = the params hold qwix QArrays."""
   scheme: str         # 'none' | 'w8' | 'w4' | 'w8a8' | 'auto'

@@ -11,7 +11,9 @@ from absl import flags
 
 from experiments import define_max_layers_flag, quiet_logs, refuse_flags, run
 
-from act_jax import operating_point, speculative_bench
+from act_jax.calibrate import operating_point
+
+from act_jax.bench import speculative as speculative_bench
 from act_jax.errors import ConfigError
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.')

@@ -16,9 +16,9 @@ from ml_collections import config_flags
 from experiments import quiet_logs, run
 
 from act_jax import config as config_lib
-from act_jax import serving_bench
+from act_jax.bench import serving as serving_bench
 from act_jax.errors import ConfigError
-from act_jax.model import make_model
+from act_jax.model.transformer import make_model
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Model config file.')
 _CAPS = flags.DEFINE_list('caps', ['3', '4', '6'], 'Depth caps (exit layers).')

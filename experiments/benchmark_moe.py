@@ -4,14 +4,14 @@ Example:
   python experiments/benchmark_moe.py --num_experts=8,32,128 --tokens=4096 --d_model=256 \
       --d_ff=512 --top_k=2 --capacity_factor=1.25 --repeats=5
 
-The logic lives in act_jax.moe.bench.run_benchmark (callable from Colab); see its docstring for
+The logic lives in act_jax.bench.moe.run_benchmark (callable from Colab); see its docstring for
 what is measured and why the dense reference has hidden top_k * d_ff.
 """
 from absl import flags
 
 from experiments import run
 
-from act_jax.moe import bench
+from act_jax.bench import moe as bench
 
 _NUM_EXPERTS = flags.DEFINE_list('num_experts', ['8', '32', '128'], 'expert counts E')
 _TOKENS = flags.DEFINE_integer('tokens', 4096, 'tokens per step (batch * seq_len)')

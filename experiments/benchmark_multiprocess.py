@@ -6,13 +6,13 @@ r"""Training steps/s: 2 CPU processes x 2 devices vs 1 process x 4 devices, in o
 Same config, mesh, global batch and program in both layouts, run one after the other, so the
 ratio is the cost of crossing processes (gloo collectives, per-step host syncs). Default
 config: the tiny MoE (top_k of 4 experts) + ACT model of tests/test_multiprocess.py. Extra
---config.* overrides go after `--`. The logic lives in act_jax.multihost.benchmark.
+--config.* overrides go after `--`. The logic lives in act_jax.scale.multihost.benchmark.
 """
 from absl import flags
 
 from experiments import run
 
-from act_jax import multihost
+from act_jax.scale import multihost
 
 _CONFIG = flags.DEFINE_string('config', 'experiments/configs/lm.py:router=top_k,halting=act,'
                               'runlocal', 'Config file (path[:arg]) of experiments.train.')

@@ -17,7 +17,7 @@ from absl import flags
 
 from experiments import quiet_logs, run
 
-from act_jax import ptq
+from act_jax.quant import ptq
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The float training run.')
 _OUT = flags.DEFINE_string('out', None, 'Directory for the quantized runs and the table.')

@@ -29,10 +29,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from act_jax import fallback_run, inference, operating_point
+from act_jax.retrieval import fallback_run
+
+from act_jax.infer import inference
+
+from act_jax.calibrate import operating_point
 from act_jax.errors import ConfigError
-from act_jax.model import make_model
-from act_jax.retrieval import arm, datastore, knn
+from act_jax.model.transformer import make_model
+from act_jax.model.retrieval import arm, knn
+from act_jax.retrieval import datastore
 from act_jax.spec import OperatingPoint
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/lm_default', 'Trained run (confidence exits).')

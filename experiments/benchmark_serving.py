@@ -15,7 +15,7 @@ from absl import flags
 
 from experiments import quiet_logs, run
 
-from act_jax import serving_bench
+from act_jax.bench import serving as serving_bench
 from act_jax.errors import ConfigError
 from act_jax.spec import OperatingPoint
 

@@ -13,7 +13,7 @@ from absl import flags
 
 from experiments import define_max_layers_flag, quiet_logs, run
 
-from act_jax import operating_point
+from act_jax.calibrate import operating_point
 from act_jax.errors import ConfigError
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir (config.json + checkpoints).')

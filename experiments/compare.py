@@ -9,7 +9,7 @@ from absl import app, flags
 
 from experiments import quiet_logs, run
 
-from act_jax import compare
+from act_jax.viz import compare
 
 _OUT = flags.DEFINE_string('out', 'compare.png', 'Where to write the comparison PNG.')
 

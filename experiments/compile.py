@@ -1,5 +1,5 @@
 r"""Compiles the real train and decode steps for a TPU topology you do not have; prints the
-per-chip memory, FLOPs, estimated step time / MFU and collectives (act_jax/aot.py).
+per-chip memory, FLOPs, estimated step time / MFU and collectives (act_jax/deploy/aot.py).
 
   pip install -e '.[tpu]'          # libtpu: TPU compiles on any machine, no TPU needed
   python -m experiments.compile --config=experiments/configs/pod.py:size=1b,kind=moe \
@@ -28,7 +28,7 @@ if '--xla_dump_to' not in os.environ.get('XLA_FLAGS', ''):
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from act_jax import aot  # noqa: E402
+from act_jax.deploy import aot  # noqa: E402
 from experiments import quiet_logs, run  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).',

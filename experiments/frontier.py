@@ -8,7 +8,7 @@ from absl import flags
 
 from experiments import quiet_logs, run
 
-from act_jax import operating_point
+from act_jax.calibrate import operating_point
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.')
 _THR = flags.DEFINE_list('thresholds', ['0.99', '0.97', '0.95', '0.93', '0.91', '0.9', '0.89',

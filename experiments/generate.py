@@ -14,9 +14,8 @@ from absl import flags
 
 from experiments import define_max_layers_flag, quiet_logs, refuse_flags, run
 
-from act_jax import operating_point, speculative_bench
 from act_jax.errors import ConfigError
-from act_jax.retrieval import datastore
+from act_jax.viz import listing
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.')
 _PROMPT = flags.DEFINE_string('prompt', 'def fib(n):', 'Prompt text.')
@@ -50,16 +49,16 @@ def main(argv):
     if _RETRIEVE.present and not _DATASTORE.value:
       raise ConfigError(f'--retrieve={_RETRIEVE.value}: applies with --datastore')
     if _DATASTORE.value:
-      print(datastore.generate_listing(_WORKDIR.value, _DATASTORE.value, _PROMPT.value,
+      print(listing.retrieval_listing(_WORKDIR.value, _DATASTORE.value, _PROMPT.value,
                                        _RETRIEVE.value, _THR.value, _NEW.value, _FILL.value,
                                        _MAX_LAYERS.value))
       return
-    print(operating_point.generate_listing(_WORKDIR.value, _PROMPT.value, _THR.value,
+    print(listing.generate_listing(_WORKDIR.value, _PROMPT.value, _THR.value,
                                            _NEW.value, _FILL.value,
                                            max_layers=_MAX_LAYERS.value))
     return
   refuse_flags('exact', ('threshold', 'max_layers', 'kv_fill', 'datastore', 'retrieve'))
-  print(speculative_bench.generate_listing(_WORKDIR.value, _PROMPT.value, _NEW.value,
+  print(listing.exact_listing(_WORKDIR.value, _PROMPT.value, _NEW.value,
                                            _DRAFT_LAYER.value, _DRAFT_LEN.value, _TEMP.value,
                                            _SEED.value))
 

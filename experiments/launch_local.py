@@ -22,7 +22,7 @@ from absl import flags
 
 from experiments import run
 
-from act_jax import multihost
+from act_jax.scale import multihost
 
 _NUM = flags.DEFINE_integer('num_processes', 2, 'Processes to start.')
 _DEVICES = flags.DEFINE_integer('devices_per_process', 2, 'CPU devices of each process.')

@@ -22,7 +22,7 @@ from absl import flags
 
 from experiments import quiet_logs, run
 
-from act_jax import ptq
+from act_jax.quant import ptq
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The float (or QAT) training run.')
 _OUT = flags.DEFINE_string('out', None, 'Where the quantized run is written (a new directory).')

@@ -4,13 +4,13 @@ r"""Writes the PNG report of a training run into RUN/report/ (or --out_dir).
 
 Training curves, exit-depth histograms, per-byte compute over held-out text, MoE expert
 load / domain usage / router entropy / routing stability, and the compute-quality frontier
-when RUN/calibration.json exists (see act_jax/report.py).
+when RUN/calibration.json exists (see act_jax/viz/report.py).
 """
 from absl import app, flags
 
 from experiments import quiet_logs, run
 
-from act_jax import report
+from act_jax.viz import report
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (holds metrics.jsonl).')
 _OUT_DIR = flags.DEFINE_string('out_dir', None, 'Where to write PNGs (default WORKDIR/report).')

@@ -17,7 +17,7 @@ from absl import flags
 
 from experiments import define_max_layers_flag, quiet_logs, run
 
-from act_jax import serving
+from act_jax.serve import serving
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir (config.json + checkpoints).')
 _TRACE = flags.DEFINE_string('trace', None, 'poisson:..., bursty:... or a .jsonl file.')

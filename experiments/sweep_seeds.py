@@ -7,14 +7,14 @@ r"""Trains one config under several seeds and prints, per seed, accuracy, steps,
   python -m experiments.report --workdir=runs/sweep_parity_act   # steps vs difficulty, a line per seed
 
 Each seed is an ordinary run in WORKDIR/seed_<s> (re-running resumes the unfinished ones);
-the table is also written to WORKDIR/sweep.json after every seed (act_jax/sweep.py).
+the table is also written to WORKDIR/sweep.json after every seed (act_jax/train/sweep.py).
 """
 from absl import flags
 
 from experiments import quiet_logs, run
 from ml_collections import config_flags
 
-from act_jax import sweep
+from act_jax.train import sweep
 from act_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).',

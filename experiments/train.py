@@ -4,7 +4,7 @@ r"""Trains an adaptive-computation transformer; resumes when --workdir holds a c
   python -m experiments.train --config=experiments/configs/lm.py:halting=act,runlocal \
       --workdir=/tmp/lm --config.model.num_layers=4
 
-Multi-process (act_jax/multihost.py): every process runs this same command with
+Multi-process (act_jax/scale/multihost.py): every process runs this same command with
 --config.train.multihost=True. On a TPU pod pass nothing else (the job is auto-detected);
 elsewhere add --coordinator_address, --num_processes and --process_id, which
 experiments/launch_local.py does for N local CPU processes:
@@ -17,7 +17,9 @@ from absl import flags
 from experiments import quiet_logs, run
 from ml_collections import config_flags
 
-from act_jax import multihost, operating_point
+from act_jax.scale import multihost
+
+from act_jax.calibrate import operating_point
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).',
                                           lock_config=True)

@@ -1,4 +1,4 @@
-r"""Moves a trained run between machines as plain .npz files (see act_jax/export.py).
+r"""Moves a trained run between machines as plain .npz files (see act_jax/deploy/export.py).
 
   python -m experiments.transfer --export --workdir=RUN --out=DIR     # on the training host
   python -m experiments.transfer --import --src=DIR --workdir=NEWRUN  # where you evaluate
@@ -8,7 +8,7 @@ from absl import app, flags
 
 from experiments import quiet_logs, run
 
-from act_jax import export
+from act_jax.deploy import export
 
 _EXPORT = flags.DEFINE_bool('export', False, 'Write RUN\'s latest checkpoint to --out.')
 _IMPORT = flags.DEFINE_bool('import', False, 'Build --workdir from the export at --src.')

@@ -263,7 +263,7 @@ class SharedRuns:
     with open(path + '.lock', 'w') as lock:
       fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
       if not os.path.exists(done):
-        from act_jax import training
+        from act_jax.train import training
         shutil.rmtree(path, ignore_errors=True)  # a worker that died mid-training
         lines: list[str] = []
         t = time.time()

@@ -1,4 +1,4 @@
-"""AOT compilation for TPU topologies (act_jax/aot.py): real compiles where libtpu is
+"""AOT compilation for TPU topologies (act_jax/deploy/aot.py): real compiles where libtpu is
 installed (CI installs the 'tpu' extra), and the HLO / FLOP accounting by known answers."""
 import importlib.util
 
@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from act_jax import aot
+from act_jax.deploy import aot
 from act_jax import config as config_lib
-from act_jax import sharding
+from act_jax.scale import sharding
 from act_jax.errors import ConfigError
 from experiments.configs import lm, pod
 

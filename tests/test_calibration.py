@@ -1,11 +1,11 @@
-"""Known-answer tests for act_jax.calibration (Learn-then-Test early-exit calibration)."""
+"""Known-answer tests for act_jax.calibrate.ltt (Learn-then-Test early-exit calibration)."""
 import json
 import math
 
 import numpy as np
 import pytest
 
-from act_jax import calibration as cal
+from act_jax.calibrate import ltt as cal
 
 
 def test_binomial_pvalue_matches_scipy():
@@ -193,7 +193,7 @@ def test_calibrate_bad_input():
 # ---------------------------------------------------------------- accuracy-drop risk
 
 def test_bernstein_pvalue_known_answers():
-  from act_jax.calibration import bernstein_pvalue
+  from act_jax.calibrate.ltt import bernstein_pvalue
   # no change at all (d = 0 everywhere): x = 1/2, V = 0 -> p = 2 exp(-3 (n-1) tol / 14)
   n, tol = 1000, 0.02
   assert bernstein_pvalue(n, 0.0, 0.0, tol) == pytest.approx(2 * math.exp(-3 * 999 * tol / 14))
@@ -211,7 +211,7 @@ def test_bernstein_pvalue_known_answers():
 
 def test_bernstein_pvalue_is_valid_at_the_boundary():
   """True drop exactly at the tolerance: P(p <= delta) <= delta (it is conservative)."""
-  from act_jax.calibration import bernstein_pvalue
+  from act_jax.calibrate.ltt import bernstein_pvalue
   rng = np.random.default_rng(0)
   tol, n = 0.02, 400
   probs = [0.06 + tol, 0.06, 1 - 0.12 - tol]  # P(d=+1), P(d=-1), P(d=0): E[d] = tol
@@ -228,7 +228,7 @@ def test_bernstein_pvalue_is_valid_at_the_boundary():
 
 
 def test_ltt_select_accuracy_picks_the_last_certified_threshold():
-  from act_jax.calibration import bernstein_pvalue, ltt_select_accuracy
+  from act_jax.calibrate.ltt import bernstein_pvalue, ltt_select_accuracy
   thr, n = [0.99, 0.9, 0.8, 0.7], 20000
   broken, fixed = [0, 40, 200, 600], [0, 20, 40, 100]  # drops 0, 0.1 %, 0.8 %, 2.5 %
   sel = ltt_select_accuracy(thr, n, broken, fixed, 0.01, 0.05)

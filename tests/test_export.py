@@ -8,7 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from act_jax import export, inference
+from act_jax.deploy import export
+
+from act_jax.infer import inference
 from act_jax.errors import CheckpointError
 
 

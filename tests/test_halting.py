@@ -14,10 +14,10 @@ import pytest
 
 from act_jax import config as config_lib
 from act_jax.errors import ConfigError
-from act_jax.halting import (POLICIES, exit_labels, geometric_log_prior, make_policy,
+from act_jax.model.halting import (POLICIES, exit_labels, geometric_log_prior, make_policy,
                              mod_capacity_k, mod_decode_select, mod_predictor_loss, mod_route,
                              validate_halting)
-from act_jax.halting.base import drive, exit_distill_kl
+from act_jax.model.halting.base import drive, exit_distill_kl
 
 
 # ---------------------------------------------------------------- helpers

@@ -7,8 +7,10 @@ import pytest
 
 from act_jax import config as config_lib
 from act_jax import data as data_lib
-from act_jax import inference, telemetry, training
-from act_jax.model import make_model
+from act_jax.infer import inference
+from act_jax import telemetry
+from act_jax.train import training
+from act_jax.model.transformer import make_model
 from experiments.configs import lm, synthetic
 
 
@@ -41,7 +43,7 @@ def test_act_halting_tracks_parity_difficulty_keys(tmp_path):
 
 def test_forward_compiles_once_across_thresholds():
   config = lm.get_config('halting=confidence,runlocal')
-  model = make_model(config)
+  model = make_model(config_lib.resolve(config))
   tokens = jax.numpy.zeros((2, 32), jax.numpy.int32)
   v = nn.unbox(model.init(jax.random.PRNGKey(0), tokens))
 
@@ -57,9 +59,9 @@ def test_forward_compiles_once_across_thresholds():
 def _exit_setup(policy: str):
   config = lm.get_config(f'halting={policy},router=none,runlocal')  # 4 steps of 1 layer
   tokens = jax.random.randint(jax.random.PRNGKey(3), (3, 32), 1, 256)
-  v = nn.unbox(make_model(config).init(jax.random.PRNGKey(0), tokens))
+  v = nn.unbox(make_model(config_lib.resolve(config)).init(jax.random.PRNGKey(0), tokens))
   score = {'confidence': 'confidence', 'learned_exit': 'exit_prob'}[policy]
-  fwd = jax.jit(lambda thr: make_model(config).apply(v, tokens, threshold=thr)[1])
+  fwd = jax.jit(lambda thr: make_model(config_lib.resolve(config)).apply(v, tokens, threshold=thr)[1])
   s = np.asarray(fwd(2.0)[score])[:-1]
   for q in np.linspace(0.3, 0.99, 24):  # a threshold that spreads the exit steps
     thr = float(np.quantile(s, q))
@@ -75,12 +77,12 @@ def test_exit_aware_training_forward_matches_real_exits(policy):
   equal the logits of inference with real exits (frozen states, KV from the exit state).
   Plain training (exit_aware=0) does not: there deeper layers see unexited context."""
   config, tokens, v, thr = _exit_setup(policy)
-  logits, aux = make_model(config).apply(v, tokens, threshold=thr)
+  logits, aux = make_model(config_lib.resolve(config)).apply(v, tokens, threshold=thr)
   exit_step = np.asarray(aux['exit_step'])
   gaps = {}
   for aware in (0.5, 0.0):
     config.halting.exit_aware = aware
-    _, taux = make_model(config, train=True).apply(v, tokens, threshold=thr,
+    _, taux = make_model(config_lib.resolve(config), train=True).apply(v, tokens, threshold=thr,
                                                    rngs={'halting': jax.random.PRNGKey(1)})
     if aware:  # plain training scores the exits on other states: its steps may differ
       np.testing.assert_array_equal(np.asarray(taux['criterion_step']), exit_step)
@@ -95,7 +97,7 @@ def test_exit_aware_samples_row_thresholds_and_trains(tmp_path):
   """Exit-aware thresholds are drawn per row; the loop trains 3 steps with them."""
   config, tokens, v, _ = _exit_setup('confidence')
   config.halting.exit_aware = 0.3
-  model = make_model(config, train=True)
+  model = make_model(config_lib.resolve(config), train=True)
   crit = [np.asarray(model.apply(v, tokens, rngs={'halting': jax.random.PRNGKey(k)})[1]
                      ['criterion_step']) for k in range(2)]
   assert not np.array_equal(crit[0], crit[1])  # thresholds drawn per row from U(0.3, 1)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from act_jax import config as config_lib
-from act_jax import inference
+from act_jax.infer import inference
 from act_jax.errors import CheckpointError, ConfigError
-from act_jax.layers import Attention, rms_norm
-from act_jax.model import Layer, init_cache, make_model
+from act_jax.model.layers import Attention, rms_norm
+from act_jax.model.transformer import Layer, init_cache, make_model
 
 POLICIES = ['none', 'act', 'pondernet', 'confidence', 'learned_exit', 'mod']
 
@@ -19,7 +19,7 @@ def setup(policy='confidence', layers=4, causal=True, bias_init=-1.0, **halting)
   c.model.update(d_model=32, num_heads=4, d_ff=64, num_layers=layers, causal=causal)
   c.data.update(seq_len=24, batch_size=2)
   c.halting.update(name=policy, bias_init=bias_init, **halting)
-  model = make_model(c)
+  model = make_model(config_lib.resolve(c))
   tokens = jax.random.randint(jax.random.PRNGKey(1), (4, 12), 0, 256)
   v = nn.unbox(model.init(jax.random.PRNGKey(0), tokens))
   return c, model, {'params': v['params'], 'moe_state': v.get('moe_state', {})}, tokens
@@ -55,7 +55,7 @@ def test_exits_really_happen_at_low_thresholds():
 def _full_depth_decode(c, model, v, prompt, n):
   """Reference: the masked-scan model fed one token at a time with a KV cache."""
   b, p = prompt.shape
-  cache = init_cache(c, b, p + n)
+  cache = init_cache(config_lib.resolve(c), b, p + n)
   lg, aux = model.apply(v, prompt, threshold=inference.NEVER_EXIT, cache=cache, cache_index=0)
   toks, tok, cache = [], jnp.argmax(lg[:, -1], -1), aux['cache']
   for t in range(n - 1):
@@ -80,7 +80,7 @@ def test_early_exit_decoding_equals_masked_scan_decoding():
   thr = 0.03
   out = inference.generate(c, v, tokens[:, :4], 8, thr)
   b, p = 4, 4
-  cache = init_cache(c, b, p + 8)
+  cache = init_cache(config_lib.resolve(c), b, p + 8)
   lg, aux = model.apply(v, tokens[:, :4], threshold=thr, cache=cache, cache_index=0)
   tok, cache, toks, layers = jnp.argmax(lg[:, -1], -1), aux['cache'], [], []
   for t in range(7):
@@ -100,7 +100,7 @@ def test_early_exit_decoding_equals_masked_scan_decoding():
 
 def _exit_state_and_cache(kv_fill):
   c, model, v, tokens = setup('confidence')
-  cache = init_cache(c, 2, 8)
+  cache = init_cache(config_lib.resolve(c), 2, 8)
   tok = tokens[:2, :1]
   # threshold tiny: every token exits after step 0, layers 1..3 are filled, not computed.
   _, aux = inference.decode_step(c, v, cache, tok, jnp.int32(0), jnp.float32(1e-6), kv_fill)
@@ -108,8 +108,8 @@ def _exit_state_and_cache(kv_fill):
   p0 = jax.tree.map(lambda x: x[0], v['params']['stack']['layer_0'])
   emb = jnp.take(v['params']['embedding'], tok, axis=0)
   pos = jnp.zeros((2, 1), jnp.int32)
-  h_exit, _, _ = Layer(make_model(c).config, 'dense').apply(
-      {'params': p0}, emb, pos, jnp.ones((2, 1), bool), tok, None, init_cache(c, 2, 8)[0]
+  h_exit, _, _ = Layer(make_model(config_lib.resolve(c)).config, 'dense').apply(
+      {'params': p0}, emb, pos, jnp.ones((2, 1), bool), tok, None, init_cache(config_lib.resolve(c), 2, 8)[0]
       and {'k': jnp.zeros((2, 8, 4, 8)), 'v': jnp.zeros((2, 8, 4, 8))}, jnp.int32(0))
   return c, v, aux['cache'], h_exit, emb, pos
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from act_jax import config as config_lib
-from act_jax.model import Layer, head_logits, init_cache, make_model
+from act_jax.model.transformer import Layer, head_logits, init_cache, make_model
 
 
 def small_config(**model):
@@ -17,7 +17,7 @@ def small_config(**model):
 
 
 def init(config, seed=0, L=16):
-  model = make_model(config)
+  model = make_model(config_lib.resolve(config))
   tokens = jax.random.randint(jax.random.PRNGKey(seed + 1), (2, L), 0, 256)
   variables = nn.unbox(model.init(jax.random.PRNGKey(seed), tokens))
   return model, variables, tokens
@@ -48,7 +48,7 @@ def test_kv_cache_decoding_equals_full_forward(share):
   config = small_config(share_weights=share)
   model, variables, tokens = init(config)
   full, _ = model.apply(variables, tokens)
-  cache = init_cache(config, batch=2, max_len=16)
+  cache = init_cache(config_lib.resolve(config), batch=2, max_len=16)
   # A 4-token prompt in one chunk, then one token at a time.
   out, aux = model.apply(variables, tokens[:, :4], cache=cache, cache_index=0)
   pieces, cache = [out], aux['cache']
@@ -89,7 +89,7 @@ def test_shared_weights_have_one_block_of_parameters():
 
 def test_every_parameter_has_logical_axis_names():
   config = small_config()
-  model = make_model(config)
+  model = make_model(config_lib.resolve(config))
   boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))
   leaves = jax.tree.leaves(boxed['params'], is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
@@ -114,10 +114,10 @@ def test_layer_dropout_rises_with_depth_and_only_in_training():
   config.halting.update(name='confidence')
   model, variables, tokens = init(config)
   rngs = {'halting': jax.random.PRNGKey(3), 'jitter': jax.random.PRNGKey(3)}
-  _, aux = make_model(config, train=True).apply(variables, tokens, rngs=rngs)
+  _, aux = make_model(config_lib.resolve(config), train=True).apply(variables, tokens, rngs=rngs)
   s = np.asarray(aux['step_logits'])                        # [N, B, L, V]
   np.testing.assert_array_equal(s[2], s[1])                 # last step dropped (w.p. 0.999^2)
-  _, ref = make_model(config, train=False).apply(variables, tokens)
+  _, ref = make_model(config_lib.resolve(config), train=False).apply(variables, tokens)
   r = np.asarray(ref['step_logits'])
   np.testing.assert_allclose(s[0], r[0], atol=1e-5)          # first step never dropped
   assert np.abs(r[2] - r[1]).max() > 1e-3                    # eval runs every step

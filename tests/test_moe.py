@@ -15,11 +15,11 @@ import pytest
 
 from act_jax import config as config_lib
 from act_jax.errors import ConfigError
-from act_jax.layers.mlp import GatedMLP
-from act_jax.moe import ROUTERS, MoEFFN, capacity, update_bias, validate_moe
-from act_jax.moe import dispatch as Dp
-from act_jax.moe import routers as R
-from act_jax.moe.layer import router_aux as _router_aux
+from act_jax.model.layers.mlp import GatedMLP
+from act_jax.model.moe import ROUTERS, MoEFFN, capacity, update_bias, validate_moe
+from act_jax.model.moe import dispatch as Dp
+from act_jax.model.moe import routers as R
+from act_jax.model.moe.layer import router_aux as _router_aux
 
 # jitted once per shape: eager op-by-op dispatch of the routers is much slower to run here
 top_k_route = jax.jit(R.top_k_route, static_argnums=(1, 2),

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from act_jax import config as config_lib
-from act_jax import data, sharding, training
+from act_jax import data
+from act_jax.scale import sharding
+from act_jax.train import training
 from act_jax.errors import ConfigError
 from experiments.configs import lm
 

@@ -17,8 +17,8 @@ import time
 from jax.sharding import PartitionSpec as P
 
 from act_jax import config as config_lib
-from act_jax import sharding
-from act_jax.moe import MoEFFN
+from act_jax.scale import sharding
+from act_jax.model.moe import MoEFFN
 
 assert jax.device_count() == 8, jax.devices()
 t0 = time.time()

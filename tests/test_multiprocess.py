@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from act_jax import multihost
+from act_jax.scale import multihost
 from act_jax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,7 +128,10 @@ def test_two_processes_kill_resume_match_one_process(multidevice, tmp_path):
 
   out = multidevice(f'''
     import json, os, jax, numpy as np
-    from act_jax import checkpointing, sharding, telemetry, training
+    from act_jax.run import checkpointing
+    from act_jax.scale import sharding
+    from act_jax import telemetry
+    from act_jax.train import training
     from experiments.configs import lm
     c = lm.get_config({CONFIG.split(':')[1]!r})
     c.model.num_layers, c.data.batch_size = 2, 8

@@ -8,7 +8,10 @@ import os
 import numpy as np
 import pytest
 
-from act_jax import calibration, inference, operating_point
+from act_jax.viz import listing
+from act_jax.calibrate import ltt as calibration, operating_point
+
+from act_jax.infer import inference
 from act_jax import config as config_lib
 from act_jax.errors import CheckpointError, ConfigError
 
@@ -40,12 +43,12 @@ def test_static_baseline_matches_the_exit_heads(run):
   config, state = inference.load_run(run)
   v = {'params': state['params'], 'moe_state': state['moe_state']}
   from act_jax import data as data_lib
-  from act_jax.model import make_model
+  from act_jax.model.transformer import make_model
   batches = data_lib.make_dataset(config.data, config.seed).eval_batches(2)
   out = operating_point.sweep(config, v, batches, [0.5])
   correct = n = 0
   for b in batches:  # step 0's exit head applied to every token, by the masked scan
-    aux = make_model(config).apply(v, b['inputs'], threshold=inference.NEVER_EXIT)[1]
+    aux = make_model(config_lib.resolve(config)).apply(v, b['inputs'], threshold=inference.NEVER_EXIT)[1]
     m = b['weights'] > 0
     correct += ((np.asarray(aux['step_logits'][0]).argmax(-1) == b['targets']) & m).sum()
     n += m.sum()
@@ -65,12 +68,12 @@ def test_too_little_calibration_data_is_refused(run):
 
 
 def test_generate_listing_and_bad_inputs(run):
-  out = operating_point.generate_listing(run, 'def f(', 0.5, max_new=8)
+  out = listing.generate_listing(run, 'def f(', 0.5, max_new=8)
   assert 'layers ' in out and 'tokens/s' in out
   with pytest.raises(ConfigError, match='threshold'):
-    operating_point.generate_listing(run, 'x', 1.5)
+    listing.generate_listing(run, 'x', 1.5)
   with pytest.raises(ConfigError, match='prompt'):
-    operating_point.generate_listing(run, 'x' * 100, 0.5)
+    listing.generate_listing(run, 'x' * 100, 0.5)
 
 
 def test_policies_without_exits_are_refused(shared_runs, tmp_path):

@@ -1,4 +1,4 @@
-"""Quantization (act_jax/quant.py, act_jax/ptq.py): the numbers, the storage, the run.
+"""Quantization (act_jax/model/quant.py, act_jax/quant/ptq.py): the numbers, the storage, the run.
 
 Known answers computed by hand (absmax int8), error bounds per scheme, the stored-QArray model
 equal to the float model on the dequantized weights on every expert dispatch path and in the
@@ -19,10 +19,14 @@ import pytest
 import qwix
 
 from act_jax import data as data_lib
-from act_jax import export, inference, ptq, quant, training
+from act_jax.deploy import export
+from act_jax.infer import inference
+from act_jax.quant import ptq
+from act_jax.model import quant
+from act_jax.train import training
 from act_jax import config as config_lib
 from act_jax.errors import CheckpointError, ConfigError
-from act_jax.model import make_model
+from act_jax.model.transformer import make_model
 from experiments.configs import lm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -245,8 +249,12 @@ def test_restore_onto_other_meshes(multidevice, tmp_path):
   reduced axes replicated), bit for bit, and the sharded model gives the same logits."""
   out = multidevice(f'''
     import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
-    from act_jax import checkpointing, config as config_lib, quant, sharding, training
-    from act_jax.model import make_model
+    from act_jax.run import checkpointing
+    from act_jax import config as config_lib
+    from act_jax.model import quant
+    from act_jax.scale import sharding
+    from act_jax.train import training
+    from act_jax.model.transformer import make_model
     from experiments.configs import lm
     c = lm.get_config('runlocal')
     c.model.num_heads = 4

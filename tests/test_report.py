@@ -10,7 +10,9 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from act_jax import compare, data, report, telemetry
+from act_jax.viz import compare, report
+
+from act_jax import data, telemetry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'

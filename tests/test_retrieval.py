@@ -1,4 +1,4 @@
-"""Retrieval arm (act_jax/retrieval) and generalist fallback (act_jax/moe/fallback.py).
+"""Retrieval arm (act_jax/retrieval) and generalist fallback (act_jax/model/moe/fallback.py).
 
 Reads the suite's shared trained runs 'lm' and 'lm_shared_expert' (tests/conftest.py)."""
 import dataclasses
@@ -11,13 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from act_jax.viz import listing
 from act_jax import config as config_lib
-from act_jax import fallback_run, inference
+from act_jax.retrieval import fallback_run
+from act_jax.infer import inference
 from act_jax.errors import CheckpointError, ConfigError
-from act_jax.layers import GatedMLP
-from act_jax.model import make_model
-from act_jax.moe import MoEFFN
-from act_jax.retrieval import arm, datastore, gate, knn
+from act_jax.model.layers import GatedMLP
+from act_jax.model.transformer import make_model
+from act_jax.model.moe import MoEFFN
+from act_jax.model.retrieval import arm, gate, knn
+from act_jax.retrieval import datastore
 from act_jax.spec import OperatingPoint
 from experiments.configs import lm
 
@@ -57,7 +60,7 @@ def test_sharded_search_matches_one_device(multidevice):
   out = multidevice('''
     import numpy as np, jax, jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from act_jax.retrieval import knn
+    from act_jax.model.retrieval import knn
     rng = np.random.default_rng(1)
     keys = rng.normal(size=(1000, 16)).astype(np.float32)
     vals = rng.integers(0, 260, 1000).astype(np.int32)
@@ -267,7 +270,7 @@ def test_generate_with_the_arm(store):
   np.testing.assert_array_equal(np.asarray(compact['retrievals']),
                                 np.asarray(plain_g['retrievals']))
   assert np.asarray(plain_g['retrievals']).any()
-  text = datastore.generate_listing(run, path, 'def f3_1(x):', 'always', 0.3, max_new=8)
+  text = listing.retrieval_listing(run, path, 'def f3_1(x):', 'always', 0.3, max_new=8)
   assert 'kNN    ' in text and 'retrieve=always: 100% of bytes retrieved' in text
 
 

@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 
 from act_jax import config as config_lib
-from act_jax import inference, operating_point, report, serving
+from act_jax.infer import inference
+from act_jax.calibrate import operating_point
+from act_jax.viz import report
+from act_jax.serve import serving
 from act_jax.errors import ConfigError
-from act_jax.model import init_cache, make_model
-from act_jax.moe import routers
+from act_jax.model.transformer import init_cache, make_model
+from act_jax.model.moe import routers
 from act_jax.spec import NEVER_EXIT, OperatingPoint
 from experiments.configs import lm
 from tests.conftest import binary_cases

@@ -12,7 +12,7 @@ import functools
 import numpy as np
 import pytest
 
-from act_jax import slo
+from act_jax.serve import slo
 from act_jax.errors import ConfigError
 
 SLOTS, TOKENS = 8, 16

@@ -19,12 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from act_jax.viz import listing as listing_lib
 from act_jax import config as config_lib
-from act_jax import halting as halting_lib
-from act_jax import inference, operating_point, training
+from act_jax.model import halting as halting_lib
+from act_jax.infer import inference
+from act_jax.calibrate import operating_point
+from act_jax.train import training
 from act_jax.errors import ConfigError
-from act_jax.halting.base import HaltingPolicy, record_exit
-from act_jax.model import make_model
+from act_jax.model.halting.base import HaltingPolicy, record_exit
+from act_jax.model.transformer import make_model
 from act_jax.spec import (NEVER_EXIT, OperatingPoint, Spec, threshold_at,
                           threshold_per_step)
 from experiments.configs import lm
@@ -89,8 +92,8 @@ def test_the_one_defaults_table():
   """Defect: four tables of defaults (default_config, HALTING_DEFAULTS, MOE_DEFAULTS, data
   DEFAULTS) had drifted (MOE_DEFAULTS.router='top_k' vs 'none'), read by three getters."""
   from act_jax import data as data_lib
-  from act_jax import moe as moe_lib
-  from act_jax.halting import base
+  from act_jax.model import moe as moe_lib
+  from act_jax.model.halting import base
   assert not hasattr(moe_lib, 'MOE_DEFAULTS') and not hasattr(moe_lib.routers, 'cfg_get')
   assert not hasattr(halting_lib, 'HALTING_DEFAULTS') and not hasattr(base, 'cfg_get')
   assert not hasattr(data_lib, 'DEFAULTS')
@@ -177,7 +180,7 @@ def test_default_operating_point_is_one_answer_for_every_entry_point(tmp_path):
   op, source = operating_point.run_operating_point(run, spec)
   assert op == spec.default_operating_point == OperatingPoint(want)
   assert source == 'the policy default'
-  listing = operating_point.generate_listing(run, 'def f(x):', max_new=3)
+  listing = listing_lib.generate_listing(run, 'def f(x):', max_new=3)
   assert listing.startswith(f'policy=act threshold={want:g} kv_fill')
   logs = []
   rows = operating_point.evaluate_run(run, num_batches=1, log=logs.append)
@@ -206,7 +209,7 @@ def test_a_calibrated_point_is_the_default_and_flags_override_it(tmp_path):
       OperatingPoint(0.6, 4)
   with pytest.raises(ConfigError, match=r'--threshold=1\.5'):
     operating_point.run_operating_point(run, spec, threshold=1.5)
-  listing = operating_point.generate_listing(run, 'x = ', max_new=2)
+  listing = listing_lib.generate_listing(run, 'x = ', max_new=2)
   assert listing.startswith('policy=learned_exit threshold=0.6 max_layers=2 ')
 
 
@@ -283,10 +286,87 @@ def test_no_package_imports_inside_functions():
         if any(m == 'act_jax' or m.startswith('act_jax.') for m in mods):
           hits.append(f'{os.path.relpath(path, REPO)}:{node.lineno}')
   assert not hits, hits
-  out = subprocess.run([sys.executable, '-c', 'import sys, act_jax.sharding; '
+  out = subprocess.run([sys.executable, '-c', 'import sys, act_jax.scale.sharding; '
                         'print(sorted(m for m in sys.modules if m.startswith("act_jax")))'],
                        cwd=REPO, capture_output=True, text=True, check=True).stdout
-  assert 'act_jax.config' not in out and 'act_jax.sharding' in out
+  assert 'act_jax.config' not in out and 'act_jax.scale.sharding' in out
+
+
+def _act_jax_imports() -> dict[str, set[str]]:
+  """{module: act_jax modules it imports} for every file of the package (ast, not runtime)."""
+  out = {}
+  for path in glob.glob(os.path.join(REPO, 'act_jax', '**', '*.py'), recursive=True):
+    rel = os.path.relpath(path, REPO)[:-3].replace(os.sep, '.')
+    mod = rel[:-len('.__init__')] if rel.endswith('.__init__') else rel
+    pkg = mod if rel.endswith('__init__') else mod.rsplit('.', 1)[0]
+    deps = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+      if isinstance(node, ast.ImportFrom):
+        base = node.module or ''
+        if node.level:  # relative: resolve against this package
+          base = '.'.join(pkg.split('.')[:len(pkg.split('.')) - node.level + 1] + ([base] if base else []))
+        for a in node.names:  # `from pkg import module` depends on the module, not pkg
+          sub = f'{base}.{a.name}'
+          is_module = (os.path.exists(os.path.join(REPO, *sub.split('.'))) or
+                       os.path.exists(os.path.join(REPO, *sub.split('.')) + '.py'))
+          dep = sub if is_module else base
+          if dep.split('.')[0] in ('act_jax', 'experiments'):
+            deps.add(dep)
+      elif isinstance(node, ast.Import):
+        deps |= {a.name for a in node.names if a.name.split('.')[0] in ('act_jax', 'experiments')}
+    out[mod] = deps
+  return out
+
+
+def _unit(module: str) -> str | None:
+  parts = module.split('.')
+  return parts[1] if len(parts) > 1 else None
+
+
+def test_imports_go_down_the_declared_layers():
+  """act_jax.LAYERS is the order of the subsystems: a module imports its own unit or units
+  below it, never one above, never experiments, and the modules have no import cycle."""
+  import act_jax
+  rank = {u: i for i, u in enumerate(act_jax.LAYERS)}
+  graph = _act_jax_imports()
+  units = {_unit(m) for m in graph} - {None}
+  assert units == set(rank), f'undeclared or missing units: {units ^ set(rank)}'
+  upward = []
+  for mod, deps in sorted(graph.items()):
+    for dep in sorted(deps):
+      if dep.startswith('experiments'):
+        upward.append(f'{mod} imports {dep}')
+        continue
+      u, d = _unit(mod), _unit(dep)
+      if u is None or d is None or d not in rank:
+        continue  # act_jax/__init__ and `from act_jax import x` resolved through names
+      if rank[d] > rank[u]:
+        upward.append(f'{mod} ({u}) imports {dep} ({d}), which sits above it')
+  assert not upward, '\n'.join(upward)
+  # no cycle between modules (a cycle inside one unit is still a tangle)
+  known = set(graph)
+  edges = {m: {d for d in deps if d in known and d != m} for m, deps in graph.items()}
+  state: dict[str, int] = {}
+  def visit(m, path):
+    state[m] = 1
+    for d in edges[m]:
+      if state.get(d) == 1:
+        raise AssertionError('import cycle: ' + ' -> '.join(path + [m, d]))
+      if d not in state:
+        visit(d, path + [m])
+    state[m] = 2
+  for m in sorted(edges):
+    if m not in state:
+      visit(m, [])
+
+
+def test_the_layering_test_catches_an_upward_import(tmp_path, monkeypatch):
+  """The checker itself: a model file that imports serve fails it."""
+  graph = _act_jax_imports()
+  graph['act_jax.model.bad'] = {'act_jax.serve.serving'}
+  monkeypatch.setattr(sys.modules[__name__], '_act_jax_imports', lambda: graph)
+  with pytest.raises(AssertionError, match='act_jax.model.bad'):
+    test_imports_go_down_the_declared_layers()
 
 
 def test_shape_suffix_letters_are_in_the_legend():

@@ -1,10 +1,12 @@
-"""Seed sweeps (act_jax/sweep.py, experiments/sweep_seeds.py) and their report plot."""
+"""Seed sweeps (act_jax/train/sweep.py, experiments/sweep_seeds.py) and their report plot."""
 import json
 import os
 
 import pytest
 
-from act_jax import report, sweep
+from act_jax.viz import report
+
+from act_jax.train import sweep
 from experiments.configs import synthetic
 from tests.conftest import binary_cases
 

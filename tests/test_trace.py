@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from act_jax import trace
+from act_jax.serve import trace
 from act_jax.errors import ConfigError
 
 GOOD_LINE = '{"arrival_s": 0.5, "prompt_len": 8, "max_new": 4}'

@@ -11,7 +11,13 @@ import jax
 import numpy as np
 import pytest
 
-from act_jax import checkpointing, data, sharding, telemetry, training
+from act_jax.run import checkpointing
+
+from act_jax import data, telemetry
+
+from act_jax.scale import sharding
+
+from act_jax.train import training
 from act_jax.errors import CheckpointError
 from experiments.configs import lm
 from tests.conftest import run_multidevice_group
@@ -162,7 +168,9 @@ DENSE = 'halting=none,router=none,runlocal'
 def _train_step_code(variant: str) -> str:
   return '''
     import jax, numpy as np
-    from act_jax import sharding, training, data
+    from act_jax.scale import sharding
+    from act_jax.train import training
+    from act_jax import data
     from experiments.configs import lm
     c = lm.get_config(VARIANT)
     c.model.num_layers = 4
@@ -195,7 +203,9 @@ def _train_step_code(variant: str) -> str:
 def _reshard_code(path: str) -> str:
   return f'''
     import jax, numpy as np
-    from act_jax import sharding, training, checkpointing
+    from act_jax.scale import sharding
+    from act_jax.train import training
+    from act_jax.run import checkpointing
     from experiments.configs import lm
     c = lm.get_config('runlocal')
     c.model.num_heads = 4   # shardable heads on the 'model' axis too
@@ -219,7 +229,9 @@ def _reshard_code(path: str) -> str:
 def _fsdp_code(fsdps: tuple[int, ...]) -> str:
   return f'''
     import jax, jax.numpy as jnp, numpy as np
-    from act_jax import sharding, training, data, config as config_lib
+    from act_jax.scale import sharding
+    from act_jax.train import training
+    from act_jax import data, config as config_lib
     from experiments.configs import lm
     c = lm.get_config('router=top_k,halting=confidence,runlocal')
     c.data.batch_size = 8

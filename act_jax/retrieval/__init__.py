@@ -1,7 +1,8 @@
-"""Retrieval as a gating choice (kNN-LM over a datastore of hidden states -> next bytes).
+"""retrieval: datastores for the retrieval arm, and the generalist-fallback evaluation.
 
-  knn.py        nearest neighbours on device (exact / approx_max_k, sharded) and kNN-LM
-  gate.py       when to retrieve: a logistic gate on the exit head's distribution
-  arm.py        the per-step arm inside the depth loop (exit / deeper / retrieve)
-  datastore.py  build (tensorstore, restartable), load, tune and evaluate
+  datastore.py     build (tensorstore, restartable), load, tune and evaluate a kNN datastore
+  fallback_run.py  evaluate a run with MoE generalist fallback and/or the retrieval arm
+
+The arm itself (knn, gate, the per-step choice) is part of the model: model/retrieval/.
+May import: errors ... infer, calibrate.
 """

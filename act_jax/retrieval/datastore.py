@@ -18,7 +18,7 @@ is identical to an uninterrupted one (tests pin it).
 Corpus split: the files' documents are split train/held-out exactly as the 'files' dataset
 splits them (data.heldout_fraction, by name), so `evaluate --data_files=GLOB` scores text
 the datastore never saw. The datastore stores the train documents; a hashed `tune_fraction`
-of them is kept out to tune lam, tau and the gate (act_jax/retrieval/gate.py).
+of them is kept out to tune lam, tau and the gate (act_jax/model/retrieval/gate.py).
 
 Dims (legend: act_jax/__init__.py): X exit steps, I datastore entries, D d_model, B batch,
 L length, V vocabulary, Z flattened tokens, O neighbours.
@@ -41,15 +41,19 @@ import numpy as np
 import tensorstore as ts
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from act_jax import inference, operating_point, training
-from act_jax import sharding as sharding_lib
+from act_jax.infer import inference
+
+from act_jax.calibrate import operating_point
+
+from act_jax.train import training
+from act_jax.scale import sharding as sharding_lib
 from act_jax import data as data_lib
 from act_jax.data import corpus
 from act_jax.errors import CheckpointError, ConfigError
-from act_jax.model import make_model
-from act_jax.retrieval import arm as arm_lib
-from act_jax.retrieval import gate as gate_lib
-from act_jax.retrieval import knn as knn_lib
+from act_jax.model.transformer import make_model
+from act_jax.model.retrieval import arm as arm_lib
+from act_jax.model.retrieval import gate as gate_lib
+from act_jax.model.retrieval import knn as knn_lib
 from act_jax.spec import OperatingPoint, RetrievalSpec, Spec
 
 FORMAT = 1
@@ -557,21 +561,6 @@ def eval_batches(spec: Spec, files: Optional[str], num_batches: int, spread: boo
       raise ConfigError(f'--spread applies to text data; data.name={data.name!r}')
     return ds.spread_batches(num_batches), ds.domains
   return ds.eval_batches(num_batches), ds.domains
-
-
-def generate_listing(workdir: str, path: str, prompt: str, mode: str = 'gate',
-                     threshold: Optional[float] = None, max_new: int = 64,
-                     kv_fill: str = 'project', max_layers: Optional[int] = None,
-                     neighbours: Optional[int] = None, gate_threshold: Optional[float] = None
-                     ) -> str:
-  """operating_point.generate_listing with the retrieval arm of datastore `path`."""
-  spec, state = inference.load_run(workdir)
-  arm_lib.check_model(spec)
-  ds = load(path, spec, params=state['params'])
-  rspec = ds.retrieval_spec(mode, neighbours)
-  arrays = ds.arrays(gate_threshold=gate_threshold)
-  return operating_point.generate_listing(workdir, prompt, threshold, max_new, kv_fill,
-                                          max_layers, retrieval=(rspec, arrays))
 
 
 def format_rows(rows: list[dict], domains: Sequence[str]) -> str:

@@ -24,7 +24,7 @@ hidden 384). Variants (':arg', comma-separated): halting=<policy>, router=<route
     tiny (seconds); used by the tests.
 """
 from act_jax import config as config_lib
-from act_jax import halting as halting_lib
+from act_jax.model import halting as halting_lib
 
 
 def get_config(arg: str | None = None):

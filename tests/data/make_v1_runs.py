@@ -7,7 +7,8 @@ checkpoints written before the spec refactor still load and compute the same num
 import os, shutil, sys
 import numpy as np
 import jax, jax.numpy as jnp
-from act_jax import training, inference
+from act_jax.train import training
+from act_jax.infer import inference
 from experiments.configs import lm
 
 out = sys.argv[1]
