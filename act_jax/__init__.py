@@ -7,6 +7,7 @@
 Packages by subsystem, bottom to top: a unit imports only units below it (tests/test_spec.py
 checks every import against LAYERS, and that nothing in act_jax imports experiments).
     errors spec        the contract: ConfigError, the frozen Spec, OperatingPoint
+    platforms          which JAX platforms a process initialises (no libtpu probe off TPU)
     telemetry          pure metrics from a forward's aux; JSONL metrics reader
     scale/             mesh, sharding rules, multi-process set-up
     data/              byte vocabulary, embedded corpus, files, synthetic tasks
@@ -37,5 +38,5 @@ Shape suffixes (`x_BLD`, `w_EDF`): one legend for the whole package, each letter
 
 """
 
-LAYERS = ('errors', 'spec', 'telemetry', 'scale', 'data', 'model', 'config', 'run', 'train',
+LAYERS = ('errors', 'platforms', 'spec', 'telemetry', 'scale', 'data', 'model', 'config', 'run', 'train',
           'infer', 'calibrate', 'quant', 'retrieval', 'serve', 'deploy', 'viz', 'bench')

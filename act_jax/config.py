@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import ml_collections
@@ -51,7 +51,7 @@ def default_config() -> ml_collections.ConfigDict:
       name='none', threshold=0.9, eps=0.01, bias_init=-2.0, ponder_cost=0.01, beta=0.01,
       lambda_p=0.2, exit_every=1, exit_weights='linear', criterion='softmax',
       per_sequence=False, mod_capacity=0.5, classifier_loss_weight=1.0, sample=False,
-      exit_aware=0.0, distill=0.0, cost_warmup=0))
+      exit_aware=0.0, distill=0.0, cost_warmup=0, where_supported=''))
   # moe.renormalize: top_k weight p_e / sum of the K chosen p; ignored for top_k=1, whose
   # weight stays p_e (Switch: p_e / p_e = 1 gives the router no task-loss gradient).
   # moe.fallback (none | max_prob | entropy): tokens whose router confidence is below
@@ -154,6 +154,62 @@ def _section(cls: type, values: Mapping[str, Any], **derived: Any) -> Any:
   return cls(**kw)
 
 
+# Recipe options only some policies support: halting field -> the policy capability it needs.
+# A config may list them in halting.where_supported (lm.py does, for exit_aware and distill):
+# they then apply where the chosen policy supports them and are off elsewhere, so every
+# policy stays one flag away (--config.halting.name=act). Set explicitly on the command line
+# (honour_explicit), an unsupported combination is refused by name as before.
+WHERE_SUPPORTED = {'exit_aware': 'supports_exit_aware', 'distill': 'supports_distill'}
+
+
+def _where_supported_names(halting: Any) -> list[str]:
+  raw = halting.where_supported if hasattr(halting, 'where_supported') else ''
+  if not isinstance(raw, str):
+    raise ConfigError(f'halting.where_supported={raw!r}: must be a comma-separated string of '
+                      f'{", ".join(WHERE_SUPPORTED)}')
+  names = [n.strip() for n in raw.split(',') if n.strip()]
+  for n in names:
+    if n not in WHERE_SUPPORTED:
+      raise ConfigError(f'halting.where_supported={raw!r}: {n!r} is not a policy-dependent '
+                        f'option; known: {", ".join(WHERE_SUPPORTED)}')
+  return names
+
+
+def where_supported_values(halting: Any) -> dict[str, Any]:
+  """config.halting as a dict, with each where_supported field set to 0 when the named
+  policy lacks its capability (an unknown policy name is left for make_policy to refuse)."""
+  values = halting.to_dict()
+  policy = halting_lib.POLICIES.get(values['name'])
+  for n in _where_supported_names(halting):
+    if policy is not None and not getattr(policy, WHERE_SUPPORTED[n]):
+      values[n] = type(values[n])(0)
+  return values
+
+
+def where_supported_note(spec: Spec) -> str:
+  """One line for a run's header: which policy-dependent options apply to this policy."""
+  names = _where_supported_names(spec.halting)
+  if not names:
+    return ''
+  policy = halting_lib.POLICIES[spec.halting.name]
+  parts = [f'{n}={getattr(spec.halting, n):g}' if getattr(policy, WHERE_SUPPORTED[n]) else
+           f'{n} off ({spec.halting.name} does not support it)' for n in names]
+  return 'where supported: ' + ', '.join(parts)
+
+
+def honour_explicit(config: Any, argv: Sequence[str]) -> Any:
+  """config with every halting field the user set on the command line
+  (--config.halting.FIELD=...) taken out of halting.where_supported: what a user asks for
+  by name is applied or refused, never silently dropped."""
+  given = {a.split('=', 1)[0][len('--config.halting.'):] for a in argv
+           if a.startswith('--config.halting.')}
+  names = _where_supported_names(config.halting)
+  keep = [n for n in names if n not in given]
+  if keep != names:
+    config.halting.where_supported = ','.join(keep)
+  return config
+
+
 def resolve(config: Any, device_count: Optional[int] = None) -> Spec:
   """Validates `config` (see validate) and returns its Spec: every derived fact computed
   here, once, and the halting policy built. device_count resolves mesh.data=-1 (default:
@@ -180,7 +236,7 @@ def resolve(config: Any, device_count: Optional[int] = None) -> Spec:
   else:  # a dense model has no router to be unsure: moe.fallback must stay 'none'
     moe_fallback.validate(moe, moe_lib.ROUTERS[moe.router])
   _check_layout(model, moe, mesh)
-  halting = _section(HaltingSpec, c.halting.to_dict())
+  halting = _section(HaltingSpec, where_supported_values(c.halting))
   policy = halting_lib.make_policy(halting, model.num_steps)  # validates config.halting
   return Spec(seed=int(c.seed), model=model, halting=halting, moe=moe,
               data=_section(DataSpec, c.data.to_dict()),

@@ -84,6 +84,9 @@ class HaltingSpec:
   exit_aware: float
   distill: float
   cost_warmup: int  # steps over which the compute cost (ACT ponder, PonderNet KL) ramps 0 -> 1
+  # comma-separated fields above whose value holds only for policies that support them
+  # (config.WHERE_SUPPORTED); resolve sets them to 0 for the others
+  where_supported: str = ''
 
 
 @dataclasses.dataclass(frozen=True)

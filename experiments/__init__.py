@@ -9,6 +9,10 @@ import os
 import sys
 from typing import Callable
 
+from act_jax import platforms
+
+platforms.quiet_tpu_probe()  # before anything imports jax: no libtpu noise off TPU
+
 from absl import app, flags, logging
 
 from act_jax.errors import CheckpointError, ConfigError

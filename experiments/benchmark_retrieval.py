@@ -31,7 +31,6 @@ import numpy as np
 
 from act_jax.retrieval import fallback_run
 
-from act_jax.infer import inference
 
 from act_jax.calibrate import operating_point
 from act_jax.errors import ConfigError
@@ -39,6 +38,7 @@ from act_jax.model.transformer import make_model
 from act_jax.model.retrieval import arm, knn
 from act_jax.retrieval import datastore
 from act_jax.spec import OperatingPoint
+from act_jax.run import directory as run_lib
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/lm_default', 'Trained run (confidence exits).')
 _DATASTORE = flags.DEFINE_string('datastore', 'runs/ds_flax', 'Its datastore over --files.')
@@ -111,18 +111,17 @@ def main(argv):
   if not 0 < _TOL.value < 1 or not 0 < _FB_RATE.value < 1:
     raise ConfigError(f'--tolerance={_TOL.value} and --fallback_rate={_FB_RATE.value} must be '
                       f'in (0, 1)')
-  spec, state = inference.load_run(_WORKDIR.value)
-  variables = {'params': state['params'], 'moe_state': state['moe_state']}
+  spec, variables, step = run_lib.load(_WORKDIR.value)
   op, source = operating_point.run_operating_point(_WORKDIR.value, spec)
   ds = None
   if not {'1', '2'} <= skip:
     arm.check_model(spec)
-    ds = datastore.load(_DATASTORE.value, spec, params=state['params'])
+    ds = datastore.load(_DATASTORE.value, spec, params=variables['params'])
   # windows spread over the held-out text: files' first windows (licence headers) would
   # otherwise be most of the shifted set, and those repeat verbatim across files
   far, far_dom = datastore.eval_batches(spec, _FILES.value, _BATCHES.value, spread=True)
   home, home_dom = datastore.eval_batches(spec, None, _BATCHES.value, spread=True)
-  print(f'run {_WORKDIR.value} step {int(state["step"])}, operating point {op.threshold:g} '
+  print(f'run {_WORKDIR.value} step {step}, operating point {op.threshold:g} '
         f'({source}); shifted domain: held-out split of {_FILES.value}')
   if ds is not None:
     t = ds.meta.get('tuned', {})

@@ -9,11 +9,14 @@ r"""Trains one config under several seeds and prints, per seed, accuracy, steps,
 Each seed is an ordinary run in WORKDIR/seed_<s> (re-running resumes the unfinished ones);
 the table is also written to WORKDIR/sweep.json after every seed (act_jax/train/sweep.py).
 """
+import sys
+
 from absl import flags
 
 from experiments import quiet_logs, run
 from ml_collections import config_flags
 
+from act_jax import config as config_lib
 from act_jax.train import sweep
 from act_jax.errors import ConfigError
 
@@ -32,7 +35,7 @@ def main(argv):
     raise ConfigError(f'--seeds={_SEEDS.value}: must be at least 1')
   if _FIRST.value < 0:
     raise ConfigError(f'--first_seed={_FIRST.value}: must be non-negative')
-  result = sweep.sweep_seeds(_CONFIG.value, _WORKDIR.value,
+  result = sweep.sweep_seeds(config_lib.honour_explicit(_CONFIG.value, sys.argv), _WORKDIR.value,
                              range(_FIRST.value, _FIRST.value + _SEEDS.value))
   print(sweep.format_sweep(result))
 

@@ -12,11 +12,14 @@ experiments/launch_local.py does for N local CPU processes:
       python -m experiments.train --config=experiments/configs/lm.py:runlocal \
       --workdir=/tmp/mp --config.train.multihost=True
 """
+import sys
+
 from absl import flags
 
 from experiments import quiet_logs, run
 from ml_collections import config_flags
 
+from act_jax import config as config_lib
 from act_jax.scale import multihost
 
 from act_jax.calibrate import operating_point
@@ -38,7 +41,9 @@ def main(argv):
   del argv
   quiet_logs()
   # train, then certify the early-exit point when config.train.certify_tolerance > 0
-  operating_point.train_and_certify(_CONFIG.value, _WORKDIR.value, cluster=multihost.Cluster(
+  # a halting option set by name on the command line is applied or refused, never dropped
+  config = config_lib.honour_explicit(_CONFIG.value, sys.argv)
+  operating_point.train_and_certify(config, _WORKDIR.value, cluster=multihost.Cluster(
       _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value))
 
 

@@ -1,4 +1,6 @@
 """validate(config): every impossible value fails before compiling, naming the field."""
+import os
+
 import pytest
 
 from act_jax import config as config_lib
@@ -107,3 +109,61 @@ def test_shipped_configs_are_valid():
 def test_unknown_config_arg_is_rejected():
   with pytest.raises(ConfigError, match='unknown config arg'):
     lm.get_config('runlocall')
+
+
+# ------------------------------------------------------------ every variant one flag away
+import jax  # noqa: E402
+
+from act_jax.model import halting as halting_lib  # noqa: E402
+from act_jax.model import moe as moe_lib  # noqa: E402
+from act_jax.run import state as run_state  # noqa: E402
+from act_jax.scale import sharding  # noqa: E402
+from tests.conftest import binary_cases  # noqa: E402
+
+
+@pytest.mark.parametrize('policy', sorted(halting_lib.POLICIES))
+def test_every_halting_policy_is_one_flag_from_lm_runlocal(policy):
+  """--config.halting.name=X on lm.py:runlocal resolves and builds a train state for every
+  registered policy; the exit recipe (exit_aware, distill) applies exactly where the policy
+  supports it and the header note says so."""
+  c = lm.get_config('runlocal')
+  c.halting.name = policy
+  spec = config_lib.resolve(c, device_count=1)
+  cls = halting_lib.POLICIES[policy]
+  assert spec.halting.exit_aware == (0.5 if cls.supports_exit_aware else 0.0)
+  assert spec.halting.distill == (0.5 if cls.supports_distill else 0.0)
+  note = config_lib.where_supported_note(spec)
+  assert ('exit_aware=0.5' in note) == cls.supports_exit_aware
+  assert ('does not support' in note) == (not cls.supports_exit_aware)
+  abstract, _ = run_state.state_shardings(spec, sharding.make_mesh(shape=(1, 1, 1, 1)))
+  assert jax.tree.leaves(abstract['params'])
+
+
+@pytest.mark.parametrize('router', sorted(r for r, info in moe_lib.ROUTERS.items()
+                                          if info.causal_ok))
+def test_every_causal_router_is_one_flag_from_lm_runlocal(router):
+  c = lm.get_config('runlocal')
+  c.moe.router = router
+  spec = config_lib.resolve(c, device_count=1)
+  abstract, _ = run_state.state_shardings(spec, sharding.make_mesh(shape=(1, 1, 1, 1)))
+  assert spec.moe.router == router and jax.tree.leaves(abstract['params'])
+
+
+def test_where_supported_is_refused_when_asked_for_by_name(tmp_path):
+  """The train binary: act trains one flag away (header names what is off); asking for
+  exit-aware training with act by name is refused naming the field; a bad where_supported
+  entry names the field and the known options."""
+  base = ['--config=experiments/configs/lm.py:runlocal', '--config.halting.name=act',
+          '--config.train.steps=2', '--config.train.eval_every=2',
+          '--config.train.checkpoint_every=2', '--config.train.eval_batches=1']
+  # one interpreter per case: --config.* override flags are defined per parse
+  (ok,), (explicit,), (bad,) = (binary_cases('experiments.train', [base + extra]) for extra in (
+      [f'--workdir={tmp_path}/act'],
+      [f'--workdir={tmp_path}/x', '--config.halting.exit_aware=0.5'],
+      [f'--workdir={tmp_path}/y', '--config.halting.where_supported=exit_aware,beta']))
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  assert 'halting where supported: exit_aware off (act does not support it)' in ok.stdout
+  assert explicit.returncode == 2 and 'Traceback' not in explicit.stderr
+  assert "halting.exit_aware=0.5 needs a policy that supports exit-aware" in explicit.stderr
+  assert bad.returncode == 2 and "'beta' is not a policy-dependent option" in bad.stderr
+  assert not os.path.exists(f'{tmp_path}/x/checkpoints')

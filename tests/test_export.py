@@ -12,6 +12,7 @@ from act_jax.deploy import export
 
 from act_jax.infer import inference
 from act_jax.errors import CheckpointError
+from act_jax.run import directory as run_lib
 
 
 @pytest.fixture
@@ -31,9 +32,9 @@ def test_export_import_round_trip_is_exact(run, tmp_path):
   assert os.path.exists(os.path.join(out, 'metrics.jsonl'))
   new = str(tmp_path / 'imported')
   assert export.import_run(out, new, log=lambda s: None) == manifest['step'] == 10
-  c1, s1 = inference.load_run(run)
-  c2, s2 = inference.load_run(new)
-  assert c1.to_dict() == c2.to_dict() and s2['step'] == 10
+  c1, s1, _ = run_lib.load(run)
+  c2, s2, step2 = run_lib.load(new)
+  assert c1.to_dict() == c2.to_dict() and step2 == 10
   for a, b in zip(jax.tree.leaves((s1['params'], s1['moe_state'])),
                   jax.tree.leaves((s2['params'], s2['moe_state']))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

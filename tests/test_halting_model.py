@@ -11,6 +11,7 @@ from act_jax.infer import inference
 from act_jax import telemetry
 from act_jax.train import training
 from act_jax.model.transformer import make_model
+from act_jax.run import directory as run_lib
 from experiments.configs import lm, synthetic
 
 
@@ -22,7 +23,7 @@ def test_each_policy_trains_by_flag(policy, shared_runs):
   name = 'lm' if policy == 'confidence' else f'policy_{policy}'
   path = shared_runs.path(name)
   res, lines = shared_runs.results(name), shared_runs.log(name)
-  assert inference.read_config(path).halting.name == policy
+  assert run_lib.read_config(path).halting.name == policy
   assert np.isfinite(res['loss'])
   assert 1.0 <= res['layers_mean'] <= 4.0
   assert any('exit depth' in l for l in lines)  # the histogram is in the log

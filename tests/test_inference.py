@@ -10,6 +10,7 @@ from act_jax.infer import inference
 from act_jax.errors import CheckpointError, ConfigError
 from act_jax.model.layers import Attention, rms_norm
 from act_jax.model.transformer import Layer, init_cache, make_model
+from act_jax.run import directory as run_lib
 
 POLICIES = ['none', 'act', 'pondernet', 'confidence', 'learned_exit', 'mod']
 
@@ -166,7 +167,7 @@ def test_bad_inputs():
   with pytest.raises(ConfigError, match='threshold'):
     inference.check_threshold(1.5)
   with pytest.raises(CheckpointError, match='does not exist'):
-    inference.load_run('/nonexistent/run')
+    run_lib.load('/nonexistent/run')
 
 
 @pytest.mark.parametrize('policy', ['confidence', 'learned_exit'])

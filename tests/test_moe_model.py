@@ -6,6 +6,7 @@ import pytest
 from act_jax import config as config_lib
 from act_jax import data
 from act_jax.scale import sharding
+from act_jax.run import state as run_state
 from act_jax.train import training
 from act_jax.errors import ConfigError
 from experiments.configs import lm
@@ -18,8 +19,8 @@ def test_tiny_moe_lm_trains_and_uses_every_expert(tmp_path):
   config.moe.update(num_experts=4, bias_rate=1e-3, shared_experts=1)
   config.train.update(steps=60, eval_every=1000, checkpoint_every=60)
   mesh = sharding.make_mesh(shape=(1, 1, 1, 1))
-  _, sh = training.state_shardings(config, mesh)
-  init = training.init_state(config, mesh, sh)
+  _, sh = run_state.state_shardings(config, mesh)
+  init = run_state.init_state(config, mesh, sh)
   ds = data.make_dataset(config.data, config.seed)
   before = training.evaluate(config, init, jax.jit(training.make_eval_step(config)),
                              ds.eval_batches(config.train.eval_batches), ds.domains)

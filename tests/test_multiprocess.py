@@ -131,6 +131,7 @@ def test_two_processes_kill_resume_match_one_process(multidevice, tmp_path):
     from act_jax.run import checkpointing
     from act_jax.scale import sharding
     from act_jax import telemetry
+    from act_jax.run import state as run_state
     from act_jax.train import training
     from experiments.configs import lm
     c = lm.get_config({CONFIG.split(':')[1]!r})
@@ -138,7 +139,7 @@ def test_two_processes_kill_resume_match_one_process(multidevice, tmp_path):
 
     def restore(workdir, n_devices):
       shape = (n_devices,) + (1,) * (len(sharding.MESH_AXES) - 1)
-      abstract, _ = training.state_shardings(c, sharding.make_mesh(shape=shape))
+      abstract, _ = run_state.state_shardings(c, sharding.make_mesh(shape=shape))
       ck = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
       assert ck.latest_step() == {STEPS}, ck.latest_step()
       return jax.device_get(ck.restore({STEPS}, abstract))

@@ -14,6 +14,7 @@ from act_jax.calibrate import ltt as calibration, operating_point
 from act_jax.infer import inference
 from act_jax import config as config_lib
 from act_jax.errors import CheckpointError, ConfigError
+from act_jax.run import directory as run_lib
 
 
 @pytest.fixture
@@ -40,7 +41,7 @@ def test_calibrate_writes_frontier_and_plot(run):
 
 
 def test_static_baseline_matches_the_exit_heads(run):
-  config, state = inference.load_run(run)
+  config, state, _ = run_lib.load(run)
   v = {'params': state['params'], 'moe_state': state['moe_state']}
   from act_jax import data as data_lib
   from act_jax.model.transformer import make_model
@@ -87,7 +88,7 @@ def test_missing_and_mismatched_checkpoints(run, tmp_path):
     operating_point.calibrate_run(str(tmp_path / 'nope'))
   os.makedirs(tmp_path / 'empty')
   with pytest.raises(CheckpointError, match='config.json'):
-    inference.load_run(str(tmp_path / 'empty'))
+    run_lib.load(str(tmp_path / 'empty'))
   # A config.json of another model next to this checkpoint: named mismatch, not garbage.
   import shutil
   other = tmp_path / 'other'
@@ -96,7 +97,7 @@ def test_missing_and_mismatched_checkpoints(run, tmp_path):
   cfg['model']['d_model'] = 48
   json.dump(cfg, open(other / 'config.json', 'w'))
   with pytest.raises(CheckpointError, match='incompatible checkpoint'):
-    inference.load_run(str(other))
+    run_lib.load(str(other))
 
 
 def test_benchmark_table(run):
@@ -110,7 +111,7 @@ def test_benchmark_table(run):
 def test_evaluate_run_reports_each_threshold(run):
   rows = operating_point.evaluate_run(run, [None, 0.5], num_batches=2, log=lambda s: None)
   # None: the run's operating point (the policy default: this copy has no calibration.json)
-  want, _ = operating_point.run_operating_point(run, inference.read_config(run))
+  want, _ = operating_point.run_operating_point(run, run_lib.read_config(run))
   assert [(r['threshold'], r['max_layers']) for r in rows] == [
       (want.threshold, want.max_layers), (0.5, None)]
   assert all('code/layers_mean' in r and 1.0 <= r['layers_mean'] <= 4.0 for r in rows)
@@ -121,7 +122,7 @@ def test_accuracy_frontier_picks_on_one_half_reports_on_the_other(run):
   res = operating_point.accuracy_frontier(run, thresholds, [None, 2], tolerance=tol,
                                           num_batches=4, log=lambda s: None)
   assert [r['max_layers'] for r in res['rows']] == [4, 2]
-  config, state = inference.load_run(run)
+  config, state, _ = run_lib.load(run)
   v = {'params': state['params'], 'moe_state': state['moe_state']}
   from act_jax import data as data_lib
   batches = data_lib.make_dataset(config.data, config.seed).eval_batches(4)
@@ -189,5 +190,5 @@ def test_train_and_certify_ends_at_a_certified_point(run):
   for d in ('code', 'prose'):
     assert f'{d}: ' in text and 1.0 <= res[f'certified/{d}/layers_mean'] <= 4.0
   # every binary now serves at that point
-  op, source = operating_point.run_operating_point(run, inference.load_run(run)[0])
+  op, source = operating_point.run_operating_point(run, run_lib.read_config(run))
   assert op.threshold == saved['chosen_threshold'] and source.endswith('calibration.json')

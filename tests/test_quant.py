@@ -23,10 +23,12 @@ from act_jax.deploy import export
 from act_jax.infer import inference
 from act_jax.quant import ptq
 from act_jax.model import quant
+from act_jax.run import state as run_state
 from act_jax.train import training
 from act_jax import config as config_lib
 from act_jax.errors import CheckpointError, ConfigError
 from act_jax.model.transformer import make_model
+from act_jax.run import directory as run_lib
 from experiments.configs import lm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -217,15 +219,15 @@ def test_quantized_run_saves_restores_exports(run, tmp_path):
   info = ptq.quantize_run(run, out, log=lines.append)  # the QAT run's own scheme: w8
   assert not any('WARNING' in ln for ln in lines), lines
   assert info['bytes']['expert'] < info['float_bytes']['expert'] / 3.5
-  spec_f, state_f = inference.load_run(run)
-  spec_q, state_q = inference.load_run(out)
+  spec_f, state_f, _ = run_lib.load(run)
+  spec_q, state_q, _ = run_lib.load(out)
   assert spec_q.quant.stored and spec_q.quant.scheme == 'w8'
   want = quant.quantize_params(state_f['params'], spec_q.quant)
   jax.tree.map(np.testing.assert_array_equal, state_q['params'], want)
   # export -> import: the same stored arrays (int4 too: see the w4 case below)
   export.export_run(out, str(tmp_path / 'x'), log=lambda s: None)
   export.import_run(str(tmp_path / 'x'), str(tmp_path / 'back'), log=lambda s: None)
-  _, back = inference.load_run(str(tmp_path / 'back'))
+  _, back, _ = run_lib.load(str(tmp_path / 'back'))
   jax.tree.map(np.testing.assert_array_equal, back['params'], state_q['params'])
 
 
@@ -237,8 +239,8 @@ def test_w4_export_keeps_int4(run, tmp_path):
   m = export.export_run(out, str(tmp_path / 'x'), log=lambda s: None)
   assert 'int4' in {e['dtype'] for e in m['arrays'].values()}
   export.import_run(str(tmp_path / 'x'), str(tmp_path / 'back'), log=lambda s: None)
-  _, a = inference.load_run(out)
-  _, b = inference.load_run(str(tmp_path / 'back'))
+  _, a, _ = run_lib.load(out)
+  _, b, _ = run_lib.load(str(tmp_path / 'back'))
   jax.tree.map(np.testing.assert_array_equal, a['params'], b['params'])
 
 
@@ -253,6 +255,7 @@ def test_restore_onto_other_meshes(multidevice, tmp_path):
     from act_jax import config as config_lib
     from act_jax.model import quant
     from act_jax.scale import sharding
+    from act_jax.run import state as run_state
     from act_jax.train import training
     from act_jax.model.transformer import make_model
     from experiments.configs import lm
@@ -273,7 +276,7 @@ def test_restore_onto_other_meshes(multidevice, tmp_path):
       c.mesh.update(data=shape[0], fsdp=shape[1], expert=shape[2], model=shape[3])
       spec = config_lib.resolve(c, device_count=8)
       mesh = sharding.make_mesh(spec.mesh.shape)
-      abstract, _ = training.state_shardings(spec, mesh)
+      abstract, _ = run_state.state_shardings(spec, mesh)
       got = ck.restore(1, abstract)
       w = got['params']['stack']['layer_1']['moe']['w_in']
       assert quant.is_quantized(w) and w.qvalue.sharding.mesh.shape == mesh.shape
@@ -288,7 +291,7 @@ def test_restore_onto_other_meshes(multidevice, tmp_path):
 
 
 def test_auto_bits_meet_the_budget_and_keep_the_most_sensitive(run):
-  spec, state = inference.load_run(run)
+  spec, state, _ = run_lib.load(run)
   batches = data_lib.make_dataset(spec.data, spec.seed).eval_batches(2)
   table, rows = ptq.choose_bits(spec, state['params'], state['moe_state'], batches, 6.0,
                                 log=lambda s: None)
@@ -388,7 +391,7 @@ def test_a_killed_quantization_is_redone_not_reused(run, tmp_path):
   (out / 'quant.json').write_text(json.dumps({'complete': False}))
   info = ptq.quantize_run(run, str(out), 'w8', log=lambda s: None)
   assert info['complete'] and json.loads((out / 'quant.json').read_text())['complete']
-  assert inference.load_run(str(out))[0].quant.stored
+  assert run_lib.load(str(out))[0].quant.stored
 
 
 def test_auto_gives_shared_experts_their_own_unit():

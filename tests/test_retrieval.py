@@ -22,6 +22,7 @@ from act_jax.model.moe import MoEFFN
 from act_jax.model.retrieval import arm, gate, knn
 from act_jax.retrieval import datastore
 from act_jax.spec import OperatingPoint
+from act_jax.run import directory as run_lib
 from experiments.configs import lm
 
 
@@ -146,7 +147,7 @@ def test_datastore_killed_rebuilt_identical_and_refusals(base, tmp_path):
   part = datastore.build(run, files, str(tmp_path / 'b'), stop_after=1, **kw)
   assert not part['complete']
   with pytest.raises(CheckpointError, match='unfinished build'):
-    datastore.load(str(tmp_path / 'b'), inference.load_run(run)[0])
+    datastore.load(str(tmp_path / 'b'), run_lib.read_config(run))
   with open(tmp_path / 'b' / 'progress.json') as f:
     assert len(json.load(f)['done']) == 1
   lines = []
@@ -156,7 +157,7 @@ def test_datastore_killed_rebuilt_identical_and_refusals(base, tmp_path):
   np.testing.assert_array_equal(a['keys'], b['keys'])
   np.testing.assert_array_equal(a['values'], b['values'])
   # values are the next bytes of the stored documents, in order (BOS doc EOS per document)
-  spec, state = inference.load_run(run)
+  spec, state, _ = run_lib.load(run)
   store, _ = datastore.documents(files, spec.data, 0.2, 3000)
   first = np.frombuffer(store[0][1], np.uint8)[:10]
   np.testing.assert_array_equal(a['values'][:10], first)
@@ -179,7 +180,7 @@ def store(base, tmp_path_factory):
   out = str(tmp_path_factory.mktemp('ds') / 'ds')
   datastore.build(run, files, out, max_bytes=3000, tune_fraction=0.2, tune_windows=16,
                   log=lambda s: None)
-  spec, state = inference.load_run(run)
+  spec, state, _ = run_lib.load(run)
   return spec, state, datastore.load(out, spec, params=state['params']), run, out
 
 
@@ -382,7 +383,7 @@ def test_fallback_run_calibrates_and_counts(base, shared_runs):
   assert by[('max_prob', 'shifted')]['fallback_rate'] > 0
   assert 0 < by[('max_prob', 'in-domain')]['fallback_threshold'] < 1
   assert len(by[('max_prob', 'in-domain')]['fallback_per_layer']) == 2  # 4 layers, moe every 2
-  spec = inference.load_run(path)[0]
+  spec = run_lib.read_config(path)
   ds = datastore.data_lib.make_dataset(
       dataclasses.replace(spec.data, name='files', files=files), spec.seed)
   b = ds.spread_batches(2)

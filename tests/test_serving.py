@@ -19,6 +19,7 @@ from act_jax.errors import ConfigError
 from act_jax.model.transformer import init_cache, make_model
 from act_jax.model.moe import routers
 from act_jax.spec import NEVER_EXIT, OperatingPoint
+from act_jax.run import directory as run_lib
 from experiments.configs import lm
 from tests.conftest import binary_cases
 
@@ -206,7 +207,7 @@ def test_calibrate_lists_certified_points_per_cap(run):
   for cap in (None, 2):  # fixed sequence: certified points are a prefix of each cap's list
     cert = [p['certified'] for p in pts if p['max_layers'] == cap]
     assert cert == sorted(cert, reverse=True)
-  spec = inference.read_config(run)
+  spec = run_lib.read_config(run)
   points = serving.load_points(run, spec)
   assert points[0].threshold == NEVER_EXIT and points[0].certified
   assert len(points) >= 2 and all(p.mean_layers <= spec.model.num_layers for p in points)

@@ -6,6 +6,7 @@ passes now; the v1 fixtures in tests/data were written by that code.
 import ast
 import dataclasses
 import glob
+import importlib.util
 import json
 import os
 import re
@@ -24,10 +25,12 @@ from act_jax import config as config_lib
 from act_jax.model import halting as halting_lib
 from act_jax.infer import inference
 from act_jax.calibrate import operating_point
+from act_jax.run import state as run_state
 from act_jax.train import training
 from act_jax.errors import ConfigError
 from act_jax.model.halting.base import HaltingPolicy, record_exit
 from act_jax.model.transformer import make_model
+from act_jax.run import directory as run_lib
 from act_jax.spec import (NEVER_EXIT, OperatingPoint, Spec, threshold_at,
                           threshold_per_step)
 from experiments.configs import lm
@@ -174,7 +177,7 @@ def test_default_operating_point_is_one_answer_for_every_entry_point(tmp_path):
   """Defect: with no calibration.json, an ACT run decoded (generate) at halting.threshold
   0.9 while the model, evaluate and the training eval used 1 - eps = 0.99."""
   run = os.path.join(V1, 'act_dense')
-  spec, state = inference.load_run(run)
+  spec, state, _ = run_lib.load(run)
   want = 1.0 - spec.halting.eps
   assert spec.halting.threshold != want  # the two candidate defaults differ for ACT
   op, source = operating_point.run_operating_point(run, spec)
@@ -197,7 +200,7 @@ def test_default_operating_point_is_one_answer_for_every_entry_point(tmp_path):
 def test_a_calibrated_point_is_the_default_and_flags_override_it(tmp_path):
   run = str(tmp_path / 'run')
   shutil.copytree(os.path.join(V1, 'learned_exit_moe'), run)
-  spec = inference.read_config(run)
+  spec = run_lib.read_config(run)
   with open(os.path.join(run, 'calibration.json'), 'w') as f:
     json.dump({'chosen_threshold': 0.6, 'max_layers': 2}, f)
   cal = os.path.join(run, 'calibration.json')
@@ -247,7 +250,7 @@ def test_a_new_policy_is_its_file_plus_one_registry_line(monkeypatch, tmp_path):
   operating_point.require_exits(spec)                       # can_exit: calibratable
   with pytest.raises(ConfigError, match='early-exit policy'):  # no can_cap_depth
     OperatingPoint(0.5, 2).vector(spec)
-  state = nn.unbox(training.init_state_boxed(spec, jax.random.PRNGKey(0)))
+  state = nn.unbox(run_state.init_state_boxed(spec, jax.random.PRNGKey(0)))
   step = jax.jit(training.make_train_step(spec))
   batch = {'inputs': tokens, 'targets': tokens, 'weights': jnp.ones((2, 8)),
            'domain': jnp.zeros((2,), jnp.int32), 'difficulty': jnp.zeros((2,), jnp.int32)}
@@ -386,8 +389,8 @@ def test_shape_suffix_letters_are_in_the_legend():
 @pytest.mark.parametrize('name', ['learned_exit_moe', 'act_dense'])
 def test_checkpoints_written_before_the_spec_still_load_and_compute_the_same(name):
   run = os.path.join(V1, name)
-  spec, state = inference.load_run(run)
-  assert isinstance(spec, Spec) and int(state['step']) == 2
+  spec, state, step = run_lib.load(run)
+  assert isinstance(spec, Spec) and step == 2
   ref = np.load(os.path.join(run, 'reference.npz'))
   v = {'params': state['params'], 'moe_state': state['moe_state']}
   fwd = jax.jit(lambda v, t, th: inference.forward_while(spec, v, t, th))
@@ -450,3 +453,23 @@ def test_evaluate_prints_an_evaluation_summary_of_its_own():
   for text in logs:
     assert 'held-out loss' in text and 'mean layers executed' in text
     assert 'min) ==' not in text and 'metrics.jsonl' not in text
+
+
+def test_a_first_run_without_a_tpu_prints_no_libtpu_noise():
+  """With the tpu extra installed, importing the binaries' package on a machine without TPU
+  chips picks the other platforms before JAX probes libtpu: no libtpu warning or error."""
+  from act_jax import platforms
+  env = {}
+  got = platforms.quiet_tpu_probe(env)
+  if importlib.util.find_spec('libtpu') is None or platforms.tpu_present():
+    assert got is None and not env
+    pytest.skip('libtpu not installed, or this host has a TPU: nothing to quiet')
+  assert got == env['JAX_PLATFORMS'] and got.endswith('cpu')
+  assert platforms.quiet_tpu_probe({'JAX_PLATFORMS': 'tpu'}) is None  # explicit wins
+  assert platforms.quiet_tpu_probe({'TPU_NAME': 'v5e'}) is None  # a TPU VM
+  child_env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
+  out = subprocess.run([sys.executable, '-c', 'import experiments, jax; print(jax.devices())'],
+                       cwd=REPO, env=child_env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  noise = [l for l in out.stderr.splitlines() if 'TPU' in l or 'libtpu' in l or 'E0000' in l]
+  assert not noise, noise

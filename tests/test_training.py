@@ -17,6 +17,7 @@ from act_jax import data, telemetry
 
 from act_jax.scale import sharding
 
+from act_jax.run import state as run_state
 from act_jax.train import training
 from act_jax.errors import CheckpointError
 from experiments.configs import lm
@@ -34,7 +35,7 @@ def tiny(steps=8, **train):
 
 def final_params(config, workdir):
   mesh = sharding.make_mesh(shape=(1, 1, 1, 1))
-  abstract, _ = training.state_shardings(config, mesh)
+  abstract, _ = run_state.state_shardings(config, mesh)
   ck = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
   state = ck.restore(ck.latest_step(), abstract)
   return ck.latest_step(), state
@@ -49,9 +50,9 @@ def test_runlocal_training_lowers_heldout_loss(tmp_path):
   """Trains the runlocal LM for 60 steps: held-out loss falls by >= 1 nat/byte."""
   config = tiny(steps=60, lr=3e-3)
   mesh = sharding.make_mesh(shape=(1, 1, 1, 1))
-  _, sh = training.state_shardings(config, mesh)
+  _, sh = run_state.state_shardings(config, mesh)
   ds = data.make_dataset(config.data, config.seed)
-  before = training.evaluate(config, training.init_state(config, mesh, sh),
+  before = training.evaluate(config, run_state.init_state(config, mesh, sh),
                              jax.jit(training.make_eval_step(config)),
                              ds.eval_batches(config.train.eval_batches), ds.domains)
   res = training.train_and_evaluate(config, str(tmp_path), log=lambda s: None)
@@ -169,6 +170,7 @@ def _train_step_code(variant: str) -> str:
   return '''
     import jax, numpy as np
     from act_jax.scale import sharding
+    from act_jax.run import state as run_state
     from act_jax.train import training
     from act_jax import data
     from experiments.configs import lm
@@ -180,8 +182,8 @@ def _train_step_code(variant: str) -> str:
              data.make_dataset(c.data, 0).train_batch(0).items()}
     def one_step(shape):
       mesh = sharding.make_mesh(shape=shape)
-      abstract, sh = training.state_shardings(c, mesh)
-      state = training.init_state(c, mesh, sh)
+      abstract, sh = run_state.state_shardings(c, mesh)
+      state = run_state.init_state(c, mesh, sh)
       with sharding.mesh_context(mesh):
         bs = {k: jax.device_put(v, sharding.data_sharding(mesh, v.ndim)) for k, v in batch.items()}
         step = jax.jit(training.make_train_step(c), in_shardings=(sh, None, None),
@@ -204,20 +206,21 @@ def _reshard_code(path: str) -> str:
   return f'''
     import jax, numpy as np
     from act_jax.scale import sharding
+    from act_jax.run import state as run_state
     from act_jax.train import training
     from act_jax.run import checkpointing
     from experiments.configs import lm
     c = lm.get_config('runlocal')
     c.model.num_heads = 4   # shardable heads on the 'model' axis too
     mesh8 = sharding.make_mesh(shape=(8, 1, 1, 1))
-    _, sh8 = training.state_shardings(c, mesh8)
-    state = training.init_state(c, mesh8, sh8)
+    _, sh8 = run_state.state_shardings(c, mesh8)
+    state = run_state.init_state(c, mesh8, sh8)
     ck = checkpointing.Checkpointer({path!r} + '/ck', async_save=False)
     ck.save(1, state); ck.wait()
     ref = jax.device_get(state)
     for shape in [(2, 1, 4, 1), (1, 1, 1, 1), (2, 1, 2, 2), (1, 4, 1, 2)]:
       mesh = sharding.make_mesh(shape=shape)
-      abstract, sh = training.state_shardings(c, mesh)
+      abstract, sh = run_state.state_shardings(c, mesh)
       got = ck.restore(1, abstract)
       leaf = jax.tree.leaves(got['params'])[0]
       assert leaf.sharding.mesh.shape == mesh.shape
@@ -230,6 +233,7 @@ def _fsdp_code(fsdps: tuple[int, ...]) -> str:
   return f'''
     import jax, jax.numpy as jnp, numpy as np
     from act_jax.scale import sharding
+    from act_jax.run import state as run_state
     from act_jax.train import training
     from act_jax import data, config as config_lib
     from experiments.configs import lm
@@ -241,8 +245,8 @@ def _fsdp_code(fsdps: tuple[int, ...]) -> str:
       c.mesh.update(data=n // fsdp, fsdp=fsdp)
       spec = config_lib.validate(c, device_count=n)
       mesh = sharding.make_mesh(spec.mesh.shape)
-      abstract, sh = training.state_shardings(spec, mesh)
-      state = training.init_state(spec, mesh, sh)
+      abstract, sh = run_state.state_shardings(spec, mesh)
+      state = run_state.init_state(spec, mesh, sh)
       model = training.make_model(spec, train=True)
       def loss_fn(p, b):
         logits, aux = model.apply({{'params': p, 'moe_state': state['moe_state']}}, b['inputs'],

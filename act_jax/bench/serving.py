@@ -21,7 +21,6 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from act_jax.infer import inference
 
 from act_jax.calibrate import operating_point
 
@@ -29,6 +28,7 @@ from act_jax.serve import serving, slo
 from act_jax.serve import trace as trace_lib
 from act_jax.errors import ConfigError
 from act_jax.spec import NEVER_EXIT, OperatingPoint
+from act_jax.run import directory as run_lib
 
 PARTS = ('efficiency', 'bursty', 'batching')
 
@@ -112,8 +112,7 @@ def benchmark(workdir: str, trace: Optional[str] = None, slo_p95_ms: Optional[fl
   bad = sorted(set(parts) - set(PARTS))
   if bad or not parts:
     raise ConfigError(f'--parts={",".join(parts)}: allowed: {", ".join(PARTS)}')
-  spec, state = inference.load_run(workdir)
-  variables = {'params': state['params'], 'moe_state': state['moe_state']}
+  spec, variables, step = run_lib.load(workdir)
   points = serving.load_points(workdir, spec)
   usable = [p for p in points if p.certified or allow_uncertified]
   ops = [OperatingPoint(p.threshold, p.max_layers) for p in points]

@@ -26,6 +26,7 @@ from act_jax.infer import draft as draft_lib
 from act_jax.infer import speculative as S
 from act_jax.errors import ConfigError
 from act_jax.spec import OperatingPoint
+from act_jax.run import directory as run_lib
 
 def benchmark(workdir: str, batch_sizes: Sequence[int] = (1, 8), prompt_len: int = 32,
               new_tokens: int = 64, repeats: int = 3, draft_layer: Optional[int] = None,
@@ -36,8 +37,7 @@ def benchmark(workdir: str, batch_sizes: Sequence[int] = (1, 8), prompt_len: int
                   ('--prompt_len', prompt_len)):
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
       raise ConfigError(f'{name}={v!r}: must be an integer >= 1')
-  spec, state = inference.load_run(workdir)
-  variables = {'params': state['params'], 'moe_state': state['moe_state']}
+  spec, variables, step = run_lib.load(workdir)
   S.check_exact(spec, draft_layer, draft_len)
   op, source = operating_point.run_operating_point(workdir, spec, threshold)
   limit = spec.model.max_len
@@ -50,7 +50,7 @@ def benchmark(workdir: str, batch_sizes: Sequence[int] = (1, 8), prompt_len: int
   speed, choices = [], {}
   for b in batch_sizes:
     k, d, how = draft_lib.resolve_draft(spec, variables, draft_layer, draft_len, b, workdir,
-                              int(state['step']), log)
+                              step, log)
     choices[b] = (k, d, how)
     p = mixed[:b]
     fns = {

@@ -18,7 +18,6 @@ Dims: B batch, L length.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import time
@@ -38,6 +37,7 @@ from act_jax import data as data_lib
 from act_jax.errors import ConfigError
 from act_jax.model.halting import POLICIES
 from act_jax.spec import NEVER_EXIT, OperatingPoint, Spec
+from act_jax.run import directory as run_lib
 
 MEASURES = ('consistency', 'accuracy')  # what calibrate's tolerance bounds
 # Conservative -> aggressive (a token exits when its score >= threshold).
@@ -69,13 +69,10 @@ def run_operating_point(workdir: str, spec: Spec, threshold: Optional[float] = N
   with the calibrated threshold, not the user's)."""
   source = 'the policy default'
   op = spec.default_operating_point
-  cal = os.path.join(workdir, 'calibration.json')
-  if threshold is None and os.path.exists(cal):
-    with open(cal) as f:
-      saved = json.load(f)
-    if saved.get('chosen_threshold') is not None:
-      op = OperatingPoint(float(saved['chosen_threshold']), saved.get('max_layers'))
-      source = cal
+  saved = run_lib.read_calibration(workdir) if threshold is None else None
+  if saved and saved.get('chosen_threshold') is not None:
+    op = OperatingPoint(float(saved['chosen_threshold']), saved.get('max_layers'))
+    source = run_lib.path(workdir, run_lib.CALIBRATION)
   if threshold is not None:
     inference.check_threshold(threshold, '--threshold')
     op, source = OperatingPoint(float(threshold)), '--threshold'
@@ -203,7 +200,7 @@ def calibrate_run(workdir: str, tolerance: float = 0.01, risk: float = 0.05,
   hold together with probability >= 1 - risk; the chosen point is the certified one with the
   fewest calibration layers. result['points'] lists every (threshold, cap) tried with its
   `certified` flag: the frontier a serving controller moves along (act_jax/serve/serving.py)."""
-  spec, state = inference.load_run(workdir)
+  spec, variables, step = run_lib.load(workdir)
   require_exits(spec)
   for name, v in (('tolerance', tolerance), ('risk', risk)):
     if not 0 < v < 1:
@@ -211,7 +208,6 @@ def calibrate_run(workdir: str, tolerance: float = 0.01, risk: float = 0.05,
   if budget_layers is not None and not 0 < budget_layers <= spec.model.num_layers:
     raise ConfigError(f'--budget_layers={budget_layers}: must be in (0, '
                       f'{spec.model.num_layers}] (the model depth)')
-  variables = {'params': state['params'], 'moe_state': state['moe_state']}
   OperatingPoint(0.5, max_layers).validate(spec)  # a bad cap fails before any sweep
   if measure not in MEASURES:
     raise ConfigError(f'--measure={measure!r}: allowed: {", ".join(MEASURES)}')
@@ -278,7 +274,7 @@ def calibrate_run(workdir: str, tolerance: float = 0.01, risk: float = 0.05,
           if index is not None else {'mean_layers': sw['full_layers'],
                                      'accuracy': sw['full_accuracy'], 'consistency': 1.0})
   result = {
-      'workdir': os.path.abspath(workdir), 'step': int(state['step']),
+      'workdir': os.path.abspath(workdir), 'step': step,
       'policy': spec.halting.name, 'mode': mode, 'method': method, 'measure': measure,
       'tolerance': tolerance, 'risk': risk, 'budget_layers': budget_layers,
       'max_layers': max_layers, 'caps': caps,
@@ -299,12 +295,9 @@ def calibrate_run(workdir: str, tolerance: float = 0.01, risk: float = 0.05,
     result['test']['ms_per_token'] = timing['ms_per_token'][index]
     result['test']['speedup_layers'] = spec.model.num_layers / result['test']['mean_layers']
     result['test']['speedup_wall'] = full_ms / timing['ms_per_token'][index]
-  tmp = os.path.join(workdir, 'calibration.json.tmp')
-  with open(tmp, 'w') as f:
-    json.dump(result, f, indent=2)
   # atomic: a kill while certifying (now the end of every default run) leaves the old file
-  os.replace(tmp, os.path.join(workdir, 'calibration.json'))
-  plot_frontier(result, os.path.join(workdir, 'calibration.png'))
+  run_lib.write_calibration(workdir, result)
+  plot_frontier(result, run_lib.path(workdir, run_lib.CALIBRATION_PLOT))
   return result
 
 
@@ -317,13 +310,12 @@ def accuracy_frontier(workdir: str, thresholds: Sequence[float],
   most aggressive one whose drop there is <= tolerance) and reported on the other half, next
   to the static-truncation baseline (every token leaves at layer k) on that half. A point
   estimate, not a guarantee: `calibrate_run` gives the Learn-then-Test one (consistency)."""
-  spec, state = inference.load_run(workdir)
+  spec, variables, step = run_lib.load(workdir)
   require_exits(spec)
   if not 0 < tolerance < 1:
     raise ConfigError(f'--tolerance={tolerance}: must be in (0, 1)')
   for cap in max_layers:
     OperatingPoint(0.5, cap).validate(spec)  # bad caps fail before any sweep
-  variables = {'params': state['params'], 'moe_state': state['moe_state']}
   batches = data_lib.make_dataset(spec.data, spec.seed).eval_batches(num_batches)
   calib, test = batches[0::2], batches[1::2]
   if not test:
@@ -408,9 +400,8 @@ def benchmark_rows(workdir: str, thresholds: Sequence[float], batch_sizes: Seque
                    log: Callable[[str], None] = print, kv_fill: str = 'project',
                    max_layers: Optional[int] = None) -> list[dict]:
   """Decode speed per threshold against full depth, side by side in one process."""
-  spec, state = inference.load_run(workdir)
+  spec, variables, step = run_lib.load(workdir)
   OperatingPoint(0.5, max_layers).validate(spec)  # a bad cap fails before any timing
-  variables = {'params': state['params'], 'moe_state': state['moe_state']}
   limit = spec.model.max_len
   new_tokens = min(new_tokens, limit - prompt_len)
   rows = []
@@ -450,7 +441,7 @@ def evaluate_run(workdir: str, thresholds: Sequence[Optional[float]] = (None,),
   """Held-out quality and compute of a trained run at one or more thresholds (None = the
   run's operating point, run_operating_point): per domain, per difficulty bucket, and
   Spearman(layers, difficulty). Logs an evaluation summary per point."""
-  spec, state = inference.load_run(workdir)
+  spec, variables, step = run_lib.load(workdir)
   points = [run_operating_point(workdir, spec, thr, max_layers) for thr in thresholds]
   n = num_batches or spec.train.eval_batches
   ds = data_lib.make_dataset(spec.data, spec.seed)
@@ -458,9 +449,9 @@ def evaluate_run(workdir: str, thresholds: Sequence[Optional[float]] = (None,),
   eval_step = jax.jit(training.make_eval_step(spec))
   rows = []
   for op, source in points:
-    res = training.evaluate(spec, state, eval_step, batches, ds.domains,
+    res = training.evaluate(spec, variables, eval_step, batches, ds.domains,
                             threshold=op.vector(spec))
-    log(training.evaluation_summary(spec, res, ds.domains, workdir, int(state['step']), op,
+    log(training.evaluation_summary(spec, res, ds.domains, workdir, step, op,
                                     source, n))
     rows.append({'threshold': op.threshold, 'max_layers': op.max_layers, **res})
   return rows
@@ -500,12 +491,12 @@ def train_and_certify(config, workdir: str, log: Callable[[str], None] = print,
   except ConfigError as e:  # too few held-out tokens to certify this tolerance
     log(f'certification skipped: {e}')
     return res
-  spec, state = inference.load_run(workdir)
+  spec, variables, step = run_lib.load(workdir)
   ds = data_lib.make_dataset(spec.data, spec.seed)
   test = ds.eval_batches(num_batches)[1::2]
   eval_step = jax.jit(training.make_eval_step(spec))
   full_op = OperatingPoint.full_depth()
-  full = training.evaluate(spec, state, eval_step, test, ds.domains,
+  full = training.evaluate(spec, variables, eval_step, test, ds.domains,
                            threshold=full_op.vector(spec))
   n_layers = spec.model.num_layers
   lines = [f'== certified operating point (<= {tol:.1%} relative accuracy drop vs full '
@@ -516,7 +507,7 @@ def train_and_certify(config, workdir: str, log: Callable[[str], None] = print,
     at = full
   else:
     op = OperatingPoint(float(cal['chosen_threshold']), cal['max_layers'])
-    at = training.evaluate(spec, state, eval_step, test, ds.domains, threshold=op.vector(spec))
+    at = training.evaluate(spec, variables, eval_step, test, ds.domains, threshold=op.vector(spec))
     lines.append(f'threshold {op.threshold:g}: {at["layers_mean"]:.2f} of {n_layers} layers '
                  f'({n_layers / at["layers_mean"]:.2f}x fewer than full depth), accuracy '
                  f'{at["accuracy"]:.4f} vs {full["accuracy"]:.4f} at full depth '

@@ -51,6 +51,7 @@ from act_jax.model import moe as moe_lib
 from act_jax.model import quant as quant_lib
 from act_jax.model import transformer as model_lib
 from act_jax.scale import sharding as sharding_lib
+from act_jax.run import state as run_state
 from act_jax.train import training
 from act_jax.errors import ConfigError
 from act_jax.spec import Spec
@@ -277,7 +278,7 @@ def _itembits(dtype: Any) -> int:
 def layout(spec: Spec, devices: list[Any]) -> dict[str, Any]:
   """{'mesh', 'abstract' (sharded ShapeDtypeStruct state), 'shardings'} for `devices`."""
   mesh = sharding_lib.make_mesh(spec.mesh.shape, devices)
-  abstract, shardings = training.state_shardings(spec, mesh)
+  abstract, shardings = run_state.state_shardings(spec, mesh)
   return {'mesh': mesh, 'abstract': abstract, 'shardings': shardings}
 
 

@@ -24,14 +24,14 @@ import numpy as np
 
 from act_jax.run import checkpointing
 
-from act_jax.infer import inference
 
 from act_jax.scale import sharding
 
-from act_jax.train import training
+from act_jax.run import state as run_state
 from act_jax import config as config_lib
 from act_jax.run.checkpointing import path_str
 from act_jax.errors import CheckpointError
+from act_jax.run import directory as run_lib
 
 MANIFEST = 'manifest.json'
 _GROUPS = ('params', 'moe_state')
@@ -48,8 +48,8 @@ def _leaves(state: dict):
 def export_run(workdir: str, out_dir: str, max_file_mb: float = 15.0,
                log: Callable[[str], None] = print) -> dict:
   """Writes the latest checkpoint of `workdir` as manifest.json + weights-NN.npz files."""
-  spec, state = inference.load_run(workdir)
-  arrays = {k: np.asarray(jax.device_get(v)) for k, v in _leaves(state)}
+  spec, variables, step = run_lib.load(workdir)
+  arrays = {k: np.asarray(jax.device_get(v)) for k, v in _leaves(variables)}
   # .npz keeps only NumPy's own dtypes: int4 (a quantized run) travels as int8 and the
   # manifest keeps the real dtype
   dtypes = {k: str(v.dtype) for k, v in arrays.items()}
@@ -72,10 +72,9 @@ def export_run(workdir: str, out_dir: str, max_file_mb: float = 15.0,
     for j, (k, v) in enumerate(group.items()):
       entries[k] = {'file': name, 'member': f'a{j}', 'shape': list(v.shape),
                     'dtype': dtypes[k]}
-  manifest = {'step': int(state['step']), 'config': spec.to_dict(),
+  manifest = {'step': step, 'config': spec.to_dict(),
               'arrays': entries}
-  with open(os.path.join(out_dir, MANIFEST), 'w') as f:
-    json.dump(manifest, f, indent=1)
+  run_lib.write_json(os.path.join(out_dir, MANIFEST), manifest, indent=1)
   metrics = os.path.join(workdir, 'metrics.jsonl')
   if os.path.exists(metrics):
     shutil.copy(metrics, os.path.join(out_dir, 'metrics.jsonl'))
@@ -100,7 +99,7 @@ def import_run(src_dir: str, workdir: str, log: Callable[[str], None] = print) -
   config.mesh.update(data=1, expert=1, model=1)
   spec = config_lib.resolve(config, device_count=1)
   mesh = sharding.make_mesh(shape=(1, 1, 1, 1))
-  abstract, shardings = training.state_shardings(spec, mesh)
+  abstract, shardings = run_state.state_shardings(spec, mesh)
   want = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in _leaves(abstract)}
   have = manifest['arrays']
   problems = checkpointing.list_mismatches(
@@ -118,18 +117,17 @@ def import_run(src_dir: str, workdir: str, log: Callable[[str], None] = print) -
 
   # fresh optimiser state (a quantized run has none: its abstract state is the target)
   state = (dict(abstract) if spec.quant.stored else
-           training.init_state(spec, mesh, shardings))
+           run_state.init_state(spec, mesh, shardings))
   for g in _GROUPS:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(state.get(g) or {})
     new = [jax.device_put(load(f'{g}/{path_str(p)}'), v.sharding) for p, v in leaves]
     state[g] = jax.tree_util.tree_unflatten(treedef, new)
   state['step'] = jax.numpy.asarray(manifest['step'], jax.numpy.int32)
   os.makedirs(workdir, exist_ok=True)
-  ck = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False)
+  ck = run_lib.checkpointer(workdir, async_save=False)
   ck.save(manifest['step'], state, force=True)
   ck.close()
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    json.dump(spec.to_dict(), f, indent=2)
+  run_lib.write_config(workdir, spec)
   if os.path.exists(os.path.join(src_dir, 'metrics.jsonl')):
     shutil.copy(os.path.join(src_dir, 'metrics.jsonl'), os.path.join(workdir, 'metrics.jsonl'))
   log(f'imported step {manifest["step"]} ({len(have)} arrays) into {workdir}')

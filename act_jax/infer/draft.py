@@ -11,8 +11,6 @@ Dims: B batch, L length.
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 from typing import Callable, Optional, Sequence
 
@@ -23,6 +21,7 @@ from act_jax import data as data_lib
 from act_jax.data import PAD as PAD_ID
 from act_jax.errors import ConfigError
 from act_jax.infer import speculative as S
+from act_jax.run import directory as run_lib
 from act_jax.spec import Spec
 
 DOMAINS = ('code', 'prose')
@@ -50,7 +49,7 @@ def domain_prompts(spec: Spec, rows: int, length: int) -> dict[str, np.ndarray]:
   return out
 
 
-TUNE_FILE = 'exact_draft.json'  # RUN/exact_draft.json: measured draft choices per batch size
+TUNE_FILE = run_lib.DRAFT  # RUN/exact_draft.json: measured draft choices per batch size
 
 
 def mixed_prompts(prompts: dict[str, np.ndarray], rows: int) -> np.ndarray:
@@ -103,11 +102,8 @@ def resolve_draft(spec: Spec, variables: dict, draft_layer: Optional[int],
   if draft_layer is not None and draft_len is not None:
     return draft_layer, draft_len, 'given'
   device = jax.devices()[0].device_kind
-  path = os.path.join(workdir, TUNE_FILE) if workdir else None
-  saved: dict = {}
-  if path and os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
+  path = run_lib.path(workdir, TUNE_FILE) if workdir else None
+  saved: dict = (run_lib.read_json(path) if path else None) or {}
   key = f'batch={batch}'
   full = draft_layer is None and draft_len is None
   got = saved.get(key)
@@ -125,9 +121,7 @@ def resolve_draft(spec: Spec, variables: dict, draft_layer: Optional[int],
   if full and path:
     saved[key] = dict(res, step=step)
     try:
-      with open(path + '.tmp', 'w') as f:
-        json.dump(saved, f, indent=1)
-      os.replace(path + '.tmp', path)
+      run_lib.write_json(path, saved, indent=1)
     except OSError:  # a read-only run: tune again next time
       pass
   log(how)

@@ -33,20 +33,15 @@ N depth steps, H heads, J head dim.
 from __future__ import annotations
 
 import functools
-import json
-import os
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 
-from act_jax.run import checkpointing
 
-from act_jax.scale import sharding
 
-from act_jax.train import training
 from act_jax import config as config_lib
-from act_jax.errors import CheckpointError, ConfigError
+from act_jax.errors import ConfigError
 from act_jax.model.layers import project_kv, rms_norm
 from act_jax.model.transformer import (DepthStep, dtype_of, finish_outputs, init_cache, make_model,
                            prepare_inputs)
@@ -54,34 +49,6 @@ from act_jax.spec import NEVER_EXIT, OperatingPoint, Spec, threshold_per_step  #
 
 KV_FILL = ('project', 'copy', 'lazy')
 LAZY_CHUNK = 8  # positions projected per batched lazy fill (more pending: several chunks)
-
-
-# ----------------------------------------------------------------------------- loading
-def read_config(workdir: str) -> Spec:
-  """The Spec of a training workdir's config.json, resolved for one device (fields an older
-  version did not write take today's defaults)."""
-  if not os.path.isdir(workdir):
-    raise CheckpointError(f'workdir {workdir!r} does not exist')
-  cfg_path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(cfg_path):
-    raise CheckpointError(f'{cfg_path} is missing: {workdir!r} is not a training workdir')
-  with open(cfg_path) as f:
-    config = config_lib.complete(json.load(f))
-  config.mesh.update(data=1, expert=1, model=1)
-  return config_lib.resolve(config, device_count=1)
-
-
-def load_run(workdir: str, step: Optional[int] = None) -> tuple[Spec, dict]:
-  """(spec, {'params', 'moe_state', 'step'}) from a training workdir, on one device."""
-  spec = read_config(workdir)
-  ck = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
-  step = ck.latest_step() if step is None else step
-  if step is None:
-    raise CheckpointError(f'no complete checkpoint in {workdir}/checkpoints')
-  mesh = sharding.make_mesh(shape=(1, 1, 1, 1))
-  abstract, _ = training.state_shardings(spec, mesh)
-  state = ck.restore(step, abstract)
-  return spec, {'params': state['params'], 'moe_state': state['moe_state'], 'step': step}
 
 
 def check_threshold(threshold: float, name: str = 'threshold') -> None:

@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from act_jax.run import checkpointing
 
 from act_jax.infer import inference
 
@@ -50,6 +49,7 @@ from act_jax import data as data_lib
 from act_jax.errors import CheckpointError, ConfigError
 from act_jax.model.transformer import make_model
 from act_jax.spec import OperatingPoint, Spec
+from act_jax.run import directory as run_lib
 
 QUANT_JSON = 'quant.json'
 FLOAT = 'float32'  # the reference row of compare_schemes
@@ -243,28 +243,16 @@ def _unflatten(like: Any, flat: dict[tuple, Any]) -> Any:
 
 
 # ----------------------------------------------------------------------------- the run
-def _write_json(path: str, obj: Any) -> None:
-  """Atomically: a kill mid-write leaves the previous file (or none), never half of one."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
-
-
 def check_operating_point(src: str, out: str, num_batches: int = 16,
                           log: Callable[[str], None] = print) -> Optional[dict]:
   """The source run's certified point on the quantized run, on the held-out test half: the
   drop at the old threshold vs the FLOAT model's full depth (what the certificate promised),
   and whether it still meets the old tolerance. None when the source has no calibration."""
-  path = os.path.join(src, 'calibration.json')
-  if not os.path.exists(path):
+  cal = run_lib.read_calibration(src)
+  if cal is None or cal.get('chosen_threshold') is None:
     return None
-  with open(path) as f:
-    cal = json.load(f)
-  if cal.get('chosen_threshold') is None:
-    return None
-  spec_f, state_f = inference.load_run(src)
-  spec_q, state_q = inference.load_run(out)
+  spec_f, state_f = run_lib.load(src)[:2]
+  spec_q, state_q = run_lib.load(out)[:2]
   op = OperatingPoint(float(cal['chosen_threshold']), cal.get('max_layers'))
   test = data_lib.make_dataset(spec_f.data, spec_f.seed).eval_batches(num_batches)[1::2]
   sw = {}
@@ -332,7 +320,7 @@ def quantize_run(workdir: str, out: str, scheme: Optional[str] = None,
   experts_only and gates match its own: scheme=None takes the QAT run's scheme, else w8).
   OUT/quant.json is written last with 'complete': a killed run is redone, never reused.
   Returns quant.json."""
-  spec = inference.read_config(workdir)
+  spec = run_lib.read_config(workdir)
   qat = spec.quant if spec.quant.scheme != 'none' and not spec.quant.stored else None
   scheme = scheme or (qat.scheme if qat else 'w8')
   check_args(spec, scheme, experts_only, budget_bits, tile, workdir)
@@ -346,31 +334,31 @@ def quantize_run(workdir: str, out: str, scheme: Optional[str] = None,
         f'with scheme={scheme}, tile={tile}, experts_only={experts_only}, gates={gates} '
         f'stores other values than training saw')
   t0 = time.time()
-  spec, state = inference.load_run(workdir)
+  spec, variables, step = run_lib.load(workdir)
   rows: list[dict] = []
   bits = ''
   if scheme == 'auto':
     calib = data_lib.make_dataset(spec.data, spec.seed).eval_batches(num_batches)[0::2]
     log(f'auto bits: sensitivity of every unit at {quant.MIN_BITS} bits on '
         f'{len(calib)} held-out batches (the calibration half)')
-    table, rows = choose_bits(spec, state['params'], state['moe_state'], calib, budget_bits,
+    table, rows = choose_bits(spec, variables['params'], variables['moe_state'], calib, budget_bits,
                               experts_only, tile, log)
     bits = quant.format_bits(table)
   qspec = quantized_spec(spec, scheme, experts_only, gates, tile, bits)
-  qparams = quant.quantize_params(state['params'], qspec.quant)
+  qparams = quant.quantize_params(variables['params'], qspec.quant)
   os.makedirs(out, exist_ok=True)
-  fb = quant.model_bytes(state['params'])
+  fb = quant.model_bytes(variables['params'])
   qb = quant.model_bytes(qparams, qspec.quant)
-  info = {'source': os.path.abspath(workdir), 'step': int(state['step']), 'scheme': scheme,
+  info = {'source': os.path.abspath(workdir), 'step': step, 'scheme': scheme,
           'experts_only': experts_only, 'gates': gates, 'tile': tile,
           'budget_bits': budget_bits, 'float_bytes': fb, 'bytes': qb, 'auto': rows,
           'complete': False}
-  _write_json(os.path.join(out, QUANT_JSON), info)  # marks OUT as ours while it is written
-  _write_json(os.path.join(out, 'config.json'), qspec.to_dict())
+  run_lib.write_json(os.path.join(out, QUANT_JSON), info)  # marks OUT as ours while it is written
+  run_lib.write_json(os.path.join(out, 'config.json'), qspec.to_dict())
   step = info['step']
-  ck = checkpointing.Checkpointer(os.path.join(out, 'checkpoints'), async_save=False)
+  ck = run_lib.checkpointer(out, async_save=False)
   ck.save(step, {'step': jnp.asarray(step, jnp.int32), 'params': qparams,
-                 'moe_state': state['moe_state']}, force=True)
+                 'moe_state': variables['moe_state']}, force=True)
   ck.close()
   if os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
     shutil.copy(os.path.join(workdir, 'metrics.jsonl'), os.path.join(out, 'metrics.jsonl'))
@@ -383,7 +371,7 @@ def quantize_run(workdir: str, out: str, scheme: Optional[str] = None,
   if recalibrate and spec.policy.can_exit:
     info['recertified'] = _recertify(spec, out, info['operating_point'], num_batches, log)
   info['complete'] = True
-  _write_json(os.path.join(out, QUANT_JSON), info)
+  run_lib.write_json(os.path.join(out, QUANT_JSON), info)
   return info
 
 
@@ -473,7 +461,7 @@ def compare_schemes(workdir: str, out_root: str, schemes: Sequence[str] = ('w8',
                     tolerance: float = 0.01, log: Callable[[str], None] = print) -> list[dict]:
   """Quantizes WORKDIR with each scheme into OUT_ROOT/<scheme> (kept when already there) and
   measures every run side by side on the same held-out batches (module docstring)."""
-  spec = inference.read_config(workdir)
+  spec = run_lib.read_config(workdir)
   for s in schemes:
     check_args(spec, s, experts_only, budget_bits if s == 'auto' else None, tile, workdir)
   runs = {FLOAT: workdir}
@@ -491,7 +479,7 @@ def compare_schemes(workdir: str, out_root: str, schemes: Sequence[str] = ('w8',
                    num_batches, log)
     runs[s] = out
   test = data_lib.make_dataset(spec.data, spec.seed).eval_batches(num_batches)[1::2]
-  loaded = {name: inference.load_run(d) for name, d in runs.items()}
+  loaded = {name: run_lib.load(d)[:2] for name, d in runs.items()}
   rows = []
   ref_top1 = None
   quiet = lambda m: None  # noqa: E731
@@ -540,7 +528,7 @@ def compare_schemes(workdir: str, out_root: str, schemes: Sequence[str] = ('w8',
     # batch 1 at full depth reads every weight once per token
     row['decode_gbps'] = row['bytes'] / (row['decode_ms'] / 1e3) / 1e9
   os.makedirs(out_root, exist_ok=True)
-  _write_json(os.path.join(out_root, 'quant_compare.json'), rows)
+  run_lib.write_json(os.path.join(out_root, 'quant_compare.json'), rows)
   return rows
 
 

@@ -55,6 +55,7 @@ from act_jax.model.retrieval import arm as arm_lib
 from act_jax.model.retrieval import gate as gate_lib
 from act_jax.model.retrieval import knn as knn_lib
 from act_jax.spec import OperatingPoint, RetrievalSpec, Spec
+from act_jax.run import directory as run_lib
 
 FORMAT = 1
 META, PROGRESS = 'datastore.json', 'progress.json'
@@ -74,13 +75,6 @@ def fingerprint(spec: Spec, params: dict) -> str:
 
 def doc_hash(data: bytes) -> str:
   return hashlib.sha256(data).hexdigest()[:16]
-
-
-def _write_json(path: str, obj: dict) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)  # atomic: a kill leaves the old file or the new one
 
 
 def documents(pattern: str, data: Any, tune_fraction: float, max_bytes: int
@@ -136,7 +130,7 @@ def build(workdir: str, files: str, out: str, max_bytes: int = 300_000,
   """Builds (or resumes) the datastore of run `workdir` over the train split of `files`
   at `out`, then tunes it; returns the written datastore.json. stop_after=k stops (as a
   kill would) after writing k chunks in this call (tests)."""
-  spec, state = inference.load_run(workdir)
+  spec, variables, step = run_lib.load(workdir)
   arm_lib.check_model(spec)
   if not 0 <= tune_fraction < 1:
     raise ConfigError(f'--tune_fraction={tune_fraction}: must be in [0, 1)')
@@ -144,7 +138,6 @@ def build(workdir: str, files: str, out: str, max_bytes: int = 300_000,
                   ('neighbours', neighbours), ('batch', batch)):
     if v < 1:
       raise ConfigError(f'--{name}={v}: must be a positive integer')
-  variables = {'params': state['params'], 'moe_state': state['moe_state']}
   store_docs, tune_docs = documents(files, spec.data, tune_fraction, max_bytes)
   if not store_docs:
     raise ConfigError(f'--files={files!r}: no train documents left to store')
@@ -155,8 +148,8 @@ def build(workdir: str, files: str, out: str, max_bytes: int = 300_000,
   n_entries = int(counts.sum())
   steps = [int(s) for s in spec.policy.exit_steps()]
   d = spec.model.d_model
-  args = {'format': FORMAT, 'workdir': os.path.abspath(workdir), 'step': int(state['step']),
-          'fingerprint': fingerprint(spec, state['params']), 'files': files,
+  args = {'format': FORMAT, 'workdir': os.path.abspath(workdir), 'step': step,
+          'fingerprint': fingerprint(spec, variables['params']), 'files': files,
           'max_bytes': int(max_bytes), 'tune_fraction': float(tune_fraction),
           'chunk_windows': int(chunk_windows), 'batch': int(batch), 'seq_len': int(seq_len),
           'entries': n_entries, 'steps': steps, 'd_model': int(d),
@@ -191,7 +184,7 @@ def build(workdir: str, files: str, out: str, max_bytes: int = 300_000,
                                                    'path': os.path.join(out, 'values')}},
                    create=create, open=not create, dtype=ts.int32, shape=[n_entries],
                    chunk_layout=ts.ChunkLayout(read_chunk_shape=[65536])).result()
-  _write_json(prog_path, {'args': args, 'done': done})
+  run_lib.write_json(prog_path, {'args': args, 'done': done})
   states = _states_fn(spec)
   n_chunks = -(-len(wins) // chunk_windows)
   log(f'datastore {out}: {n_entries:,} entries ({len(store_docs)} documents, '
@@ -217,7 +210,7 @@ def build(workdir: str, files: str, out: str, max_bytes: int = 300_000,
     keys[:, e0:e1].write(k_XID).result()
     values[e0:e1].write(v_I).result()
     done.append(c)
-    _write_json(prog_path, {'args': args, 'done': done})  # after the chunk's data landed
+    run_lib.write_json(prog_path, {'args': args, 'done': done})  # after the chunk's data landed
     written += 1
     n_written += e1 - e0
     el, left = time.time() - t0, n_chunks - len(done)
@@ -227,9 +220,9 @@ def build(workdir: str, files: str, out: str, max_bytes: int = 300_000,
       return {'complete': False, 'done': len(done), 'chunks': n_chunks}
   meta = dict(args, key='final_norm(h) at each exit step', complete=True,
               document_hashes=sorted({doc_hash(text) for _, text in store_docs + tune_docs}))
-  ds = load(out, spec, params=state['params'], meta=meta)
+  ds = load(out, spec, params=variables['params'], meta=meta)
   meta['tuned'] = tune(spec, variables, ds, tune_docs, tune_windows, neighbours, log)
-  _write_json(os.path.join(out, META), meta)
+  run_lib.write_json(os.path.join(out, META), meta)
   log(f'wrote {os.path.join(out, META)} ({time.time() - t0:.0f} s)')
   return meta
 
@@ -597,7 +590,7 @@ def evaluate_run(workdir: str, path: Optional[str], modes: Sequence[str],
       raise ConfigError(f'--retrieve={m!r}: allowed: {", ".join(arm_lib.MODES)}')
   if gate_threshold is not None and not 0 <= gate_threshold <= 1:
     raise ConfigError(f'--retrieve_threshold={gate_threshold}: must be in [0, 1]')
-  spec, state = inference.load_run(workdir)
+  spec, variables, step = run_lib.load(workdir)
   if not 1 <= devices <= jax.device_count():
     raise ConfigError(f'--datastore_devices={devices}: must be in [1, {jax.device_count()}] '
                       f'(the devices this host sees)')
@@ -605,7 +598,7 @@ def evaluate_run(workdir: str, path: Optional[str], modes: Sequence[str],
   ds = None
   if path:
     arm_lib.check_model(spec)
-    ds = load(path, spec, params=state['params'], mesh=mesh)
+    ds = load(path, spec, params=variables['params'], mesh=mesh)
     for m in modes:
       ds.retrieval_spec(m, neighbours, approx)
     check_disjoint(ds, spec, files)
@@ -614,7 +607,6 @@ def evaluate_run(workdir: str, path: Optional[str], modes: Sequence[str],
   points = [operating_point.run_operating_point(workdir, spec, t, max_layers)
             for t in thresholds]
   batches, domains = eval_batches(spec, files, num_batches or spec.train.eval_batches, spread)
-  variables = {'params': state['params'], 'moe_state': state['moe_state']}
   if mesh is not None:  # the model on every device of the datastore's mesh
     variables = jax.device_put(variables, NamedSharding(mesh, P()))
   rows = []
@@ -627,7 +619,7 @@ def evaluate_run(workdir: str, path: Optional[str], modes: Sequence[str],
       rows.append({'retrieve': m, 'threshold': op.threshold, 'max_layers': op.max_layers,
                    **res})
   where = files or f'the run\'s held-out {spec.data.name} split'
-  log(f'{workdir} step {int(state["step"])} on {where} ({int(rows[0]["tokens"]):,} tokens)'
+  log(f'{workdir} step {step} on {where} ({int(rows[0]["tokens"]):,} tokens)'
       + (f', datastore {path} ({ds.meta["entries"]:,} entries)' if ds else ''))
   log(format_rows(rows, domains))
   return rows

@@ -29,6 +29,7 @@ from act_jax.model.moe import ROUTERS
 from act_jax.model.moe import fallback as fallback_lib
 from act_jax.retrieval import datastore as datastore_lib
 from act_jax.spec import OperatingPoint, Spec
+from act_jax.run import directory as run_lib
 
 
 def with_fallback(spec: Spec, criterion: str, threshold: float) -> Spec:
@@ -114,12 +115,11 @@ def evaluate_run(workdir: str, criteria: Sequence[str], rate: float,
                  log: Callable[[str], None] = print) -> list[dict]:
   """Without and with fallback per criterion (calibrated at `rate` on the run's in-domain
   held-out data): the in-domain test half and, with `files`, their held-out split."""
-  spec, state = inference.load_run(workdir)
+  spec, variables, step = run_lib.load(workdir)
   for c in criteria:
     with_fallback(spec, c, 0.0)
   if not 0 < rate < 1:
     raise ConfigError(f'--fallback_rate={rate}: must be in (0, 1)')
-  variables = {'params': state['params'], 'moe_state': state['moe_state']}
   n = num_batches or spec.train.eval_batches
   op, _ = operating_point.run_operating_point(workdir, spec, threshold)
   # spread over the held-out text: 2n batches of distinct windows, the even ones calibrate

@@ -51,6 +51,7 @@ from act_jax.data import PAD as PAD_ID
 from act_jax.errors import ConfigError
 from act_jax.model.transformer import init_cache, make_model
 from act_jax.spec import NEVER_EXIT, OperatingPoint, Spec
+from act_jax.run import directory as run_lib
 
 
 MODES = ('threshold', 'exact')  # approximate early exit at a point; self-speculative decoding
@@ -430,13 +431,12 @@ def load_points(workdir: str, spec: Spec, min_gap: float = 0.1) -> list:
   one of the same certification (near-duplicates would make every controller move tiny),
   and the cheapest one always is. Uncertified points are listed (certified=False) for
   --allow_uncertified."""
-  path = os.path.join(workdir, 'calibration.json')
-  if not os.path.exists(path):
+  path = run_lib.path(workdir, run_lib.CALIBRATION)
+  saved = run_lib.read_calibration(workdir)
+  if saved is None:
     raise ConfigError(f'{path} is missing: run `python -m experiments.calibrate '
                       f'--workdir={workdir} --caps=0,...` first (the SLO controller moves '
                       f'along its certified points), or serve with --controller=fixed')
-  with open(path) as f:
-    saved = json.load(f)
   raw = saved.get('points')
   if raw is None:  # written before calibrate listed its points: the chosen one only
     raw = []
@@ -721,8 +721,7 @@ def serve_run(workdir: str, trace: str, slo_p95_ms: Optional[float] = None,
     raise ConfigError('--threshold/--max_layers fix the point: use them with '
                       '--controller=fixed (slo picks from calibration.json)')
   requests_t = trace_lib.load(trace)  # a bad trace fails before the model loads
-  spec, state = inference.load_run(workdir)
-  variables = {'params': state['params'], 'moe_state': state['moe_state']}
+  spec, variables, step = run_lib.load(workdir)
   budget_s = None if slo_p95_ms is None else slo_p95_ms / 1e3
   if controller == 'slo':
     points = load_points(workdir, spec)
@@ -734,7 +733,7 @@ def serve_run(workdir: str, trace: str, slo_p95_ms: Optional[float] = None,
       raise ConfigError('--compact/--kv_fill apply to --mode=threshold (exact mode skips no '
                         'layer of a verified byte)')
     draft_layer, draft_len, how = draft_lib.resolve_draft(
-        spec, variables, draft_layer, draft_len, slots, workdir, int(state['step']), log)
+        spec, variables, draft_layer, draft_len, slots, workdir, step, log)
     points = [slo.Point(NEVER_EXIT, None, True, float(spec.model.num_layers), None,
                         f'exact k={draft_layer} d={draft_len}')]
     ctl = slo.FixedController(points)
@@ -787,8 +786,7 @@ def serve_run(workdir: str, trace: str, slo_p95_ms: Optional[float] = None,
   with open(os.path.join(out, 'steps.jsonl'), 'w') as f:
     for s in result['steps']:
       f.write(json.dumps(s) + '\n')
-  with open(os.path.join(out, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=2, default=_json_default)
+  run_lib.write_json(os.path.join(out, 'summary.json'), summary, default=_json_default)
   plot([r.as_json(spec.model.num_layers) for r in result['records']], result['steps'],
        [p.label or str(i) for i, p in enumerate(points)], slo_p95_ms,
        os.path.join(out, 'serve.png'))

@@ -32,6 +32,7 @@ from act_jax import data as data_lib
 from act_jax import telemetry
 from act_jax.train import training
 from act_jax.errors import ConfigError
+from act_jax.run import directory as run_lib
 
 SWEEP_FILE = 'sweep.json'
 COLLAPSE_FRAC = 0.9
@@ -85,10 +86,7 @@ def _write(workdir: str, spec, rows: list[dict]) -> dict[str, Any]:
          'halting': spec.halting.name, 'task': spec.data.name,
          'ranges': {k: list(v) for k, v in data_lib.difficulty_ranges(spec.data).items()},
          'config': {k: v for k, v in spec.to_dict().items() if k != 'seed'}}
-  tmp = os.path.join(workdir, SWEEP_FILE + '.tmp')
-  with open(tmp, 'w') as f:
-    json.dump(out, f, indent=1)
-  os.replace(tmp, os.path.join(workdir, SWEEP_FILE))  # atomic: never a half-written file
+  run_lib.write_json(os.path.join(workdir, SWEEP_FILE), out, indent=1)
   return out
 
 

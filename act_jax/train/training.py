@@ -13,22 +13,20 @@ Dims (legend: act_jax/__init__.py): B batch, L length, V vocab, N depth steps, E
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import time
-import json
 import math
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from act_jax.run import checkpointing
+from act_jax.run import directory as run_lib
+from act_jax.run import state as state_lib
 from act_jax import config as config_lib
 from act_jax import data as data_lib
 from act_jax.model import moe as moe_lib
@@ -37,27 +35,11 @@ from act_jax.model import quant as quant_lib
 from act_jax.scale import sharding as sharding_lib
 from act_jax import telemetry
 from act_jax.model.transformer import make_model
-from act_jax.spec import OperatingPoint, Spec, TrainSpec
+from act_jax.spec import OperatingPoint, Spec
 
-State = dict  # {'step', 'params', 'opt_state', 'moe_state'}
-
-
-# ----------------------------------------------------------------------------- optimiser
-def make_optimizer(tcfg: TrainSpec) -> optax.GradientTransformation:
-  sched = optax.warmup_cosine_decay_schedule(
-      0.0, tcfg.lr, tcfg.warmup_steps, max(tcfg.steps, tcfg.warmup_steps + 1),
-      end_value=tcfg.lr * tcfg.min_lr_ratio)
-  # No weight decay on norm scales and biases.
-  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
-      lambda p, _: not any(getattr(k, 'key', '') in ('scale', 'bias', 'final_norm_scale')
-                           for k in p), params)
-  return optax.chain(
-      optax.clip_by_global_norm(tcfg.clip_norm),
-      optax.adamw(sched, b1=tcfg.b1, b2=tcfg.b2, weight_decay=tcfg.weight_decay,
-                  mask=decay_mask))
+State = state_lib.State
 
 
-# ----------------------------------------------------------------------------- losses
 def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(
       logits_BLV.astype(jnp.float32), targets_BL)
@@ -119,48 +101,6 @@ def _global_norm(tree) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- state
-def init_state_boxed(config: Any, rng: jax.Array) -> State:
-  """Params (with logical-axis boxes), optimiser and MoE bias state."""
-  spec = config_lib.as_spec(config)
-  model = make_model(spec, train=False)
-  variables = model.init({'params': rng}, jnp.zeros((1, spec.data.seq_len), jnp.int32))
-  params = variables['params']
-  return {'step': jnp.zeros((), jnp.int32), 'params': params,
-          'opt_state': make_optimizer(spec.train).init(params),
-          'moe_state': variables.get('moe_state', {})}
-
-
-def state_shardings(config: Any, mesh) -> tuple[State, State]:
-  """(abstract unboxed state, NamedSharding tree) for the current mesh. A quantized run
-  (quant.stored) has no optimiser state, and QArrays where its weights are quantized."""
-  spec = config_lib.as_spec(config)
-  if spec.quant.stored:
-    float_spec = dataclasses.replace(spec, quant=quant_lib.NO_QUANT)
-    abstract, shardings = state_shardings(float_spec, mesh)
-    abstract = {k: v for k, v in abstract.items() if k != 'opt_state'}
-    abstract['params'] = quant_lib.abstract_params(abstract['params'], spec.quant)
-    shardings = jax.tree.map(lambda a: a.sharding, abstract)
-    return abstract, shardings
-  boxed = jax.eval_shape(lambda r: init_state_boxed(spec, r), jax.random.PRNGKey(0))
-  specs = nn.get_partition_spec(boxed)
-  specs = nn.logical_to_mesh(specs, sharding_lib.LOGICAL_RULES)
-  shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs,
-                           is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          nn.unbox(boxed), shardings)
-  sharding_lib.check_divisible(abstract['params'])  # backstop to config._check_layout
-  return abstract, shardings
-
-
-def init_state(config: Any, mesh, shardings) -> State:
-  # No ambient mesh here: flax's init-time constraints inside nn.scan see per-layer ranks;
-  # out_shardings alone lays the fresh state out over the mesh.
-  del mesh
-  spec = config_lib.as_spec(config)
-  fn = jax.jit(lambda r: nn.unbox(init_state_boxed(spec, r)), out_shardings=shardings)
-  return fn(jax.random.PRNGKey(spec.seed))
-
-
 def _bias_update(spec: Spec, moe_state, aux):
   """DeepSeek-V3 aux-loss-free balancing: outside the optimiser, from this step's load."""
   rate = spec.moe.bias_rate
@@ -184,7 +124,7 @@ def _bias_update(spec: Spec, moe_state, aux):
 def make_train_step(config: Any) -> Callable:
   spec = config_lib.as_spec(config)
   model = make_model(spec, train=True)
-  tx = make_optimizer(spec.train)
+  tx = state_lib.make_optimizer(spec.train)
   skip_nonfinite = spec.train.nonfinite == 'skip'
 
   def train_step(state: State, batch: dict, rng: jax.Array):
@@ -397,25 +337,24 @@ def train_and_evaluate(config: Any, workdir: str, log: Callable[[str], None] = p
   mesh = sharding_lib.make_mesh(spec.mesh.shape)
   dataset = data_lib.make_dataset(spec.data, spec.seed)
   tcfg = spec.train
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                    save_every=tcfg.checkpoint_every,
-                                    keep=tcfg.keep_checkpoints,
-                                    async_save=tcfg.async_checkpointing)
-  abstract, shardings = state_shardings(spec, mesh)
+  ckpt = run_lib.checkpointer(workdir, save_every=tcfg.checkpoint_every,
+                              keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpointing)
+  abstract, shardings = state_lib.state_shardings(spec, mesh)
   latest = ckpt.latest_step()
   if latest is not None:
     state = ckpt.restore(latest, abstract)  # raises CheckpointError if incompatible
     log(f'resumed from step {latest} in {workdir}')
   else:
-    state = init_state(spec, mesh, shardings)
+    state = state_lib.init_state(spec, mesh, shardings)
   if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      json.dump(spec.to_dict(), f, indent=2)
+    run_lib.write_config(workdir, spec)
   start = int(_fetch(state['step']))
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract['params']))
   log(f'model: {n_params:,} params, {spec.model.num_layers} layers, halting='
       f'{spec.halting.name}, router={spec.moe.router}; mesh {dict(mesh.shape)}; '
       f'{jax.device_count()} {jax.devices()[0].platform} device(s)')
+  if note := config_lib.where_supported_note(spec):
+    log(f'halting {note}')
   writer = telemetry.MetricsWriter(workdir, enabled=is_main)
   batch_sh = {k: sharding_lib.data_sharding(mesh, 2 if k in ('inputs', 'targets', 'weights')
                                             else 1)

@@ -25,6 +25,7 @@ from act_jax.infer import inference
 from act_jax.infer import speculative as S
 from act_jax.model.retrieval import arm as arm_lib
 from act_jax.retrieval import datastore
+from act_jax.run import directory as run_lib
 
 
 _LAYER_CHARS = '0123456789abcdefghijklmnopqrstuvwxyz'
@@ -43,11 +44,10 @@ def generate_listing(workdir: str, prompt: str, threshold: Optional[float] = Non
                      retrieval: Optional[tuple[Any, dict]] = None) -> str:
   """Greedy continuation + a per-byte line of exit layers (1-9, a=10, b=11, ...).
   retrieval: (RetrievalSpec, the datastore's arrays) -- retrieval_listing -- adds a line of how many times each byte's step retrieved."""
-  spec, state = inference.load_run(workdir)
+  spec, variables, step = run_lib.load(workdir)
   arrays = None
   if retrieval is not None:
     spec, arrays = dataclasses.replace(spec, retrieval=retrieval[0]), retrieval[1]
-  variables = {'params': state['params'], 'moe_state': state['moe_state']}
   op, _ = operating_point.run_operating_point(workdir, spec, threshold, max_layers)
   ids = np.concatenate([[data_lib.BOS], data_lib.encode(prompt)])[None].astype(np.int32)
   limit = spec.model.max_len
@@ -69,7 +69,7 @@ def generate_listing(workdir: str, prompt: str, threshold: Optional[float] = Non
     layer_chars.append('?' if np.isnan(l) else _LAYER_CHARS[int(l)])
   cap = '' if op.max_layers is None else f' max_layers={op.max_layers}'
   lines = [f'policy={spec.halting.name} threshold={op.threshold:g}{cap} kv_fill={kv_fill} '
-           f'(checkpoint step {state["step"]}, {spec.model.num_layers} layers)',
+           f'(checkpoint step {step}, {spec.model.num_layers} layers)',
            f'prompt: {prompt!r}']
   width = 64
   got = np.concatenate([np.asarray(out['retrievals'][0]), [0]])
@@ -97,9 +97,9 @@ def retrieval_listing(workdir: str, path: str, prompt: str, mode: str = 'gate',
                      neighbours: Optional[int] = None, gate_threshold: Optional[float] = None
                      ) -> str:
   """generate_listing with the retrieval arm of datastore `path`."""
-  spec, state = inference.load_run(workdir)
+  spec, variables, step = run_lib.load(workdir)
   arm_lib.check_model(spec)
-  ds = datastore.load(path, spec, params=state['params'])
+  ds = datastore.load(path, spec, params=variables['params'])
   rspec = ds.retrieval_spec(mode, neighbours)
   arrays = ds.arrays(gate_threshold=gate_threshold)
   return generate_listing(workdir, prompt, threshold, max_new, kv_fill,
@@ -113,11 +113,10 @@ def exact_listing(workdir: str, prompt: str, max_new: int = 64,
   ('·' an accepted draft, '^' the verifier: a correction or bonus byte, 'p' the prompt pass)."""
   if max_new < 1:
     raise ConfigError(f'--max_new_tokens={max_new}: must be >= 1')
-  spec, state = inference.load_run(workdir)
-  variables = {'params': state['params'], 'moe_state': state['moe_state']}
+  spec, variables, step = run_lib.load(workdir)
   S.check_exact(spec, draft_layer, draft_len, temperature=temperature)
   k, d, how = draft_lib.resolve_draft(spec, variables, draft_layer, draft_len, 1, workdir,
-                            int(state['step']), log=lambda s: None)
+                            step, log=lambda s: None)
   ids = np.concatenate([[data_lib.BOS], data_lib.encode(prompt)])[None].astype(np.int32)
   if ids.shape[1] >= spec.model.max_len:
     raise ConfigError(f'--prompt is {ids.shape[1]} tokens (with BOS); the model max length is '
@@ -135,7 +134,7 @@ def exact_listing(workdir: str, prompt: str, max_new: int = 64,
   text = [byte_char(tok) for tok in toks]
   st = S.acceptance_stats(acc[:, None], d)
   lines = [f'mode=exact draft_layer={k} draft_len={d} temperature={temperature:g} '
-           f'({how}; checkpoint step {state["step"]}, {spec.model.num_layers} layers)',
+           f'({how}; checkpoint step {step}, {spec.model.num_layers} layers)',
            f'prompt: {prompt!r}']
   source = source[:len(text)]
   for i in range(0, len(text), 64):

@@ -41,7 +41,6 @@ import jax  # noqa: E402
 
 from act_jax.run import checkpointing  # noqa: E402
 
-from act_jax.infer import inference
 
 from act_jax.calibrate import operating_point
 
@@ -53,6 +52,7 @@ from act_jax import telemetry
 from act_jax import data as data_lib  # noqa: E402
 from act_jax.model.transformer import make_model  # noqa: E402
 from act_jax.spec import OperatingPoint, Spec  # noqa: E402
+from act_jax.run import directory as run_lib
 
 CMAP = 'YlOrRd'  # light = few layers, dark red = full depth
 
@@ -346,11 +346,7 @@ def _eval_pass(fwd: Callable, state: Mapping[str, Any], batches: Sequence[Mappin
 
 
 def _calibration(workdir: str) -> dict:
-  path = os.path.join(workdir, 'calibration.json')
-  if not os.path.isfile(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
+  return run_lib.read_calibration(workdir) or {}
 
 
 def _model_plots(workdir: str, records: list[dict], out: Callable[[str], str],
@@ -365,7 +361,7 @@ def _model_plots(workdir: str, records: list[dict], out: Callable[[str], str],
     log(f'[report] no checkpoint in {ckpt_dir}: skipping exit-depth, token and MoE plots')
     return []
   log(f'[report] loading checkpoint {steps[-1]} of {workdir}')
-  spec, state = inference.load_run(workdir, steps[-1])
+  spec, state = run_lib.load(workdir, steps[-1])[:2]
   dataset = data_lib.make_dataset(spec.data, spec.seed)
   batches = dataset.eval_batches(num_batches or spec.train.eval_batches)
   # The run's operating point: the calibrated one when there is one, else the policy default.
@@ -410,7 +406,7 @@ def _model_plots(workdir: str, records: list[dict], out: Callable[[str], str],
     log(f'[report] routing stability skipped: only one checkpoint (step {steps[-1]}); keep '
         f'train.keep_checkpoints >= 2 to compare two')
   else:
-    _, prev = inference.load_run(workdir, steps[-2])
+    _, prev = run_lib.load(workdir, steps[-2])[:2]
     ev_prev = _eval_pass(fwd, prev, batches, log, f'held-out forward (step {steps[-2]})')
     changed = telemetry.routing_stability_per_layer(ev_prev['top1'], ev['top1'], valid)
     written.append(plot_routing_stability(changed, steps[-2], steps[-1],

@@ -24,7 +24,6 @@ hidden 384). Variants (':arg', comma-separated): halting=<policy>, router=<route
     tiny (seconds); used by the tests.
 """
 from act_jax import config as config_lib
-from act_jax.model import halting as halting_lib
 
 
 def get_config(arg: str | None = None):
@@ -37,9 +36,9 @@ def get_config(arg: str | None = None):
   if not args.get('runlocal'):  # end at a certified point: <= 1 % relative accuracy drop
     config.train.certify_tolerance = 0.01
   config = config_lib.apply_common_args(config, args)
-  policy = halting_lib.POLICIES.get(config.halting.name)
-  if policy is not None and policy.supports_exit_aware:
-    # what the 12-layer runs showed makes exits usable (README "Operating points"): train
-    # the exits on the states they will see (exit-aware) and toward full depth (distillation)
-    config.halting.update(exit_aware=0.5, distill=0.5)
+  # what the 12-layer runs showed makes exits usable (docs: operating points): train the
+  # exits on the states they will see (exit-aware) and toward full depth (distillation).
+  # Where supported: on for the early-exit policies, off for the others, so that
+  # --config.halting.name=act (or any policy) trains as one flag away from this config.
+  config.halting.update(exit_aware=0.5, distill=0.5, where_supported='exit_aware,distill')
   return config

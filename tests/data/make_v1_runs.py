@@ -9,6 +9,7 @@ import numpy as np
 import jax, jax.numpy as jnp
 from act_jax.train import training
 from act_jax.infer import inference
+from act_jax.run import directory as run_lib
 from experiments.configs import lm
 
 out = sys.argv[1]
@@ -31,7 +32,7 @@ for name, arg in specs.items():
     if f not in ('config.json', 'checkpoints'):
       p = os.path.join(wd, f)
       shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
-  config, state = inference.load_run(wd)
+  config, state, _ = run_lib.load(wd)
   v = {'params': state['params'], 'moe_state': state['moe_state']}
   rng = np.random.RandomState(0)
   tokens = rng.randint(1, 256, size=(2, 12)).astype(np.int32)

@@ -65,6 +65,7 @@ class HaltingPolicy:
   output_is_exit_head: ClassVar[bool] = False  # logits = the exit head's at the exit step
   can_draft: ClassVar[bool] = False  # exits read the shared LM head: self-speculative drafts
   supports_exit_aware: ClassVar[bool] = False  # halting.exit_aware applies (state['met'])
+  supports_distill: ClassVar[bool] = False  # halting.distill applies (exits imitate full depth)
   # loss_terms keys that price compute; halting.cost_warmup ramps them in from 0
   cost_terms: ClassVar[tuple[str, ...]] = ()
   gates_blocks: ClassVar[bool] = False  # the model routes tokens per block (MoD; has .capacity)
@@ -261,6 +262,7 @@ class EarlyExitPolicy(HaltingPolicy):
   output_is_exit_head = True
   can_draft = True
   supports_exit_aware = True
+  supports_distill = True
   score_key: ClassVar[str] = 'score'
 
   def __init__(self, cfg: HaltingSpec, num_steps: int):
