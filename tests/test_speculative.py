@@ -11,7 +11,7 @@ import scipy.stats
 from act_jax import config as config_lib
 from act_jax.infer import inference
 from act_jax.infer import speculative as S
-from act_jax.bench import speculative as SB
+from act_jax.infer import draft as SB
 from act_jax.errors import ConfigError
 from act_jax.model.transformer import make_model
 from act_jax.spec import OperatingPoint

@@ -7,21 +7,17 @@ hidden 384). Variants (':arg', comma-separated): halting=<policy>, router=<route
   python -m experiments.train --config=experiments/configs/lm.py --workdir=runs/lm
     6 layers, d=128, 700 steps of 16x128 bytes, exits trained exit-aware and self-distilled,
     then the operating point certified at <= 1 % relative accuracy drop (train.certify_tolerance).
-    Measured 2026-12-01 (README "Quickstart"): held-out loss 1.64 nats/byte, accuracy 0.562;
-    certified threshold 0.6 runs 4.12 of 6 layers (1.46x fewer; code 1.41x, prose 1.51x) at
-    -0.54 % accuracy vs full depth.
   python -m experiments.train --config=experiments/configs/lm.py:halting=none,router=none \
       --workdir=runs/dense        # the dense fixed-depth baseline
   python -m experiments.train --config=experiments/configs/lm.py --config.quant.scheme=w4 \
       --workdir=runs/lm_qat_w4    # quantization-aware (int4 weights, float master copy)
-    then experiments.quantize --scheme=w4: measured 2026-12-01, full-depth accuracy 0.5677 vs
-    0.5680 for post-training w4 of the float run (float32 0.5717; README "Quantization").
+    then experiments.quantize --scheme=w4.
   python -m experiments.train --config=experiments/configs/lm.py --config.moe.shared_experts=1 \
       --workdir=runs/lm_shared    # + one always-on shared expert: the generalist of moe.fallback
-    measured 2026-12-01: held-out accuracy 0.5659 (loss 1.63); certified threshold 0.6 runs
-    4.03 of 6 layers at -0.31 % accuracy; fallback table in README "Retrieval and fallback".
   python -m experiments.train --config=experiments/configs/lm.py:runlocal --workdir=/tmp/lm
     tiny (seconds); used by the tests.
+What these runs measured: docs/results.md ("The default run", "Quantization", "Retrieval and
+fallback").
 """
 from act_jax import config as config_lib
 

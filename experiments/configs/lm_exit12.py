@@ -6,29 +6,23 @@ training recipe for exact (self-speculative) decoding: `recipe=current` (exit-aw
 with depth to 0.2, early-exit loss only); the default CPU run uses neither.
 
   python -m experiments.train --config=experiments/configs/lm_exit12.py:recipe=current \
-      --workdir=runs/exit12_cur          # ~45 min on 2 busy cores, 1200 steps
+      --workdir=runs/exit12_cur          # 1200 steps
   python -m experiments.benchmark_inference --workdir=runs/exit12_cur --mode=exact
-Measured 2026-12-01 (README "Exact early exit"): teacher-forced draft acceptance at layer 2
-0.655 code / 0.740 prose (recipe=layerskip: 0.587 / 0.691); exact decoding 1.14x full depth
-at batch 8, 0.92x at batch 1 on this CPU, every row identical to full depth.
 
-CPU size (d=128, 1200 steps of 16x128 bytes, ~10-20 min on 2 cores):
+CPU size (d=128, 1200 steps of 16x128 bytes):
   python -m experiments.train --config=experiments/configs/lm_exit12.py --workdir=runs/exit12
   python -m experiments.calibrate --workdir=runs/exit12 --tolerance=0.01 --risk=0.05
   python -m experiments.benchmark_inference --workdir=runs/exit12
 
 `gpu` (d=192, 7.1M params, batch 64, the whole stdlib, 7000 steps; exit-aware training and
-exit self-distillation on): 2.5 min on one H200, then moved here as .npz files:
+exit self-distillation on), trained on an accelerator host, then moved here as .npz files:
   python -m experiments.train --config=experiments/configs/lm_exit12.py:gpu --workdir=/tmp/g
   python -m experiments.transfer --export --workdir=/tmp/g --out=/tmp/g_export   # GPU host
   python -m experiments.transfer --import --src=/tmp/g_export --workdir=runs/exit12_gpu
   python -m experiments.frontier --workdir=runs/exit12_gpu --max_layers=0,7,8
-Expected (measured 2026-11-28 on an H200, evaluated on the CPU; README): held-out accuracy
-0.71; at <= 1 % relative accuracy drop 1.96x fewer layers uncapped, 2.51x with an 8-layer
-and 2.67x with a 7-layer cap, against 1.71x for the best static shallower model. Without
-exit-aware training (`--config.halting.exit_aware=0`) real exits cost far more: a 3.7 %
-drop at threshold 0.9 instead of 0.2-0.5 %. Training stops after 330 s (train.max_seconds)
-on slower hosts.
+Training stops after 330 s (train.max_seconds) on slower hosts. What these runs measured
+(draft acceptance, exact decoding, the frontier with and without exit-aware training):
+docs/results.md ("Early exit, 12 layers", "Exact early exit").
 """
 from act_jax import config as config_lib
 

@@ -7,7 +7,7 @@ adaptive; 'dense' alone also works), runlocal.
   experts of d_ff/3).
 * adaptive: moe + CALM confidence exits after every 2-layer step. Training keeps every
   exit's logits [N, B, L, V] (f32) for the per-exit losses, which at vocab 32768 dominates
-  memory: N x 128 KiB per token (the compile tables in the README show it).
+  memory: N x 128 KiB per token (the compile tables in docs/results.md show it).
 * dense: the same transformer, dense FFN everywhere, no exits.
 Both: bf16 compute, f32 parameters and Adam state, full rematerialisation, 1024-token
 sequences, vocab 32768 (a production tokenizer's size; runs on the embedded byte corpus use
@@ -24,20 +24,8 @@ axes leave), experts split 4 ways (mesh.expert=4; use 8 on slices of 64+ chips).
   python -m experiments.compile --config=experiments/configs/pod.py:size=8b,kind=moe \
       --topology=v5p:4x4x4 --config.mesh.expert=8
 
-Measured on a 2-core CPU machine (jax 0.10.2, libtpu 0.0.52, --noprobes --nodecode; per
-chip; README "Pod scale without a pod" has the table):
-  size=1b,dense on v5e:4x4 (fsdp 16): parameters 0.22 + Adam 0.45 + temporaries 4.44 =
-    5.11 GiB of 16 (fits); roofline 648 ms/step, 25.3 k tokens/s/chip, MFU 73.6 %.
-  same with --config.mesh.fsdp=1 --config.mesh.data=-1 (replicated): refused, needs 30.0 GiB
-    (3.56 + 7.13 + 19.28 temporaries).
-  size=1b,kind=moe on v5e:4x4 (fsdp 4 x expert 4; 6.68 B total, 0.89 B active): 15.16 GiB
-    (fits, 95 %); MFU 63.7 % (0.87x the dense model's; with --probes the HBM-bound
-    roofline gives 27.7 % vs 53.8 %, 0.51x: README).
-  size=1b (adaptive) on v5e:4x4: refused, 66.5 GiB of temporaries (the 8 exits' logits).
-  size=8b,kind=moe on v5p:4x4x4 --config.mesh.expert=8 (66.3 B total, 7.9 B active):
-    34.4 GiB of 95 (fits); roofline MFU 64.8 % (8b dense, fsdp 64: 5.4 GiB, 70.8 %).
-    Compile: ~6 min.
-  size=1b on v6e:4x4: dense 5.0 GiB of 32, MFU 73.1 %; moe 16.2 GiB, MFU 58.4 %.
+What these compiles report per chip (memory against HBM, MFU estimates, collectives; which
+layouts fit and which are refused): docs/results.md ("Pod-scale compiles").
 """
 from act_jax import config as config_lib
 from act_jax.errors import ConfigError

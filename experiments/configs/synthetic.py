@@ -10,27 +10,23 @@ for the extrapolation range bits/2+1..bits separately.
 
   python -m experiments.train \
       --config=experiments/configs/synthetic.py:task=parity,halting=pondernet --workdir=runs/pn
-  The published size (96 entries): 0.9 steps/s on 2 CPU cores (3000 steps ~55 min; not run
-  here); meant for an accelerator host. CPU sizes: `bits=32` (3000 steps, 17.5 min) or
-  `bits=16` (1500 steps, ~3 min). Measured 2026-12-01 (README "Compute vs difficulty"):
-  bits=32 PonderNet: in-distribution accuracy 1.00 at 2.53 of 8 steps, Spearman 0.73;
-  extrapolation accuracy 0.65 (the 95 % goal is not met).
+  The published size (96 entries) is meant for an accelerator host. CPU sizes: `bits=32`
+  (3000 steps) or `bits=16` (1500 steps).
 
   python -m experiments.sweep_seeds \
       --config=experiments/configs/synthetic.py:task=parity,bits=16,halting=pondernet \
       --seeds=5 --workdir=runs/sweep_p16_pn
   Per seed: accuracy, steps, Spearman and whether the depth collapsed; the collapse rate.
-  Measured: in-distribution accuracy 0.999, 2.62 of 8 steps, Spearman 0.33-0.70; no seed
-  collapsed; extrapolation 0.62-0.82. halting=act: in-distribution 1.00, 2.0-8.0 steps
-  depending on the seed, 1 of 5 collapsed (every token at the maximum).
+  Measured results (times, accuracy, steps, Spearman, collapse, extrapolation):
+  docs/results.md ("Compute vs difficulty").
 
 ACT here starts deep and pays for depth late (the Universal Transformer recipe): halting
 bias -3 (p ~ 0.05 per step, so ~8 steps run at init) and the ponder cost ramped in over the
 first third of training (halting.cost_warmup). With the library default (bias -2, full cost
-from step 0) the hardest rows got the fewest steps (Spearman -0.35, README).
+from step 0) the hardest rows got the fewest steps (docs/results.md).
 PonderNet uses a stronger prior than the library default (beta 0.1, lambda_p 0.3, halting
 at the median, threshold 0.5): with beta 0.01 / lambda_p 0.2 / threshold 0.9 the halting
-distribution stayed late (7.9 of 8 steps, Spearman 0.18).
+distribution stayed late (docs/results.md).
 """
 from act_jax import config as config_lib
 
