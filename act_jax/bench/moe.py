@@ -13,11 +13,9 @@ the dense reference is timed interleaved with each case and the ratio is the med
 per-pair ratios, so load from other processes on a shared CPU cancels out. For dropless the
 C column shows the block size U of its sorted block-sparse path.
 
-Measured on a 2-core CPU (f32, T=4096, D=256, F=512, K=2, cf=1.25): top_k/gather 1.36x dense at
-E=8, 1.40x at E=32, 1.93x at E=128. What grows with E is not routing (<0.1x) but the expert
-weights: 3*E*D*F params are read in the forward, read twice and written as gradients in the
-backward (200 MB at E=128 vs 3 MB dense), and each expert's matmul has only T*K*cf/E rows.
-Hash (K=1, half the FLOPs) pays the same absolute increase from E=8 to E=128 (+0.5x dense).
+What grows with E is not routing but the expert weights: 3*E*D*F params are read in the
+forward, read twice and written as gradients in the backward, and each expert's matmul has
+only T*K*cf/E rows. Measured tables (dated, with hardware): docs/results.md.
 """
 from __future__ import annotations
 
@@ -44,7 +42,7 @@ DEFAULT_CASES: tuple[tuple[str, str], ...] = (
 class DenseFFN(nn.Module):
   """Dense reference: the library's GatedMLP on the flattened [B*L, D] tokens.
 
-  Flattening matters on XLA:CPU: the [B, L, D] matmuls' weight gradients run ~1.8x slower,
+  Flattening matters on XLA:CPU: the [B, L, D] matmuls' weight gradients run slower,
   and the reference should be the fastest dense layer, not a handicapped one.
   """
   d_ff: int

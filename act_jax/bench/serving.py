@@ -9,7 +9,7 @@
    fixed full depth vs the controller, p95, the share of requests within budget, agreement
    with full-depth greedy inside / outside bursts.
 Generated traces are decode-heavy by default (prompts of 8-24 bytes, 48-96 bytes out): on
-this CPU a prefill costs ~15 ms whatever the point, which early exit does not shorten.
+a CPU a prefill costs the same whatever the point, and early exit does not shorten it.
 3. Continuous batching vs static batches (wait for a full batch, run it to its longest
    request) at the same Poisson load: bytes/s and p95.
 """

@@ -15,14 +15,14 @@ after each window position w. Per row:
 
 A round emits a + 1 in [1, d + 1] tokens; greedy output equals full-depth greedy decoding by
 construction, in exact arithmetic. In floats the verify pass runs the deep layers over A
-positions at once, so its sums round differently from one-position decoding (~1e-6 here in
+positions at once, so its sums round differently from one-position decoding (in
 float32): an argmax near-tie can flip and the continuations split. Tests pin identical bytes
 on random and briefly trained weights; benchmark_inference reports the identical rows it
 measured. Cost of a round, in one-token layer passes: (d + 1) * k for the draft (its last
 pass only gives d_d its first k layers) plus (N - k) * v(A), v(A) = the cost of one layer
 over A positions relative to one: about 1 on an accelerator, where a decode layer is bound by
-reading its weights; measured 1.74 for A = 4 at batch 1 on XLA:CPU, which runs one row as a
-matrix-vector product and several as a small matrix product (README, "Exact early exit").
+reading its weights; above 1 on XLA:CPU, which runs one row as a matrix-vector product and
+several as a small matrix product (measured: docs/results.md, exact early exit).
 With i.i.d. acceptance alpha the expected tokens per round are (1 - alpha^(d+1)) / (1 - alpha).
 Per-round overheads (the draft loop, the accept step) are not in this count, and the real
 acceptance is that of the model's own continuations, so the draft is chosen by measuring

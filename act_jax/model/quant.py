@@ -16,8 +16,8 @@ Which weights (ROLES, by parameter path): 'expert' (routed experts, shared exper
 (attention q/k/v/o, dense FFNs) and 'gate' (MoE routers, the Soft-MoE slot projection,
 halting units, exit classifiers, MoD routers and the unembedding -- the exit head of
 confidence exits). Gates stay float32 unless quant.gates: quantizing them moves exit
-confidences (a certified threshold stops holding) and flips router choices; they are < 5 %
-of the bytes here. With quant.gates they are stored quantize-dequantized in float32 (the
+confidences (a certified threshold stops holding) and flips router choices; they are a
+small share of the bytes. With quant.gates they are stored quantize-dequantized in float32 (the
 ablation measures their accuracy effect; their bytes stay float). Norms, biases and the
 embedding (a lookup) are never quantized.
 

@@ -53,7 +53,7 @@ up, and a load between two points' capacities makes a latency-only controller os
   probe and multiplies the up dwell by up_backoff = 2 (up to max_up_dwell_s = 48 s); an up
   move that holds for probe_s resets it. A slight overload builds its backlog slowly (the
   oldest wait grows at 1 - capacity/λ per second), hence the long probe_s. Without
-  occupancy this makes the oscillation between two points rarer (~3x in tests/test_slo.py),
+  occupancy this makes the oscillation between two points rarer (tests/test_slo.py),
   it cannot remove it.
 
 `FixedController` has the same interface and never moves (baselines, benchmarks).
