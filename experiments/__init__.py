@@ -1,10 +1,13 @@
 """Thin absl binaries over act_jax: flags, then one call into the library.
 
-Each binary ends with `experiments.run(main)`: a bad config, flag or workdir (ConfigError,
-CheckpointError, and the config file's own errors while flags are parsed) prints one line
-`error: ...` on stderr and exits with status 2, without a Python traceback. `--verbose` or
-ACT_JAX_TRACEBACK=1 shows the traceback instead.
+Each binary defines its flags from the one vocabulary (experiments/vocabulary.py) and ends
+with `experiments.run(main)`. A user error prints one line `error: ...` on stderr and exits with
+status 2, without a Python traceback: absl's own parse errors (an unknown flag, a bad value, a
+missing required flag), a retired flag, and ConfigError / CheckpointError raised by the library
+(including a config file's errors while flags are parsed). `--verbose` or ACT_JAX_TRACEBACK=1
+shows the traceback instead.
 """
+import ast
 import os
 import sys
 from typing import Callable
@@ -26,12 +29,6 @@ def quiet_logs() -> None:
   """Library INFO chatter (Orbax) off unless the user asked for verbosity with -v."""
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.ERROR)
-
-
-def define_max_layers_flag() -> flags.FlagHolder:
-  """--max_layers, shared by the binaries that take an operating point."""
-  return flags.DEFINE_integer('max_layers', None, 'Cap: tokens still running exit after this '
-                              'layer (an exit layer; default: the run\'s operating point).')
 
 
 def refuse_flags(mode: str, names: tuple[str, ...]) -> None:
@@ -64,22 +61,85 @@ def _user_error(e: BaseException | None) -> BaseException | None:
   return found
 
 
-def _report(err: BaseException) -> None:
+def _report(err: BaseException | str) -> None:
   print(f'error: {err}', file=sys.stderr)
   sys.exit(2)
 
 
+def flag_error_line(e: flags.Error) -> str:
+  """absl's parse error as the one line a user acts on (without the `error: ` prefix)."""
+  if isinstance(e, flags.UnrecognizedFlagError):
+    text = str(e)
+    hint = text.partition('Did you mean:')[2].strip(' ?.')
+    hint = f' (did you mean --{hint.split(",")[0].strip()}?)' if hint else ''
+    return (f'--{e.flagname}: unknown flag{hint}; --helpshort lists this binary\'s flags')
+  line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+  line = line[len('flag '):] if line.startswith('flag --') else line
+  name, _, rest = line.partition(': ')
+  if 'must have a value other than None' in rest:
+    return f'{name.partition("=")[0]} is required'
+  return line
+
+
+def _config_error_line(e: BaseException, argv: list[str]) -> str | None:
+  """One line for an error ml_collections raised loading --config or applying a
+  --config.FIELD override (a missing file, an unknown field, a value of the wrong type), or
+  None when the error did not come from there."""
+  tb, from_config = e.__traceback__, False
+  while tb is not None:
+    from_config |= 'config_flags' in tb.tb_frame.f_code.co_filename
+    tb = tb.tb_next
+  if not from_config:
+    return None
+  text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+  while len(text) > 1 and text[0] == text[-1] and text[0] in '\'"':  # KeyError(repr(...))
+    try:
+      text = str(ast.literal_eval(text))
+    except (ValueError, SyntaxError):
+      break
+  lines = [l.strip() for l in text.strip().splitlines() if l.strip()] or [type(e).__name__]
+  overrides = [a for a in argv if a.startswith('--config.')]
+  if isinstance(e, (KeyError, AttributeError)):  # an override names a field that is not there
+    key = lines[0].strip('\'"')
+    arg = next((a for a in overrides if key in a.partition('=')[0][2:].split('.')),
+               ' '.join(overrides) or '--config')
+    hint = next((l for l in lines[1:] if l.startswith('Did you mean')), '')
+    return f'{arg}: the config has no field {key!r}' + (f' ({hint})' if hint else '')
+  if isinstance(e, OSError):  # the config file itself
+    arg = next((a for a in argv if a.startswith('--config=')), '--config')
+    return f'{arg}: cannot load the config file ({lines[-1]})'
+  arg = ' '.join(overrides) or next((a for a in argv if a.startswith('--config=')), '--config')
+  return f'{arg}: {lines[0]}'
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's parse_flags_with_usage, except that a config file's ConfigError is one line."""
+  """absl's parse_flags_with_usage, except that every user error is one line and exit 2."""
+  from experiments import vocabulary  # pylint: disable=import-outside-toplevel
   try:
-    return flags.FLAGS(argv)
+    argv = vocabulary.rewrite_argv(argv, warn=lambda m: print(m, file=sys.stderr))
+  except ValueError as e:  # a retired flag, a config file that is not there
+    _report(e)
+  try:
+    rest = flags.FLAGS(argv)
+    for name in flags.FLAGS:  # a config file loads lazily: make its errors parse errors
+      flag = flags.FLAGS[name]
+      if flag.present and type(flag).__name__ == '_ConfigFlag':  # not the overrides
+        _ = flag.value.to_dict  # raises the load error of a config that failed to load
+    return rest
   except flags.Error as e:
+    if _show_traceback():
+      raise
     err = _user_error(e)
-    if err is None or _show_traceback():
-      print(f'FATAL Flags parsing error: {e}', file=sys.stderr)
-      print('Pass --helpshort or --helpfull to see help on flags.', file=sys.stderr)
-      sys.exit(1)
-    _report(err)
+    if err is None:
+      _report(flag_error_line(e))
+    # the config file's own ConfigError: name the flag that loaded it
+    given = str(e).partition(': ')[0]
+    _report(f'{given[len("flag "):]}: {err}' if given.startswith('flag --') else err)
+  except Exception as e:  # pylint: disable=broad-except
+    line = _config_error_line(e, argv)
+    if line is None or _show_traceback():
+      raise
+    _report(line)
 
 
 def run(main: Callable[[list[str]], None]) -> None:

@@ -4,38 +4,31 @@ r"""Eager vs lazy KV fill of skipped layers: batch-1 decode efficiency at depth 
       --config.moe.router=none --caps=3,4,6
 Random weights (nothing to train: a cap with threshold 1.0 makes every token exit exactly
 there), greedy decoding of 64 bytes after a 16-byte prompt; each fill is timed against full
-depth in the same round-robin. Efficiency = speedup / (L / layers run). README "Serving
-under a latency budget" has the measured table.
+depth in the same round-robin. Efficiency = speedup / (L / layers run). docs/results.md has
+the measured table.
 """
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from absl import flags
-from ml_collections import config_flags
 
 from experiments import quiet_logs, run
+from experiments import vocabulary as vocab
 
 from act_jax import config as config_lib
 from act_jax.bench import serving as serving_bench
 from act_jax.errors import ConfigError
 from act_jax.model.transformer import make_model
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Model config file.')
-_CAPS = flags.DEFINE_list('caps', ['3', '4', '6'], 'Depth caps (exit layers).')
-_REPEATS = flags.DEFINE_integer('repeats', 5, 'Round-robin rounds (median).')
-flags.mark_flag_as_required('config')
+_CONFIG = vocab.define('config', required=True, help='Model config file, path[:arg].')
+_CAPS = vocab.define('caps', ['3', '4', '6'], 'Depth caps (exit layers).')
+_REPEATS = vocab.define('repeats', help='Round-robin rounds (median).')
 
 
 def main(argv):
   del argv
   quiet_logs()
   spec = config_lib.resolve(_CONFIG.value, device_count=1)
-  try:
-    caps = [int(c) for c in _CAPS.value]
-  except ValueError:
-    raise ConfigError(f'--caps={",".join(_CAPS.value)}: give exit layers (integers)')
-  if _REPEATS.value < 1:
-    raise ConfigError(f'--repeats={_REPEATS.value}: must be >= 1')
+  caps = _CAPS.value
   for c in caps:  # a bad cap fails before anything compiles
     if c not in spec.exit_layers or c == spec.model.num_layers:
       raise ConfigError(f'--caps: {c} is not an exit layer below the full depth of this model; '

@@ -8,19 +8,18 @@ ratio is the cost of crossing processes (gloo collectives, per-step host syncs).
 config: the tiny MoE (top_k of 4 experts) + ACT model of tests/test_multiprocess.py. Extra
 --config.* overrides go after `--`. The logic lives in act_jax.scale.multihost.benchmark.
 """
-from absl import flags
-
 from experiments import run
+from experiments import vocabulary as vocab
 
 from act_jax.scale import multihost
 
-_CONFIG = flags.DEFINE_string('config', 'experiments/configs/lm.py:router=top_k,halting=act,'
-                              'runlocal', 'Config file (path[:arg]) of experiments.train.')
-_STEPS = flags.DEFINE_integer('steps', 30, 'Training steps per layout.')
-_WARMUP = flags.DEFINE_integer('warmup', 5, 'First steps left out of the timing (compiling).')
-_NUM = flags.DEFINE_integer('num_processes', 2, 'Processes of the multi-process layout.')
-_DEVICES = flags.DEFINE_integer('devices_per_process', 2, 'CPU devices of each process.')
-_TIMEOUT = flags.DEFINE_float('timeout', 900, 'Seconds allowed per layout.')
+_CONFIG = vocab.define('config', 'experiments/configs/lm.py:router=top_k,halting=act,runlocal',
+                       'Config file (path[:arg]) of experiments.train.', as_path=True)
+_STEPS = vocab.define('steps', help='Training steps per layout.')
+_WARMUP = vocab.define('warmup')
+_NUM = vocab.define('num_processes', 2, 'Processes of the multi-process layout.')
+_DEVICES = vocab.define('devices_per_process')
+_TIMEOUT = vocab.define('timeout', 900.0, 'Seconds allowed per layout.')
 DEFAULT_OVERRIDES = ['--config.model.num_layers=2', '--config.data.batch_size=8']
 
 

@@ -12,47 +12,39 @@ package's source (default: flax) with a datastore built from its other files
   3. generalist fallback (a run with a shared expert, --fallback_workdir) calibrated to
      --fallback_rate of in-domain tokens: in-domain and shifted;
   4. cost: one retrieval (exact / approx_max_k) per token vs one layer, at 10^5 and 10^6 keys.
-Measured 2026-12-01 on the 2-core CPU (README "Retrieval and fallback as gating choices"):
-shifted accuracy 0.5129 -> 0.5971 always / 0.5885 gate (90 % of the gain, 45.8 % of tokens
-search); stdlib -0.29 / -0.35 points; 2.73 vs 3.72 layers at <= 1 % drop; fallback 2.08 %
-in domain, 1.62 % shifted, accuracy +0.0001; a 10^5-key search ~40-55 layers per token.
+Measured tables: docs/results.md.
 """
 import os
 import time
-
-from absl import flags
-
-from experiments import quiet_logs, run
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from act_jax.retrieval import fallback_run
-
+from experiments import quiet_logs, run
+from experiments import vocabulary as vocab
 
 from act_jax.calibrate import operating_point
-from act_jax.errors import ConfigError
-from act_jax.model.transformer import make_model
 from act_jax.model.retrieval import arm, knn
-from act_jax.retrieval import datastore
-from act_jax.spec import OperatingPoint
+from act_jax.model.transformer import make_model
+from act_jax.retrieval import datastore, fallback_run
 from act_jax.run import directory as run_lib
+from act_jax.spec import OperatingPoint
 
-_WORKDIR = flags.DEFINE_string('workdir', 'runs/lm_default', 'Trained run (confidence exits).')
-_DATASTORE = flags.DEFINE_string('datastore', 'runs/ds_flax', 'Its datastore over --files.')
-_FILES = flags.DEFINE_string('files', os.path.join(os.path.dirname(flax.__file__), '**/*.py'),
-                             'The shifted domain (held-out split evaluated).')
-_BATCHES = flags.DEFINE_integer('num_batches', 8, 'Held-out batches per evaluation.')
-_SWEEP = flags.DEFINE_list('thresholds', ['0.3', '0.4', '0.5', '0.6', '0.8'],
-                           'Thresholds of the layers-at-equal-accuracy sweep.')
-_TOL = flags.DEFINE_float('tolerance', 0.01, 'Relative accuracy drop of table 2.')
-_FB_WORKDIR = flags.DEFINE_string('fallback_workdir', 'runs/lm_shared', 'A run with '
-                                  'moe.shared_experts >= 1 for table 3 (empty: skip).')
-_FB_RATE = flags.DEFINE_float('fallback_rate', 0.02, 'In-domain fallback rate calibrated.')
-_KEYS = flags.DEFINE_list('keys', ['100000', '1000000'], 'Datastore sizes of table 4.')
-_SKIP = flags.DEFINE_list('skip', [], 'Tables to skip (1,2,3,4).')
+_WORKDIR = vocab.define('workdir', 'runs/lm_default', 'Trained run (confidence exits).')
+_DATASTORE = vocab.define('datastore', 'runs/ds_flax', 'Its datastore over --files.')
+_FILES = vocab.define('files', os.path.join(os.path.dirname(flax.__file__), '**/*.py'),
+                      'The shifted domain (held-out split evaluated).')
+_BATCHES = vocab.define('num_batches', 8, 'Held-out batches per evaluation.')
+_SWEEP = vocab.define('thresholds', ['0.3', '0.4', '0.5', '0.6', '0.8'],
+                      'Thresholds of the layers-at-equal-accuracy sweep.')
+_TOL = vocab.define('tolerance', help='Relative accuracy drop of table 2.')
+_FB_WORKDIR = vocab.define('fallback_workdir', 'runs/lm_shared', 'A run with '
+                           'moe.shared_experts >= 1 for table 3 (empty: skip).')
+_FB_RATE = vocab.define('fallback_rate')
+_KEYS = vocab.define('keys', help='Datastore sizes of table 4.')
+_SKIP = vocab.define('skip')
 
 
 def _evaluate(spec, variables, ds, batches, domains, mode, op):
@@ -96,21 +88,8 @@ def cost_table(spec, variables, sizes) -> list[str]:
 def main(argv):
   del argv
   quiet_logs()
-  skip = set(_SKIP.value)
-  # every flag checked before anything loads or compiles
-  if not skip <= {'1', '2', '3', '4'}:
-    raise ConfigError(f'--skip={",".join(sorted(skip))}: tables are 1, 2, 3, 4')
-  try:
-    sizes = [int(k) for k in _KEYS.value]
-    sweep = [float(x) for x in _SWEEP.value]
-  except ValueError as e:
-    raise ConfigError(f'--keys={_KEYS.value} / --thresholds={_SWEEP.value}: numbers expected'
-                      ) from e
-  if any(n < 16 for n in sizes) or any(not 0 < t <= 1 for t in sweep):
-    raise ConfigError('--keys must be >= 16 (the neighbours searched) and --thresholds in (0, 1]')
-  if not 0 < _TOL.value < 1 or not 0 < _FB_RATE.value < 1:
-    raise ConfigError(f'--tolerance={_TOL.value} and --fallback_rate={_FB_RATE.value} must be '
-                      f'in (0, 1)')
+  skip = set(_SKIP.value)  # every flag was checked when parsed: nothing loads before that
+  sizes, sweep = _KEYS.value, _SWEEP.value
   spec, variables, step = run_lib.load(_WORKDIR.value)
   op, source = operating_point.run_operating_point(_WORKDIR.value, spec)
   ds = None

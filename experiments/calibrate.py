@@ -9,39 +9,26 @@ Writes RUN/calibration.json (the frontier + the chosen threshold) and RUN/calibr
 """
 import json
 
-from absl import flags
-
-from experiments import define_max_layers_flag, quiet_logs, run
+from experiments import quiet_logs, run
+from experiments import vocabulary as vocab
 
 from act_jax.calibrate import operating_point
-from act_jax.errors import ConfigError
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir (config.json + checkpoints).')
-_TOL = flags.DEFINE_float('tolerance', 0.01, 'consistency: max fraction of tokens whose '
-                          'prediction may differ from full depth; accuracy: max relative '
-                          'accuracy drop.')
-_MEASURE = flags.DEFINE_enum('measure', 'consistency', ['consistency', 'accuracy'],
-                             'What the tolerance bounds (accuracy: empirical-Bernstein LTT).')
-_RISK = flags.DEFINE_float('risk', 0.05, 'Probability that the guarantee fails (delta).')
-_BUDGET = flags.DEFINE_float('budget_layers', None, 'Instead: meet this mean-layers budget.')
-_METHOD = flags.DEFINE_enum('method', 'binomial', ['binomial', 'hoeffding'], 'p-value.')
-_BATCHES = flags.DEFINE_integer('num_batches', 16, 'Held-out batches (half calibrate, half test).')
-_THR = flags.DEFINE_list('thresholds', None, 'Candidate thresholds, conservative first '
-                         '(default: operating_point.DEFAULT_THRESHOLDS).')
-_MAX_LAYERS = define_max_layers_flag()
-_CAPS = flags.DEFINE_list('caps', None, 'Certify under each of these depth caps (0 = none), '
-                          'the risk split over them (Bonferroni); calibration.json then lists '
-                          'every certified point for experiments.serve.')
-flags.mark_flag_as_required('workdir')
-
-
-def _caps(values):
-  if values is None:
-    return None
-  try:
-    return [int(v) for v in values]
-  except ValueError:
-    raise ConfigError(f'--caps={",".join(values)}: give integers (exit layers; 0 = uncapped)')
+_WORKDIR = vocab.define('workdir', required=True)
+_TOL = vocab.define('tolerance', help='consistency: max fraction of tokens whose prediction may '
+                    'differ from full depth; accuracy: max relative accuracy drop.')
+_MEASURE = vocab.define('measure')
+_RISK = vocab.define('risk')
+_BUDGET = vocab.define('budget_layers')
+_METHOD = vocab.define('method')
+_BATCHES = vocab.define('num_batches', 16, 'Held-out batches (half calibrate, half test).')
+_THR = vocab.define('thresholds', help='Candidate thresholds in (0, 1], conservative first '
+                    '(default: operating_point.DEFAULT_THRESHOLDS).')
+_MAX_LAYERS = vocab.define('max_layers', help='Pick thresholds under this depth cap (an exit '
+                           'layer).')
+_CAPS = vocab.define('caps', help='Certify under each of these depth caps (0 = none), the risk '
+                     'split over them (Bonferroni); calibration.json then lists every certified '
+                     'point for experiments.serve.')
 
 
 def main(argv):
@@ -50,9 +37,8 @@ def main(argv):
   r = operating_point.calibrate_run(_WORKDIR.value, _TOL.value, _RISK.value, _BUDGET.value,
                                     num_batches=_BATCHES.value, method=_METHOD.value,
                                     max_layers=_MAX_LAYERS.value, measure=_MEASURE.value,
-                                    caps=_caps(_CAPS.value),
-                                    thresholds=[float(t) for t in _THR.value] if _THR.value
-                                    else operating_point.DEFAULT_THRESHOLDS)
+                                    caps=_CAPS.value,
+                                    thresholds=_THR.value or operating_point.DEFAULT_THRESHOLDS)
   print(json.dumps({k: r[k] for k in ('policy', 'mode', 'measure', 'chosen_threshold',
                                       'max_layers',
                                       'full_depth',

@@ -1,31 +1,35 @@
-r"""Compares training runs side by side: a table on stdout and a PNG.
+r"""Compares training runs side by side: a table on stdout and OUT/compare.png.
 
-  python -m experiments.compare runs/top_k runs/expert_choice runs/dense --out=compare.png
+  python -m experiments.compare runs/top_k runs/expert_choice runs/dense --out=runs/compare
 
 Columns: run, halting policy, router, final eval loss / accuracy, mean layers executed vs
 full depth, tokens/s, dropped fraction, load imbalance ('-' where a run has no such value).
 """
-from absl import app, flags
+import os
 
 from experiments import quiet_logs, run
+from experiments import vocabulary as vocab
 
+from act_jax.errors import ConfigError
 from act_jax.viz import compare
 
-_OUT = flags.DEFINE_string('out', 'compare.png', 'Where to write the comparison PNG.')
+_OUT = vocab.define('out', '.', 'Directory for compare.png (created).')
 
 
 def main(argv):
   quiet_logs()
   runs = argv[1:]
   if not runs:
-    raise app.UsageError('give one or more run directories: python -m experiments.compare '
-                         'RUN_A RUN_B ...')
-  try:
-    table, _ = compare.compare_runs(runs, out=_OUT.value)
-  except ValueError as e:
-    raise SystemExit(f'error: {e}') from None
+    raise ConfigError('give one or more run directories: python -m experiments.compare '
+                      'RUN_A RUN_B ... [--out=DIR]')
+  if _OUT.value.endswith('.png'):
+    raise ConfigError(f'--out={_OUT.value}: --out is a directory (compare.png is written into '
+                      'it)')
+  os.makedirs(_OUT.value, exist_ok=True)
+  path = os.path.join(_OUT.value, 'compare.png')
+  table, _ = compare.compare_runs(runs, out=path)
   print(table)
-  print(f'wrote {_OUT.value}')
+  print(f'wrote {path}')
 
 
 if __name__ == '__main__':

@@ -6,11 +6,10 @@ per-chip memory, FLOPs, estimated step time / MFU and collectives (act_jax/deplo
       --topology=v5e:4x4
   python -m experiments.compile --config=experiments/configs/pod.py:size=8b,kind=moe \
       --topology=v5p:4x4x4 --config.mesh.expert=8
-Exits with status 1 (and says why, with a suggestion) when the layout does not fit the
-chip's HBM; status 2 on a bad flag or config.
+--out=DIR also writes the report to DIR/compile.json. Exits with status 1 (and says why, with
+a suggestion) when the layout does not fit the chip's HBM; status 2 on a bad flag or config.
 """
 import atexit
-import json
 import os
 import shutil
 import sys
@@ -25,39 +24,37 @@ if '--xla_dump_to' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + f' --xla_dump_to={_DUMP} '
                              '--xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_(train_)?step')
 
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
 from act_jax.deploy import aot  # noqa: E402
+from act_jax.run import directory as run_lib  # noqa: E402
 from experiments import quiet_logs, run  # noqa: E402
+from experiments import vocabulary as vocab  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).',
-                                          lock_config=True)
-_TOPOLOGY = flags.DEFINE_string('topology', None, 'TPU slice, e.g. ' +
-                                ', '.join(aot.TOPOLOGY_EXAMPLES))
-_PROBES = flags.DEFINE_bool('probes', True, 'Compile 2- and 3-step probes to correct XLA\'s '
-                            'per-loop-body FLOP count (2 extra compiles).')
-_DECODE = flags.DEFINE_bool('decode', True, 'Also compile the early-exit decode step.')
-_JSON = flags.DEFINE_string('json', None, 'Also write the report as JSON to this path.')
-_QUANT = flags.DEFINE_list('quant_schemes', [], 'Instead of the training report: compile the '
-                           'decode step with float32 and with each of these weight schemes '
-                           '(w8, w4, w8a8) stored, and compare bytes per chip.')
-flags.mark_flags_as_required(['config', 'topology'])
+_CONFIG = vocab.define('config', required=True)
+_TOPOLOGY = vocab.define('topology', required=True)
+_PROBES = vocab.define('probes')
+_DECODE = vocab.define('decode')
+_OUT = vocab.define('out', help='Also write the report to OUT/compile.json.')
+vocab.retired('json', 'write --out=DIR instead (the report goes to DIR/compile.json)')
+_SCHEMES = vocab.define('schemes', [], 'Instead of the training report: compile the decode step '
+                        'with float32 and with each of these weight schemes (w8, w4, w8a8) '
+                        'stored, and compare bytes per chip.')
+vocab.renamed('quant_schemes', 'schemes')
+RESULT = 'compile.json'
 
 
 def main(argv):
   del argv
   quiet_logs()
-  if _QUANT.value:
-    rows = aot.quant_decode_report(_CONFIG.value, _TOPOLOGY.value, tuple(_QUANT.value))
+  if _SCHEMES.value:
+    rows = aot.quant_decode_report(_CONFIG.value, _TOPOLOGY.value, tuple(_SCHEMES.value))
     print(aot.format_quant_decode(rows, _TOPOLOGY.value))
     return
   report = aot.compile_report(_CONFIG.value, _TOPOLOGY.value, probes=_PROBES.value,
                               decode=_DECODE.value)
   print(aot.format_report(report))
-  if _JSON.value:
-    with open(_JSON.value, 'w') as f:
-      json.dump(report, f, indent=2)
+  if _OUT.value:
+    os.makedirs(_OUT.value, exist_ok=True)
+    run_lib.write_json(os.path.join(_OUT.value, RESULT), report)
   if not report['fits']:
     sys.exit(1)
 

@@ -10,35 +10,27 @@ r"""Continues a prompt with early-exit decoding and shows where every byte came 
       --prompt='class Dense(Module):' --retrieve=gate
     threshold mode with the retrieval arm: a third line marks the bytes that retrieved.
 """
-from absl import flags
-
-from experiments import define_max_layers_flag, quiet_logs, refuse_flags, run
+from experiments import quiet_logs, refuse_flags, run
+from experiments import vocabulary as vocab
 
 from act_jax.errors import ConfigError
 from act_jax.viz import listing
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.')
-_PROMPT = flags.DEFINE_string('prompt', 'def fib(n):', 'Prompt text.')
-_MODE = flags.DEFINE_enum('mode', 'threshold', ['threshold', 'exact'],
-                          'threshold: approximate early exit at an operating point; exact: '
-                          'self-speculative decoding, output equal to full depth.')
-_THR = flags.DEFINE_float('threshold', None, 'Exit threshold in (0, 1] (default: the run\'s '
-                          'calibrated one, else the config default). Threshold mode.')
-_NEW = flags.DEFINE_integer('max_new_tokens', 64, 'Bytes to generate.')
-_FILL = flags.DEFINE_enum('kv_fill', 'project', ['project', 'copy', 'lazy'],
-                          'KV of skipped layers (lazy: the same values, filled when needed).')
-_MAX_LAYERS = define_max_layers_flag()
-_DRAFT_LAYER = flags.DEFINE_integer('draft_layer', None, 'Exact mode: the exit layer that '
-                                    'drafts (default: the fastest measured on held-out prompts).')
-_DRAFT_LEN = flags.DEFINE_integer('draft_len', None, 'Exact mode: bytes drafted per verify '
-                                  'step (default: the fastest measured on held-out prompts).')
-_TEMP = flags.DEFINE_float('temperature', 0.0, 'Exact mode: 0 = greedy, > 0 = sampling.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Exact mode: sampling seed.')
-_DATASTORE = flags.DEFINE_string('datastore', None, 'Threshold mode: a kNN datastore of this '
-                                 'run (experiments.datastore) for the retrieval arm.')
-_RETRIEVE = flags.DEFINE_enum('retrieve', 'gate', ['never', 'always', 'gate'],
-                              'With --datastore: when a token retrieves.')
-flags.mark_flag_as_required('workdir')
+_WORKDIR = vocab.define('workdir', required=True)
+_PROMPT = vocab.define('prompt')
+_MODE = vocab.define('mode')
+_THR = vocab.define('threshold', help='Threshold mode: the exit threshold in (0, 1] (default: '
+                    'the run\'s calibrated one, else the config default).')
+_NEW = vocab.define('max_new_tokens')
+_FILL = vocab.define('kv_fill')
+_MAX_LAYERS = vocab.define('max_layers')
+_DRAFT_LAYER = vocab.define('draft_layer')
+_DRAFT_LEN = vocab.define('draft_len')
+_TEMP = vocab.define('temperature')
+_SEED = vocab.define('seed', help='Exact mode: sampling seed.')
+_DATASTORE = vocab.define('datastore', help='Threshold mode: a kNN datastore of this run '
+                          '(experiments.datastore) for the retrieval arm.')
+_RETRIEVE = vocab.define('retrieve')
 
 
 def main(argv):

@@ -18,16 +18,15 @@ coordinator flags (the job is auto-detected), e.g.
 """
 import sys
 
-from absl import flags
-
 from experiments import run
+from experiments import vocabulary as vocab
 
 from act_jax.scale import multihost
 
-_NUM = flags.DEFINE_integer('num_processes', 2, 'Processes to start.')
-_DEVICES = flags.DEFINE_integer('devices_per_process', 2, 'CPU devices of each process.')
-_PORT = flags.DEFINE_integer('port', None, 'Coordinator port on 127.0.0.1 (default: a free one).')
-_TIMEOUT = flags.DEFINE_float('timeout', None, 'Kill every process after this many seconds.')
+_NUM = vocab.define('num_processes', 2, 'Processes to start.')
+_DEVICES = vocab.define('devices_per_process')
+_PORT = vocab.define('port')
+_TIMEOUT = vocab.define('timeout')
 
 
 def main(argv: list[str]) -> None:

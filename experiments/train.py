@@ -14,27 +14,23 @@ experiments/launch_local.py does for N local CPU processes:
 """
 import sys
 
-from absl import flags
-
 from experiments import quiet_logs, run
-from ml_collections import config_flags
+from experiments import vocabulary as vocab
 
 from act_jax import config as config_lib
+from act_jax.calibrate import operating_point
 from act_jax.scale import multihost
 
-from act_jax.calibrate import operating_point
-
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics.jsonl, TensorBoard.')
-_COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None, 'host:port of process 0 of a multi-process run (only with '
-    '--config.train.multihost=True; unset on a TPU pod: auto-detected).')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the multi-process '
-                                      'run (with --coordinator_address).')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, in [0, num_processes) '
-                                   '(with --coordinator_address).')
-flags.mark_flags_as_required(['config', 'workdir'])
+_CONFIG = vocab.define('config', required=True)
+_WORKDIR = vocab.define('workdir', required=True, help='The run directory: checkpoints, '
+                        'metrics.jsonl, TensorBoard (resumed when it holds a checkpoint).')
+_COORDINATOR = vocab.define('coordinator_address', help='host:port of process 0 of a '
+                            'multi-process run (only with --config.train.multihost=True; unset '
+                            'on a TPU pod: auto-detected).')
+_NUM_PROCESSES = vocab.define('num_processes', help='Processes in the multi-process run (with '
+                              '--coordinator_address).')
+_PROCESS_ID = vocab.define('process_id', help='This process, in [0, num_processes) (with '
+                           '--coordinator_address).')
 
 
 def main(argv):

@@ -4,33 +4,39 @@ r"""Moves a trained run between machines as plain .npz files (see act_jax/deploy
   python -m experiments.transfer --import --src=DIR --workdir=NEWRUN  # where you evaluate
 After the import, NEWRUN works with evaluate / calibrate / generate / benchmark_inference.
 """
-from absl import app, flags
-
 from experiments import quiet_logs, run
+from experiments import vocabulary as vocab
 
 from act_jax.deploy import export
+from act_jax.errors import ConfigError
 
-_EXPORT = flags.DEFINE_bool('export', False, 'Write RUN\'s latest checkpoint to --out.')
-_IMPORT = flags.DEFINE_bool('import', False, 'Build --workdir from the export at --src.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'The training workdir (read or created).')
-_OUT = flags.DEFINE_string('out', None, 'Export directory to write.')
-_SRC = flags.DEFINE_string('src', None, 'Export directory to read.')
-_MAX_MB = flags.DEFINE_float('max_file_mb', 15.0, 'Largest .npz file written.')
-flags.mark_flag_as_required('workdir')
+_EXPORT = vocab.define('export')
+_IMPORT = vocab.define('import')
+_WORKDIR = vocab.define('workdir', required=True, help='The run: read by --export, created by '
+                        '--import.')
+_OUT = vocab.define('out', help='--export: the export directory to write.')
+_SRC = vocab.define('src')
+_MAX_MB = vocab.define('max_file_mb')
 
 
 def main(argv):
   del argv
   quiet_logs()
   if _EXPORT.value == _IMPORT.value:
-    raise app.UsageError('give exactly one of --export, --import')
+    raise ConfigError('give exactly one of --export, --import')
   if _EXPORT.value:
     if not _OUT.value:
-      raise app.UsageError('--export needs --out=DIR')
+      raise ConfigError('--export needs --out=DIR')
+    if _SRC.present:
+      raise ConfigError(f'--src={_SRC.value}: applies with --import, not --export')
     export.export_run(_WORKDIR.value, _OUT.value, _MAX_MB.value)
   else:
     if not _SRC.value:
-      raise app.UsageError('--import needs --src=DIR')
+      raise ConfigError('--import needs --src=DIR')
+    for holder in (_OUT, _MAX_MB):
+      if holder.present:
+        raise ConfigError(f'--{holder.name}={holder.value}: applies with --export, not '
+                          '--import')
     export.import_run(_SRC.value, _WORKDIR.value)
 
 

@@ -167,12 +167,12 @@ def test_collectives_fall_back_to_xla_dump(tmp_path, monkeypatch):
 
 @needs_libtpu
 def test_quantized_decode_compiles_for_tpu_with_fewer_bytes():
-  """experiments.compile --quant_schemes: the decode step compiles for a TPU slice with the
+  """experiments.compile --schemes: the decode step compiles for a TPU slice with the
   weights stored int8 / int4 (QArrays sharded like the weights); per chip the parameters
   shrink toward 1/4 and 1/8 (the f32 embedding, norms, routers and scales stay)."""
   c = lm.get_config('runlocal')
   c.mesh.update(data=2, expert=2)
-  with pytest.raises(ConfigError, match='--quant_schemes=w8,auto: auto not allowed'):
+  with pytest.raises(ConfigError, match='--schemes=w8,auto: auto not allowed'):
     aot.quant_decode_report(c, 'v5e:2x2', ('w8', 'auto'))
   rows = aot.quant_decode_report(c, 'v5e:2x2', ('w8', 'w4'))
   f32, w8, w4 = (r['params'] for r in rows)

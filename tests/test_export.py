@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 
 from act_jax.deploy import export
-
-from act_jax.infer import inference
 from act_jax.errors import CheckpointError
 from act_jax.run import directory as run_lib
 

@@ -7,7 +7,6 @@ import pytest
 
 from act_jax import config as config_lib
 from act_jax import data as data_lib
-from act_jax.infer import inference
 from act_jax import telemetry
 from act_jax.train import training
 from act_jax.model.transformer import make_model
@@ -134,7 +133,7 @@ def test_act_deep_start_does_not_collapse(tmp_path):
   # neither >= 90 % at step 1 nor at 4). The setting that failed, measured in the same
   # runs: the library default (bias -2, full cost from step 0) left seed 0 with every token
   # at 2 of 4 steps (no adaptivity left); on 16-entry parity it gave the hardest rows the
-  # fewest steps (Spearman -0.35, README).
+  # fewest steps (Spearman -0.35, docs/results.md).
   for seed in (0, 1):
     config = synthetic.get_config('task=parity,halting=act,bits=8')
     config.model.update(d_model=32, num_heads=2, d_ff=64, num_layers=4)

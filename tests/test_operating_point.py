@@ -8,13 +8,12 @@ import os
 import numpy as np
 import pytest
 
-from act_jax.viz import listing
-from act_jax.calibrate import ltt as calibration, operating_point
-
-from act_jax.infer import inference
 from act_jax import config as config_lib
+from act_jax.calibrate import ltt as calibration, operating_point
 from act_jax.errors import CheckpointError, ConfigError
+from act_jax.infer import inference
 from act_jax.run import directory as run_lib
+from act_jax.viz import listing
 
 
 @pytest.fixture

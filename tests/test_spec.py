@@ -416,14 +416,15 @@ def test_bad_config_or_flag_prints_one_line_without_traceback(tmp_path):
   """Defect: the right message under 19 lines of traceback."""
   cases = [
       (['experiments.train', '--config=experiments/configs/lm.py:runlocall',
-        f'--workdir={tmp_path}/a'], r"^error: unknown config arg\(s\) \['runlocall'\]"),
+        f'--workdir={tmp_path}/a'],
+       r"^error: --config=experiments/configs/lm\.py:runlocall: unknown config arg\(s\)"),
       (['experiments.train', '--config=experiments/configs/lm.py:runlocal',
         '--config.model.num_heads=5', f'--workdir={tmp_path}/b'],
        r'^error: model\.num_heads=5: must divide model\.d_model=32'),
       (['experiments.evaluate', f'--workdir={tmp_path}/none'],
        r'^error: workdir .* does not exist'),
       (['experiments.generate', f'--workdir={os.path.join(V1, "act_dense")}',
-        '--threshold=1.5'], r'^error: --threshold=1\.5: must be in \(0, 1\]'),
+        '--threshold=1.5'], r'^error: --threshold=1\.5: must be a finite number in \(0, 1\]'),
   ]
   # one interpreter per binary (conftest.binary_cases): train's two refusals share one
   procs = binary_cases('experiments.train', [a[1:] for a, _ in cases[:2]]) + \

@@ -4,9 +4,8 @@ import os
 
 import pytest
 
-from act_jax.viz import report
-
 from act_jax.train import sweep
+from act_jax.viz import report
 from experiments.configs import synthetic
 from tests.conftest import binary_cases
 
@@ -41,8 +40,8 @@ def test_sweep_rows_table_and_plot(tmp_path):
 
 
 BAD_FLAGS = [
-    (['--seeds=0'], '--seeds=0: must be at least 1'),
-    (['--first_seed=-2'], '--first_seed=-2: must be non-negative'),
+    (['--num_seeds=0'], '--num_seeds=0: must be an integer >= 1'),
+    (['--first_seed=-2'], '--first_seed=-2: must be an integer >= 0'),
     (['--config.data.train_max_difficulty=16'], 'data.train_max_difficulty=16'),
 ]
 

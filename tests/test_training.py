@@ -11,15 +11,12 @@ import jax
 import numpy as np
 import pytest
 
-from act_jax.run import checkpointing
-
 from act_jax import data, telemetry
-
-from act_jax.scale import sharding
-
-from act_jax.run import state as run_state
-from act_jax.train import training
 from act_jax.errors import CheckpointError
+from act_jax.run import checkpointing
+from act_jax.run import state as run_state
+from act_jax.scale import sharding
+from act_jax.train import training
 from experiments.configs import lm
 from tests.conftest import run_multidevice_group
 

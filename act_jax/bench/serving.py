@@ -23,12 +23,11 @@ import numpy as np
 
 
 from act_jax.calibrate import operating_point
-
+from act_jax.errors import ConfigError
+from act_jax.run import directory as run_lib
 from act_jax.serve import serving, slo
 from act_jax.serve import trace as trace_lib
-from act_jax.errors import ConfigError
 from act_jax.spec import NEVER_EXIT, OperatingPoint
-from act_jax.run import directory as run_lib
 
 PARTS = ('efficiency', 'bursty', 'batching')
 

@@ -33,7 +33,7 @@ def benchmark(workdir: str, batch_sizes: Sequence[int] = (1, 8), prompt_len: int
               draft_len: Optional[int] = None, threshold: Optional[float] = None,
               layer_table: bool = True, log: Callable[[str], None] = print) -> dict:
   """The tables of the module doc. Returns {'speed': rows, 'layers': rows, 'draft': ...}."""
-  for name, v in (('--repeats', repeats), ('--new_tokens', new_tokens),
+  for name, v in (('--repeats', repeats), ('--max_new_tokens', new_tokens),
                   ('--prompt_len', prompt_len)):
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
       raise ConfigError(f'{name}={v!r}: must be an integer >= 1')

@@ -27,17 +27,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from act_jax.calibrate import ltt as calibration
-
-from act_jax.infer import inference
-
-from act_jax.train import training
 from act_jax import config as config_lib
 from act_jax import data as data_lib
+from act_jax.calibrate import ltt as calibration
 from act_jax.errors import ConfigError
+from act_jax.infer import inference
 from act_jax.model.halting import POLICIES
-from act_jax.spec import NEVER_EXIT, OperatingPoint, Spec
 from act_jax.run import directory as run_lib
+from act_jax.spec import NEVER_EXIT, OperatingPoint, Spec
+from act_jax.train import training
 
 MEASURES = ('consistency', 'accuracy')  # what calibrate's tolerance bounds
 # Conservative -> aggressive (a token exits when its score >= threshold).

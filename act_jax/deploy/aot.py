@@ -97,6 +97,9 @@ def parse_topology(name: str) -> Chip:
   if not m:
     raise ConfigError(f'--topology={name!r}: expected <chip>:<shape> with chip one of '
                       f'v4, v5e, v5p, v6e; examples: {", ".join(TOPOLOGY_EXAMPLES)}')
+  if min(int(g) for g in m.groups()[1:] if g) < 1:  # libtpu would crash the process on a 0
+    raise ConfigError(f'--topology={name!r}: every dimension must be >= 1; examples: '
+                      f'{", ".join(TOPOLOGY_EXAMPLES)}')
   return CHIPS[m.group(1)]
 
 
@@ -438,7 +441,7 @@ def quant_decode_report(config: ml_collections.ConfigDict, topology: str,
   fixed = [k for k, v in quant_lib.SCHEMES.items() if v.weight_bits]  # auto needs a table
   bad = [s for s in schemes if s not in fixed]
   if bad:
-    raise ConfigError(f'--quant_schemes={",".join(schemes)}: {", ".join(bad)} not allowed; '
+    raise ConfigError(f'--schemes={",".join(schemes)}: {", ".join(bad)} not allowed; '
                       f'allowed: {", ".join(fixed)}')
   chip = parse_topology(topology)
   devices = topology_devices(topology)

@@ -22,16 +22,13 @@ from typing import Callable
 import jax
 import numpy as np
 
-from act_jax.run import checkpointing
-
-
-from act_jax.scale import sharding
-
-from act_jax.run import state as run_state
 from act_jax import config as config_lib
-from act_jax.run.checkpointing import path_str
 from act_jax.errors import CheckpointError
+from act_jax.run import checkpointing
 from act_jax.run import directory as run_lib
+from act_jax.run import state as run_state
+from act_jax.run.checkpointing import path_str
+from act_jax.scale import sharding
 
 MANIFEST = 'manifest.json'
 _GROUPS = ('params', 'moe_state')

@@ -36,20 +36,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-from act_jax.infer import inference
-
-from act_jax.calibrate import operating_point
-
-from act_jax.model import quant
-
-from act_jax.train import training
 from act_jax import config as config_lib
 from act_jax import data as data_lib
+from act_jax.calibrate import operating_point
 from act_jax.errors import CheckpointError, ConfigError
+from act_jax.infer import inference
+from act_jax.model import quant
 from act_jax.model.transformer import make_model
-from act_jax.spec import OperatingPoint, Spec
 from act_jax.run import directory as run_lib
+from act_jax.spec import OperatingPoint, Spec
+from act_jax.train import training
 
 QUANT_JSON = 'quant.json'
 FLOAT = 'float32'  # the reference row of compare_schemes

@@ -16,7 +16,7 @@ arguments, and each chunk's keys are a deterministic function of them, so a resu
 is identical to an uninterrupted one (tests pin it).
 
 Corpus split: the files' documents are split train/held-out exactly as the 'files' dataset
-splits them (data.heldout_fraction, by name), so `evaluate --data_files=GLOB` scores text
+splits them (data.heldout_fraction, by name), so `evaluate --files=GLOB` scores text
 the datastore never saw. The datastore stores the train documents; a hashed `tune_fraction`
 of them is kept out to tune lam, tau and the gate (act_jax/model/retrieval/gate.py).
 
@@ -41,21 +41,19 @@ import numpy as np
 import tensorstore as ts
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from act_jax.infer import inference
-
-from act_jax.calibrate import operating_point
-
-from act_jax.train import training
-from act_jax.scale import sharding as sharding_lib
 from act_jax import data as data_lib
+from act_jax.calibrate import operating_point
 from act_jax.data import corpus
 from act_jax.errors import CheckpointError, ConfigError
-from act_jax.model.transformer import make_model
+from act_jax.infer import inference
 from act_jax.model.retrieval import arm as arm_lib
 from act_jax.model.retrieval import gate as gate_lib
 from act_jax.model.retrieval import knn as knn_lib
-from act_jax.spec import OperatingPoint, RetrievalSpec, Spec
+from act_jax.model.transformer import make_model
 from act_jax.run import directory as run_lib
+from act_jax.scale import sharding as sharding_lib
+from act_jax.spec import OperatingPoint, RetrievalSpec, Spec
+from act_jax.train import training
 
 FORMAT = 1
 META, PROGRESS = 'datastore.json', 'progress.json'
@@ -533,7 +531,7 @@ def check_disjoint(ds: Datastore, spec: Spec, files: Optional[str]) -> None:
   dataset = data_lib.make_dataset(data, spec.seed)
   if not hasattr(dataset, 'heldout_texts'):
     raise ConfigError(f'retrieval evaluates next-byte prediction on text; data.name='
-                      f'{data.name!r} is not text (pass --data_files)')
+                      f'{data.name!r} is not text (pass --files)')
   stored = set(ds.meta.get('document_hashes', ()))
   shared = [n for n, t in dataset.heldout_texts() if doc_hash(t) in stored]
   if shared:
@@ -584,10 +582,10 @@ def evaluate_run(workdir: str, path: Optional[str], modes: Sequence[str],
   split over that many devices (the model replicated). Everything is checked (modes,
   datastore, model) before anything compiles."""
   if not modes:
-    raise ConfigError(f'--retrieve is empty: allowed: {", ".join(arm_lib.MODES)}')
+    raise ConfigError(f'--retrieve_modes is empty: allowed: {", ".join(arm_lib.MODES)}')
   for m in modes:
     if m not in arm_lib.MODES:
-      raise ConfigError(f'--retrieve={m!r}: allowed: {", ".join(arm_lib.MODES)}')
+      raise ConfigError(f'--retrieve_modes={m!r}: allowed: {", ".join(arm_lib.MODES)}')
   if gate_threshold is not None and not 0 <= gate_threshold <= 1:
     raise ConfigError(f'--retrieve_threshold={gate_threshold}: must be in [0, 1]')
   spec, variables, step = run_lib.load(workdir)
@@ -603,7 +601,7 @@ def evaluate_run(workdir: str, path: Optional[str], modes: Sequence[str],
       ds.retrieval_spec(m, neighbours, approx)
     check_disjoint(ds, spec, files)
   elif any(m != 'never' for m in modes):
-    raise ConfigError(f'--retrieve={",".join(modes)} needs --datastore')
+    raise ConfigError(f'--retrieve_modes={",".join(modes)} needs --datastore')
   points = [operating_point.run_operating_point(workdir, spec, t, max_layers)
             for t in thresholds]
   batches, domains = eval_batches(spec, files, num_batches or spec.train.eval_batches, spread)

@@ -18,18 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from act_jax.infer import inference
-
 from act_jax.calibrate import operating_point
-
-from act_jax.train import training
 from act_jax.errors import ConfigError
-from act_jax.model.transformer import make_model
+from act_jax.infer import inference
 from act_jax.model.moe import ROUTERS
 from act_jax.model.moe import fallback as fallback_lib
+from act_jax.model.transformer import make_model
 from act_jax.retrieval import datastore as datastore_lib
-from act_jax.spec import OperatingPoint, Spec
 from act_jax.run import directory as run_lib
+from act_jax.spec import OperatingPoint, Spec
+from act_jax.train import training
 
 
 def with_fallback(spec: Spec, criterion: str, threshold: float) -> Spec:

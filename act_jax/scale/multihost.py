@@ -219,6 +219,9 @@ def launch_local(argv: list[str], num_processes: int, devices_per_process: int,
   if not argv:
     raise ConfigError('no command to launch: put it after --, e.g. -- python -m '
                       'experiments.train ...')
+  if shutil.which(argv[0]) is None:
+    raise ConfigError(f'{argv[0]}: no such command (not an executable on PATH); put the '
+                      'command after --, e.g. -- python -m experiments.train ...')
   out = out or sys.stdout
   port = port or free_port()
   env = local_env(devices_per_process)
@@ -295,6 +298,11 @@ def _check_counts(num_processes: int, devices_per_process: int) -> None:
   if not isinstance(devices_per_process, int) or devices_per_process < 1:
     raise ConfigError(f'--devices_per_process={devices_per_process!r}: must be a positive '
                       f'integer')
+  # local processes share this machine's cores: past this many, a launch only thrashes
+  limit = 4 * (os.cpu_count() or 1)
+  if num_processes > limit:
+    raise ConfigError(f'--num_processes={num_processes}: at most {limit} local processes '
+                      f'(4 per CPU core of this machine); a pod runs one process per host')
 
 
 def benchmark(config: str, overrides: Sequence[str] = (), steps: int = 30,

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from act_jax import telemetry
+from act_jax.errors import ConfigError
 from act_jax.viz.report import _save, plt
 
 COLUMNS = (('run', 'run'), ('halting', 'halting'), ('router', 'router'),
@@ -49,10 +50,10 @@ def _names(workdirs: Sequence[str]) -> list[str]:
 
 
 def run_row(workdir: str, name: str | None = None) -> dict[str, Any]:
-  """One run's summary row; raises ValueError naming the path when it has no metrics."""
+  """One run's summary row; raises ConfigError naming the path when it has no metrics."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.isfile(path):
-    raise ValueError(f'no metrics file at {path}: {workdir!r} is not a training workdir')
+    raise ConfigError(f'no metrics file at {path}: {workdir!r} is not a training workdir')
   records = telemetry.read_metrics(workdir)
   train = [r for r in records if r['split'] == 'train']
   evals = [r for r in records if r['split'] == 'eval']
@@ -142,7 +143,7 @@ def plot_compare(rows: Sequence[dict], path: str) -> str:
 def compare_runs(workdirs: Sequence[str], out: str | None = None) -> tuple[str, list[dict]]:
   """(table text, rows) for the runs; writes the comparison PNG to `out` when given."""
   if not workdirs:
-    raise ValueError('give at least one run directory')
+    raise ConfigError('give at least one run directory')
   rows = [run_row(w, n) for w, n in zip(workdirs, _names(workdirs))]
   if out:
     plot_compare(rows, out)

@@ -39,20 +39,16 @@ import numpy as np  # noqa: E402
 
 import jax  # noqa: E402
 
-from act_jax.run import checkpointing  # noqa: E402
-
-
-from act_jax.calibrate import operating_point
-
-from act_jax.serve import serving
-
-from act_jax.train import sweep
-
-from act_jax import telemetry
 from act_jax import data as data_lib  # noqa: E402
+from act_jax import telemetry  # noqa: E402
+from act_jax.calibrate import operating_point  # noqa: E402
+from act_jax.errors import ConfigError  # noqa: E402
 from act_jax.model.transformer import make_model  # noqa: E402
+from act_jax.run import checkpointing  # noqa: E402
+from act_jax.run import directory as run_lib  # noqa: E402
+from act_jax.serve import serving  # noqa: E402
 from act_jax.spec import OperatingPoint, Spec  # noqa: E402
-from act_jax.run import directory as run_lib
+from act_jax.train import sweep  # noqa: E402
 
 CMAP = 'YlOrRd'  # light = few layers, dark red = full depth
 
@@ -466,11 +462,11 @@ def make_report(workdir: str, out_dir: str | None = None, log: Callable[[str], N
     return written
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.isfile(metrics_path):
-    raise ValueError(f'no metrics file at {metrics_path}: {workdir!r} is not a training '
+    raise ConfigError(f'no metrics file at {metrics_path}: {workdir!r} is not a training '
                      f'workdir (run python -m experiments.train --workdir=... first)')
   records = telemetry.read_metrics(workdir)
   if not records:
-    raise ValueError(f'{metrics_path} holds no metric records yet')
+    raise ConfigError(f'{metrics_path} holds no metric records yet')
   out_dir = out_dir or os.path.join(workdir, 'report')
   os.makedirs(out_dir, exist_ok=True)
   out = lambda name: os.path.join(out_dir, name)  # noqa: E731

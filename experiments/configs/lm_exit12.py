@@ -19,7 +19,7 @@ exit self-distillation on), trained on an accelerator host, then moved here as .
   python -m experiments.train --config=experiments/configs/lm_exit12.py:gpu --workdir=/tmp/g
   python -m experiments.transfer --export --workdir=/tmp/g --out=/tmp/g_export   # GPU host
   python -m experiments.transfer --import --src=/tmp/g_export --workdir=runs/exit12_gpu
-  python -m experiments.frontier --workdir=runs/exit12_gpu --max_layers=0,7,8
+  python -m experiments.frontier --workdir=runs/exit12_gpu --caps=0,7,8
 Training stops after 330 s (train.max_seconds) on slower hosts. What these runs measured
 (draft acceptance, exact decoding, the frontier with and without exit-aware training):
 docs/results.md ("Early exit, 12 layers", "Exact early exit").

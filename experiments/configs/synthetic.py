@@ -15,7 +15,7 @@ for the extrapolation range bits/2+1..bits separately.
 
   python -m experiments.sweep_seeds \
       --config=experiments/configs/synthetic.py:task=parity,bits=16,halting=pondernet \
-      --seeds=5 --workdir=runs/sweep_p16_pn
+      --num_seeds=5 --workdir=runs/sweep_p16_pn
   Per seed: accuracy, steps, Spearman and whether the depth collapsed; the collapse rate.
   Measured results (times, accuracy, steps, Spearman, collapse, extrapolation):
   docs/results.md ("Compute vs difficulty").
