@@ -152,7 +152,7 @@ class TrainSpec:
   multihost: bool
   max_seconds: float
   # > 0: after training, certify the early-exit threshold whose held-out accuracy drops at
-  # most this much (relative) vs full depth (operating_point.train_and_certify)
+  # most this much (relative) vs full depth (calibrate/certify.py, train_and_certify)
   certify_tolerance: float
 
 

@@ -11,7 +11,7 @@ from experiments import quiet_logs, refuse_flags, run
 from experiments import vocabulary as vocab
 
 from act_jax.bench import speculative as speculative_bench
-from act_jax.calibrate import operating_point
+from act_jax.bench import decode
 
 _WORKDIR = vocab.define('workdir', required=True)
 _MODE = vocab.define('mode')
@@ -36,11 +36,11 @@ def main(argv):
   batches = _BATCH.value
   if _MODE.value == 'threshold':
     refuse_flags('threshold', ('draft_layer', 'draft_len', 'prompt_len', 'layer_table'))
-    rows = operating_point.benchmark_rows(_WORKDIR.value, _THR.value,
+    rows = decode.benchmark_rows(_WORKDIR.value, _THR.value,
                                           batches, new_tokens=_NEW.value,
                                           repeats=_REPEATS.value, kv_fill=_FILL.value,
                                           max_layers=_MAX_LAYERS.value)
-    print(operating_point.format_table(rows))
+    print(decode.format_table(rows))
     return
   refuse_flags('exact', ('max_layers', 'kv_fill'))
   thr = _THR.value[0] if _THR.present else None

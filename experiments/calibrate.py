@@ -13,6 +13,7 @@ from experiments import quiet_logs, run
 from experiments import vocabulary as vocab
 
 from act_jax.calibrate import operating_point
+from act_jax.calibrate import certify
 
 _WORKDIR = vocab.define('workdir', required=True)
 _TOL = vocab.define('tolerance', help='consistency: max fraction of tokens whose prediction may '
@@ -34,7 +35,7 @@ _CAPS = vocab.define('caps', help='Certify under each of these depth caps (0 = n
 def main(argv):
   del argv
   quiet_logs()
-  r = operating_point.calibrate_run(_WORKDIR.value, _TOL.value, _RISK.value, _BUDGET.value,
+  r = certify.calibrate_run(_WORKDIR.value, _TOL.value, _RISK.value, _BUDGET.value,
                                     num_batches=_BATCHES.value, method=_METHOD.value,
                                     max_layers=_MAX_LAYERS.value, measure=_MEASURE.value,
                                     caps=_CAPS.value,

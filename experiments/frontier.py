@@ -7,7 +7,7 @@ The threshold is picked on one half of the held-out batches and reported on the 
 from experiments import quiet_logs, run
 from experiments import vocabulary as vocab
 
-from act_jax.calibrate import operating_point
+from act_jax.calibrate import frontier
 
 _WORKDIR = vocab.define('workdir', required=True)
 _THR = vocab.define('thresholds', ['0.99', '0.97', '0.95', '0.93', '0.91', '0.9', '0.89', '0.87',
@@ -22,10 +22,10 @@ _BATCHES = vocab.define('num_batches', 16, 'Held-out batches (half pick, half re
 def main(argv):
   del argv
   quiet_logs()
-  res = operating_point.accuracy_frontier(_WORKDIR.value, _THR.value,
+  res = frontier.accuracy_frontier(_WORKDIR.value, _THR.value,
                                           [c or None for c in _CAPS.value], _TOL.value,
                                           _BATCHES.value)
-  print(operating_point.format_frontier(res))
+  print(frontier.format_frontier(res))
 
 
 if __name__ == '__main__':

@@ -42,11 +42,13 @@ _DRAFT_LEN = vocab.define('draft_len')
 def main(argv):
   del argv
   quiet_logs()
-  serving.serve_run(_WORKDIR.value, _TRACE.value, _SLO.value, _CONTROLLER.value, _THR.value,
-                    _MAX_LAYERS.value, _SLOTS.value, _UNCERT.value, _OUT.value,
-                    _KV_FILL.value, _COMPACT.value, _QUALITY.value, _STATIC.value,
-                    _PER_CALL.value, mode=_MODE.value, draft_layer=_DRAFT_LAYER.value,
-                    draft_len=_DRAFT_LEN.value)
+  options = serving.ServeOptions(
+      controller=_CONTROLLER.value, slo_p95_ms=_SLO.value, threshold=_THR.value,
+      max_layers=_MAX_LAYERS.value, allow_uncertified=_UNCERT.value, slots=_SLOTS.value,
+      kv_fill=_KV_FILL.value, compact=_COMPACT.value, steps_per_call=_PER_CALL.value,
+      static_batches=_STATIC.value, quality=_QUALITY.value, mode=_MODE.value,
+      draft_layer=_DRAFT_LAYER.value, draft_len=_DRAFT_LEN.value)
+  serving.serve_run(_WORKDIR.value, _TRACE.value, options, out=_OUT.value)
 
 
 if __name__ == '__main__':

@@ -18,7 +18,7 @@ from experiments import quiet_logs, run
 from experiments import vocabulary as vocab
 
 from act_jax import config as config_lib
-from act_jax.calibrate import operating_point
+from act_jax.calibrate import certify
 from act_jax.scale import multihost
 
 _CONFIG = vocab.define('config', required=True)
@@ -39,7 +39,7 @@ def main(argv):
   # train, then certify the early-exit point when config.train.certify_tolerance > 0
   # a halting option set by name on the command line is applied or refused, never dropped
   config = config_lib.honour_explicit(_CONFIG.value, sys.argv)
-  operating_point.train_and_certify(config, _WORKDIR.value, cluster=multihost.Cluster(
+  certify.train_and_certify(config, _WORKDIR.value, cluster=multihost.Cluster(
       _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value))
 
 

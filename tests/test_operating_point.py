@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from act_jax import config as config_lib
+from act_jax.bench import decode as decode_bench
+from act_jax.calibrate import certify, frontier
 from act_jax.calibrate import ltt as calibration, operating_point
 from act_jax.errors import CheckpointError, ConfigError
 from act_jax.infer import inference
@@ -23,7 +25,7 @@ def run(shared_runs, tmp_path):
 
 
 def test_calibrate_writes_frontier_and_plot(run):
-  r = operating_point.calibrate_run(run, tolerance=0.2, risk=0.1, num_batches=8,
+  r = certify.calibrate_run(run, tolerance=0.2, risk=0.1, num_batches=8,
                                     log=lambda s: None)
   saved = json.load(open(os.path.join(run, 'calibration.json')))
   assert saved['chosen_threshold'] == r['chosen_threshold']
@@ -56,14 +58,14 @@ def test_static_baseline_matches_the_exit_heads(run):
 
 
 def test_budget_mode_meets_the_budget(run):
-  r = operating_point.calibrate_run(run, budget_layers=2.0, num_batches=4, log=lambda s: None)
+  r = certify.calibrate_run(run, budget_layers=2.0, num_batches=4, log=lambda s: None)
   if r['chosen_threshold'] is not None:
     assert r['calib']['mean_layers'] <= 2.0
 
 
 def test_too_little_calibration_data_is_refused(run):
   with pytest.raises(calibration.InsufficientCalibrationData):
-    operating_point.calibrate_run(run, tolerance=0.001, risk=0.01, num_batches=2,
+    certify.calibrate_run(run, tolerance=0.001, risk=0.01, num_batches=2,
                                   log=lambda s: None)
 
 
@@ -79,12 +81,12 @@ def test_generate_listing_and_bad_inputs(run):
 def test_policies_without_exits_are_refused(shared_runs, tmp_path):
   run = shared_runs.copy('policy_mod', str(tmp_path / 'mod'))
   with pytest.raises(ConfigError, match='no inference-time exit'):
-    operating_point.calibrate_run(run, log=lambda s: None)
+    certify.calibrate_run(run, log=lambda s: None)
 
 
 def test_missing_and_mismatched_checkpoints(run, tmp_path):
   with pytest.raises(CheckpointError, match='does not exist'):
-    operating_point.calibrate_run(str(tmp_path / 'nope'))
+    certify.calibrate_run(str(tmp_path / 'nope'))
   os.makedirs(tmp_path / 'empty')
   with pytest.raises(CheckpointError, match='config.json'):
     run_lib.load(str(tmp_path / 'empty'))
@@ -100,10 +102,10 @@ def test_missing_and_mismatched_checkpoints(run, tmp_path):
 
 
 def test_benchmark_table(run):
-  rows = operating_point.benchmark_rows(run, [0.5], batch_sizes=[1, 2], new_tokens=4,
+  rows = decode_bench.benchmark_rows(run, [0.5], batch_sizes=[1, 2], new_tokens=4,
                                         repeats=1, log=lambda s: None)
   assert {(r['batch'], r['compact']) for r in rows} == {(1, False), (2, False), (2, True)}
-  table = operating_point.format_table(rows)
+  table = decode_bench.format_table(rows)
   assert 'speedup' in table and all(r['ms_per_token'] > 0 for r in rows)
 
 
@@ -118,7 +120,7 @@ def test_evaluate_run_reports_each_threshold(run):
 
 def test_accuracy_frontier_picks_on_one_half_reports_on_the_other(run):
   thresholds, tol = [0.99, 0.5, 0.05], 0.3
-  res = operating_point.accuracy_frontier(run, thresholds, [None, 2], tolerance=tol,
+  res = frontier.accuracy_frontier(run, thresholds, [None, 2], tolerance=tol,
                                           num_batches=4, log=lambda s: None)
   assert [r['max_layers'] for r in res['rows']] == [4, 2]
   config, state, _ = run_lib.load(run)
@@ -143,13 +145,13 @@ def test_accuracy_frontier_picks_on_one_half_reports_on_the_other(run):
   fits = [k for k, a in zip(st['layers'], st['accuracy'])
           if (res['full_accuracy'] - a) / res['full_accuracy'] <= tol]
   assert (res['static_best'] or {}).get('layers') == (fits[0] if fits else None)
-  assert 'static truncation' in operating_point.format_frontier(res)
+  assert 'static truncation' in frontier.format_frontier(res)
   with pytest.raises(ConfigError, match='max_layers'):
-    operating_point.accuracy_frontier(run, [0.5], [3], num_batches=4)
+    frontier.accuracy_frontier(run, [0.5], [3], num_batches=4)
 
 
 def test_calibrate_on_an_accuracy_tolerance(run):
-  r = operating_point.calibrate_run(run, tolerance=0.5, risk=0.2, num_batches=8,
+  r = certify.calibrate_run(run, tolerance=0.5, risk=0.2, num_batches=8,
                                     measure='accuracy', log=lambda s: None)
   assert r['measure'] == 'accuracy' and r['method'] == 'bernstein'
   p = np.asarray(r['frontier']['pvalues'])
@@ -158,9 +160,9 @@ def test_calibrate_on_an_accuracy_tolerance(run):
       r['frontier']['thresholds'].index(r['chosen_threshold']) + 1
   assert np.all(p[:k] <= 0.2) and (k == len(p) or p[k] > 0.2)  # fixed-sequence testing
   with pytest.raises(ConfigError, match='measure'):
-    operating_point.calibrate_run(run, measure='loss', num_batches=4, log=lambda s: None)
+    certify.calibrate_run(run, measure='loss', num_batches=4, log=lambda s: None)
   with pytest.raises(calibration.InsufficientCalibrationData):
-    operating_point.calibrate_run(run, tolerance=0.001, measure='accuracy', num_batches=2,
+    certify.calibrate_run(run, tolerance=0.001, measure='accuracy', num_batches=2,
                                   log=lambda s: None)
 
 
@@ -171,7 +173,7 @@ def test_train_and_certify_ends_at_a_certified_point(run):
   c = config_lib.complete(json.load(open(os.path.join(run, 'config.json'))))
   c.train.certify_tolerance = 0.5
   lines = []
-  res = operating_point.train_and_certify(c, run, log=lines.append, num_batches=8)
+  res = certify.train_and_certify(c, run, log=lines.append, num_batches=8)
   text = '\n'.join(lines)
   assert 'resumed from step 10' in text
   assert '== certified operating point (<= 50.0% relative accuracy drop' in text

@@ -11,15 +11,17 @@ import numpy as np
 import pytest
 
 from act_jax import config as config_lib
-from act_jax.infer import inference
-from act_jax.calibrate import operating_point
-from act_jax.viz import report
-from act_jax.serve import serving
+from act_jax.calibrate import certify
 from act_jax.errors import ConfigError
-from act_jax.model.transformer import init_cache, make_model
+from act_jax.infer import inference
 from act_jax.model.moe import routers
-from act_jax.spec import NEVER_EXIT, OperatingPoint
+from act_jax.model.transformer import init_cache, make_model
 from act_jax.run import directory as run_lib
+from act_jax.serve import engine as engine_lib
+from act_jax.serve import scheduler, serving
+from act_jax.serve import summary as summary_lib
+from act_jax.spec import NEVER_EXIT, OperatingPoint
+from act_jax.viz import report
 from experiments.configs import lm
 from tests.conftest import binary_cases
 
@@ -39,7 +41,7 @@ def _requests():
   # prompt lengths 5..13 fall in the 16-bucket, 19 in the 32-bucket (padded prefill).
   rng = np.random.default_rng(1)
   shapes = [(13, 6), (5, 3), (19, 9), (9, 7), (5, 3)]
-  return [serving.Request(i, 0.0, [int(x) for x in rng.integers(0, 256, p)], n)
+  return [scheduler.Request(i, 0.0, [int(x) for x in rng.integers(0, 256, p)], n)
           for i, (p, n) in enumerate(shapes)]
 
 
@@ -77,9 +79,9 @@ def test_continuous_batching_equals_decoding_alone(model, full_depth, kv_fill, c
   # KV fill); served: 3 slots, per-row positions, eager or lazy fill, waiting or compacted
   # (3 decode steps per call: rows finish mid-call and idle until it returns)
   point = OperatingPoint.full_depth() if full_depth else OperatingPoint(thr)
-  engine = serving.Engine(spec, v, slots=3, kv_fill=kv_fill, compact=compact,
+  engine = engine_lib.Engine(spec, v, slots=3, kv_fill=kv_fill, compact=compact,
                           steps_per_call=per_call)
-  out = serving.replay(engine, reqs, [point], realtime=False)
+  out = scheduler.replay(engine, reqs, [point], realtime=False)
   layers = []
   for r, rec in zip(reqs, out['records']):
     ref = _alone(spec, v, r, point)
@@ -103,21 +105,21 @@ def test_exact_mode_serving_equals_full_depth_decoding_alone(model):
   full-depth decoding of it alone."""
   spec, v = model
   reqs = _requests()
-  engine = serving.Engine(spec, v, slots=3, steps_per_call=2, mode='exact', draft_layer=2,
+  engine = engine_lib.Engine(spec, v, slots=3, steps_per_call=2, mode='exact', draft_layer=2,
                           draft_len=3)
-  out = serving.replay(engine, reqs, [OperatingPoint.full_depth()], realtime=False)
+  out = scheduler.replay(engine, reqs, [OperatingPoint.full_depth()], realtime=False)
   for r, rec in zip(reqs, out['records']):
     ref = _alone(spec, v, r, OperatingPoint.full_depth())
     assert rec.tokens == [int(x) for x in ref['tokens'][0]], r.id
   acc = [a for st in out['steps'] for a in st['accepted']]
   assert min(acc) < max(acc) and 0 <= min(acc) and max(acc) <= 3
   assert 3 in {s['active'] for s in out['steps']}
-  summary = serving.summarize(out, None, [])
+  summary = summary_lib.summarize(out, None, [])
   assert summary['rounds'] == len(acc)
   with pytest.raises(ConfigError, match='--compact/--kv_fill apply to --mode=threshold'):
-    serving.Engine(spec, v, slots=2, compact=True, mode='exact', draft_layer=2, draft_len=2)
+    engine_lib.Engine(spec, v, slots=2, compact=True, mode='exact', draft_layer=2, draft_len=2)
   with pytest.raises(ConfigError, match='--draft_layer=3'):
-    serving.Engine(spec, v, slots=2, mode='exact', draft_layer=3, draft_len=2)
+    engine_lib.Engine(spec, v, slots=2, mode='exact', draft_layer=3, draft_len=2)
 
 
 @pytest.mark.slow  # ~33 s; lazy == eager decoding also holds in the default tier through
@@ -148,9 +150,9 @@ def test_lazy_kv_fill_equals_eager(model):
 
 def test_overlong_request_is_refused_alone(model):
   spec, v = model
-  reqs = _requests()[:2] + [serving.Request(9, 0.0, [65] * 30, 5),
-                            serving.Request(10, 0.0, [], 3)]
-  out = serving.replay(serving.Engine(spec, v, slots=2), reqs, [OperatingPoint(0.5)],
+  reqs = _requests()[:2] + [scheduler.Request(9, 0.0, [65] * 30, 5),
+                            scheduler.Request(10, 0.0, [], 3)]
+  out = scheduler.replay(engine_lib.Engine(spec, v, slots=2), reqs, [OperatingPoint(0.5)],
                        realtime=False)
   recs = {r.id: r for r in out['records']}
   assert 'prompt 30 + max_new 5 bytes exceed the model context 32' in recs[9].error
@@ -163,7 +165,7 @@ def test_overlong_request_is_refused_alone(model):
 def test_static_batches_wait_for_the_longest_request(model):
   spec, v = model
   reqs = _requests()[:4]
-  out = serving.replay(serving.Engine(spec, v, slots=2), reqs, [OperatingPoint(0.5)],
+  out = scheduler.replay(engine_lib.Engine(spec, v, slots=2), reqs, [OperatingPoint(0.5)],
                        realtime=False, static_batches=True)
   # batches {0,1} then {2,3}: max_new - 1 decode steps of the longest request each
   assert len(out['steps']) == (6 - 1) + (9 - 1)
@@ -192,7 +194,7 @@ def test_capacity_counts_only_real_tokens():
 def run(shared_runs, tmp_path_factory):
   """A copy of the suite's shared run 'lm', calibrated with a 2-layer cap beside no cap."""
   path = shared_runs.copy('lm', str(tmp_path_factory.mktemp('serve') / 'run'))
-  operating_point.calibrate_run(path, tolerance=0.5, risk=0.2, num_batches=4, caps=[0, 2],
+  certify.calibrate_run(path, tolerance=0.5, risk=0.2, num_batches=4, caps=[0, 2],
                                 log=lambda s: None)
   return path
 
@@ -234,7 +236,7 @@ def test_serve_binary_end_to_end(run, tmp_path):
   assert open(out / 'serve.png', 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
   # the report binary's serve section finds the newest replay and redraws it
   assert report.latest_serve_dir(str(tmp_path)) == str(out)
-  png = serving.plot_dir(str(out), str(tmp_path / 'again.png'))
+  png = summary_lib.plot_dir(str(out), str(tmp_path / 'again.png'))
   assert open(png, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
 
 

@@ -21,18 +21,20 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
-
 from act_jax.calibrate import operating_point
 from act_jax.errors import ConfigError
 from act_jax.run import directory as run_lib
+from act_jax.serve import engine as serve_engine
+from act_jax.serve import scheduler
 from act_jax.serve import serving, slo
+from act_jax.serve import summary as serve_summary
 from act_jax.serve import trace as trace_lib
 from act_jax.spec import NEVER_EXIT, OperatingPoint
 
 PARTS = ('efficiency', 'bursty', 'batching')
 
 
-def decode_efficiency(engine: serving.Engine, prompts: Sequence[Sequence[int]],
+def decode_efficiency(engine: serve_engine.Engine, prompts: Sequence[Sequence[int]],
                       points: Sequence[OperatingPoint], steps: int = 32, repeats: int = 3
                       ) -> list[dict]:
   """Per point: median ms per decode step with every slot busy, mean layers, efficiency."""
@@ -133,27 +135,27 @@ def benchmark(workdir: str, trace: Optional[str] = None, slo_p95_ms: Optional[fl
                            (slots, True, 'project'), (slots, True, 'lazy')):
     if 'efficiency' not in parts:
       break
-    eng = serving.Engine(spec, variables, b, kv_fill=fill, compact=compact,
+    eng = serve_engine.Engine(spec, variables, b, kv_fill=fill, compact=compact,
                          steps_per_call=steps_per_call)
     eff += decode_efficiency(eng, prompts, eff_points)
     log(format_efficiency(eff[-len(eff_points):]))
-  eng = serving.Engine(spec, variables, slots, kv_fill=kv_fill, steps_per_call=steps_per_call)
+  eng = serve_engine.Engine(spec, variables, slots, kv_fill=kv_fill, steps_per_call=steps_per_call)
   # Capacity, closed loop: every probe request waiting at once (prefills included).
   closed = serving.heldout_prompts(spec, probe)
   eng.warmup([len(r.prompt) for r in closed], ops[0])
   cheapest = max(range(len(points)), key=lambda i: (points[i].certified or allow_uncertified,
                                                     -points[i].mean_layers))
   caps = {0: 0.0, cheapest: 0.0}
-  serving.replay(eng, closed, ops[:1], realtime=False)  # warm (first-run allocations)
+  scheduler.replay(eng, closed, ops[:1], realtime=False)  # warm (first-run allocations)
   for _ in range(2):  # alternated, best of two: this machine is shared and noisy
     for i in caps:
       t = time.perf_counter()
-      serving.replay(eng, closed, [ops[i]], realtime=False)
+      scheduler.replay(eng, closed, [ops[i]], realtime=False)
       caps[i] = max(caps[i], len(closed) / (time.perf_counter() - t))
   capacity = caps[0]
   t = time.perf_counter()
   for r in closed[:8]:  # one request alone: the latency floor
-    serving.replay(eng, [r], ops[:1], realtime=False)
+    scheduler.replay(eng, [r], ops[:1], realtime=False)
   lone_s = (time.perf_counter() - t) / 8
   if slo_p95_ms is None:  # 3x a lone full-depth request's latency
     slo_p95_ms = 3e3 * lone_s
@@ -186,15 +188,15 @@ def _bursty(eng, reqs, points, ops, budget_s, allow_uncertified, log):
   log('2. bursty trace: fixed full depth, then the SLO controller ...')
   runs = {}
   fixed = slo.FixedController([points[0]])
-  runs['fixed full depth'] = (serving.replay(eng, reqs, ops[:1], fixed), fixed, ops[:1])
+  runs['fixed full depth'] = (scheduler.replay(eng, reqs, ops[:1], fixed), fixed, ops[:1])
   ctl = slo.SLOController(points, budget_s, allow_uncertified=allow_uncertified)
-  runs['SLO controller'] = (serving.replay(eng, reqs, ops, ctl), ctl, ops)
-  full = serving.replay(eng, reqs, ops[:1], realtime=False)
+  runs['SLO controller'] = (scheduler.replay(eng, reqs, ops, ctl), ctl, ops)
+  full = scheduler.replay(eng, reqs, ops[:1], realtime=False)
   named = []
   for name, (res, c, pts) in runs.items():
     end = max([r.done_s for r in res['records'] if r.done_s is not None] or [0.0])
-    agree = serving.agreement(res['records'], full['records'])
-    s = serving.summarize(res, budget_s, points[:len(pts)], c.time_at_points(end), agree)
+    agree = serve_summary.agreement(res['records'], full['records'])
+    s = serve_summary.summarize(res, budget_s, points[:len(pts)], c.time_at_points(end), agree)
     named.append((name, s))
   log(format_side_by_side(named))
   ctl_summary = named[1][1]
@@ -210,8 +212,8 @@ def _batching(spec, eng, steady, points, ops, budget_s, steady_load, log):
   eng.warmup([len(r.prompt) for r in sreqs], ops[0])
   batching = []
   for name, static in (('continuous batching', False), ('static batches', True)):
-    res = serving.replay(eng, sreqs, ops[:1], static_batches=static)
-    batching.append((name, serving.summarize(res, budget_s, points[:1])))
+    res = scheduler.replay(eng, sreqs, ops[:1], static_batches=static)
+    batching.append((name, serve_summary.summarize(res, budget_s, points[:1])))
   log(format_side_by_side(batching))
   return batching
 

@@ -1,7 +1,9 @@
 """calibrate: certified operating points.
 
   ltt.py             Learn-then-Test (Angelopoulos et al. 2021): p-values, FWER control, selection
-  operating_point.py threshold sweeps, calibrate_run / train_and_certify, the run's default point
+  operating_point.py the run's operating point; threshold sweeps, decode timing, evaluate_run
+  frontier.py        fewest mean layers at an accuracy tolerance per depth cap; its plot
+  certify.py         calibrate_run (Learn-then-Test or a layer budget), train_and_certify
 
 May import: errors ... config, run, train, infer.
 """

@@ -358,7 +358,7 @@ def decode_step(config: Any, variables: dict, cache: list, token_B1: jax.Array,
                 compact: bool = False, lazy: Optional[dict] = None,
                 retrieval: Optional[dict] = None) -> tuple[jax.Array, dict]:
   """One early-exit decoding step for a batch of single tokens at position `index` (one
-  position, or one per row [B]: continuous batching, see act_jax/serve/serving.py).
+  position, or one per row [B]: continuous batching, see act_jax/serve/engine.py).
 
   compact=True: rows that exited stop costing compute (buckets B, B/2, ...), instead of the
   batch waiting for its slowest row. kv_fill='lazy' needs `lazy` (init_lazy) and returns

@@ -39,6 +39,8 @@ import numpy as np
 from act_jax import config as config_lib
 from act_jax import data as data_lib
 from act_jax.calibrate import operating_point
+from act_jax.calibrate import frontier
+from act_jax.calibrate import certify
 from act_jax.errors import CheckpointError, ConfigError
 from act_jax.infer import inference
 from act_jax.model import quant
@@ -384,10 +386,10 @@ def _recertify(spec: Spec, out: str, old: Optional[dict], num_batches: int,
         kw[k] = c[k]
     if c.get('mode') == 'budget':
       kw['budget_layers'] = c['budget_layers']
-    kw['thresholds'] = old.get('thresholds') or operating_point.CERTIFY_THRESHOLDS
+    kw['thresholds'] = old.get('thresholds') or certify.CERTIFY_THRESHOLDS
   elif spec.train.certify_tolerance > 0:
     kw = {'tolerance': spec.train.certify_tolerance, 'measure': 'accuracy',
-          'thresholds': operating_point.CERTIFY_THRESHOLDS}
+          'thresholds': certify.CERTIFY_THRESHOLDS}
   else:
     return None
   if kw.get('caps') is not None:
@@ -395,7 +397,7 @@ def _recertify(spec: Spec, out: str, old: Optional[dict], num_batches: int,
   log(f'{"re-" if old else ""}certifying on the quantized run ({kw["measure"]}, tolerance '
       f'{kw["tolerance"]:.1%}) ...')
   try:
-    cal = operating_point.calibrate_run(out, num_batches=num_batches, log=lambda m: None, **kw)
+    cal = certify.calibrate_run(out, num_batches=num_batches, log=lambda m: None, **kw)
   except ConfigError as e:  # e.g. too few held-out tokens for this tolerance
     log(f'certification skipped: {e}')
     return None
@@ -488,7 +490,7 @@ def compare_schemes(workdir: str, out_root: str, schemes: Sequence[str] = ('w8',
         b['total'], b['expert'], b['assigned'])
     row['assigned_expert_bytes'] = b['assigned_expert']
     if spec_r.policy.can_exit:
-      fr = operating_point.accuracy_frontier(d, operating_point.CERTIFY_THRESHOLDS, (None,),
+      fr = frontier.accuracy_frontier(d, certify.CERTIFY_THRESHOLDS, (None,),
                                              tolerance, num_batches, log=quiet)
       row['full_accuracy'] = fr['full_accuracy']
       row['exit_accuracy'] = dict(zip(fr['static']['layers'], fr['static']['accuracy']))

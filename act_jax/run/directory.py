@@ -5,7 +5,7 @@ RUN/ (a training workdir) holds:
                        fields: they take today's defaults (config.complete)
   checkpoints/         Orbax checkpoints (run/checkpointing.py), one per saved step
   metrics.jsonl        train / eval records (telemetry.MetricsWriter), TensorBoard files
-  calibration.json     certified operating points (calibrate/operating_point.calibrate_run)
+  calibration.json     certified operating points (calibrate/certify.calibrate_run)
   calibration.png      their frontier
   exact_draft.json     measured exact-mode draft choices per batch size (infer/draft.py)
   quantization.json    what a quantized run was made from (quant/ptq.py)

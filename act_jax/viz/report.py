@@ -46,7 +46,7 @@ from act_jax.errors import ConfigError  # noqa: E402
 from act_jax.model.transformer import make_model  # noqa: E402
 from act_jax.run import checkpointing  # noqa: E402
 from act_jax.run import directory as run_lib  # noqa: E402
-from act_jax.serve import serving  # noqa: E402
+from act_jax.serve import summary
 from act_jax.spec import OperatingPoint, Spec  # noqa: E402
 from act_jax.train import sweep  # noqa: E402
 
@@ -481,7 +481,7 @@ def make_report(workdir: str, out_dir: str | None = None, log: Callable[[str], N
         f'python -m experiments.calibrate --workdir=... first)')
   serve_dir = latest_serve_dir(workdir)
   if serve_dir:
-    written.append(serving.plot_dir(serve_dir, out('serve.png')))
+    written.append(summary.plot_dir(serve_dir, out('serve.png')))
     log(f'[report] serve: {serve_dir} ({_serve_line(serve_dir)})')
   for p in written:
     log(f'[report] wrote {p}')
