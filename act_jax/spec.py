@@ -221,9 +221,10 @@ class OperatingPoint:
   def full_depth(cls) -> 'OperatingPoint':
     return cls(NEVER_EXIT)
 
-  def validate(self, spec: 'Spec', name: str = 'threshold') -> 'OperatingPoint':
+  def validate(self, spec: 'Spec', name: str = 'threshold',
+               cap_name: str = 'max_layers') -> 'OperatingPoint':
     """Raises ConfigError for a threshold outside (0, 1] or a cap that is not an exit layer
-    of a policy that can be capped; returns self."""
+    of a policy that can be capped, naming them as the user gave them; returns self."""
     t = self.threshold
     if isinstance(t, bool) or not isinstance(t, (int, float, np.number)) or \
         not (0.0 < float(t) <= 1.0 or float(t) == NEVER_EXIT):
@@ -232,12 +233,12 @@ class OperatingPoint:
     if cap is None or cap == spec.model.num_layers:
       return self
     if not spec.policy.can_cap_depth:
-      raise ConfigError(f'max_layers={cap}: a layer cap needs an early-exit policy that '
+      raise ConfigError(f'{cap_name}={cap}: a layer cap needs an early-exit policy that '
                         f'accepts one ({", ".join(spec.capped_policies)}); '
                         f'halting.name={spec.halting.name!r}')
     if isinstance(cap, bool) or not isinstance(cap, (int, np.integer)) or \
         cap not in spec.exit_layers:
-      raise ConfigError(f'max_layers={cap!r}: must be an exit layer of this model, one of '
+      raise ConfigError(f'{cap_name}={cap!r}: must be an exit layer of this model, one of '
                         f'{list(spec.exit_layers)} (depth {spec.model.num_layers}, '
                         f'{spec.model.group_size} layer(s) per step)')
     return self

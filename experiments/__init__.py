@@ -3,7 +3,7 @@
 Each binary defines its flags from the one vocabulary (experiments/vocabulary.py) and ends
 with `experiments.run(main)`. A user error prints one line `error: ...` on stderr and exits with
 status 2, without a Python traceback: absl's own parse errors (an unknown flag, a bad value, a
-missing required flag), a retired flag, and ConfigError / CheckpointError raised by the library
+missing required flag), a retired flag, and any act_jax.errors.UserError raised by the library
 (including a config file's errors while flags are parsed). `--verbose` or ACT_JAX_TRACEBACK=1
 shows the traceback instead.
 """
@@ -18,9 +18,9 @@ platforms.quiet_tpu_probe()  # before anything imports jax: no libtpu noise off 
 
 from absl import app, flags, logging
 
-from act_jax.errors import CheckpointError, ConfigError
+from act_jax.errors import ConfigError, UserError
 
-USER_ERRORS = (ConfigError, CheckpointError)
+USER_ERRORS = (UserError,)
 _VERBOSE = flags.DEFINE_bool('verbose', False, 'On a config / flag / workdir error, show the '
                              'Python traceback (also: ACT_JAX_TRACEBACK=1).')
 
@@ -50,8 +50,8 @@ def _show_traceback() -> bool:
 
 
 def _user_error(e: BaseException | None) -> BaseException | None:
-  """The innermost ConfigError / CheckpointError behind e, else None (a config file's error
-  reaches us re-raised by ml_collections and wrapped by absl's flag parser)."""
+  """The innermost UserError behind e, else None (a config file's error reaches us re-raised
+  by ml_collections and wrapped by absl's flag parser)."""
   found, seen = None, 0
   while e is not None and seen < 16:
     if isinstance(e, USER_ERRORS):

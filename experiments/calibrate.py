@@ -12,8 +12,8 @@ import json
 from experiments import quiet_logs, run
 from experiments import vocabulary as vocab
 
-from act_jax.calibrate import operating_point
-from act_jax.calibrate import certify
+from act_jax.calibrate import certify, operating_point
+from act_jax.errors import ConfigError
 
 _WORKDIR = vocab.define('workdir', required=True)
 _TOL = vocab.define('tolerance', help='consistency: max fraction of tokens whose prediction may '
@@ -35,6 +35,12 @@ _CAPS = vocab.define('caps', help='Certify under each of these depth caps (0 = n
 def main(argv):
   del argv
   quiet_logs()
+  if _BUDGET.present:  # a layer budget picks without a test: these would be ignored
+    for holder in (_TOL, _RISK, _MEASURE, _METHOD):
+      if holder.present:
+        raise ConfigError(f'--{holder.name}={holder.value}: applies to Learn-then-Test, not '
+                          f'--budget_layers={_BUDGET.value} (which picks by mean layers, '
+                          'without a guarantee)')
   r = certify.calibrate_run(_WORKDIR.value, _TOL.value, _RISK.value, _BUDGET.value,
                                     num_batches=_BATCHES.value, method=_METHOD.value,
                                     max_layers=_MAX_LAYERS.value, measure=_MEASURE.value,

@@ -25,9 +25,9 @@ def main(argv):
   if _OUT.value.endswith('.png'):
     raise ConfigError(f'--out={_OUT.value}: --out is a directory (compare.png is written into '
                       'it)')
+  table, rows = compare.compare_runs(runs)  # every run read before anything is written
   os.makedirs(_OUT.value, exist_ok=True)
-  path = os.path.join(_OUT.value, 'compare.png')
-  table, _ = compare.compare_runs(runs, out=path)
+  path = compare.plot_compare(rows, os.path.join(_OUT.value, 'compare.png'))
   print(table)
   print(f'wrote {path}')
 

@@ -138,6 +138,24 @@ def _arrays(path):
           for n in ('keys', 'values')}
 
 
+def test_tuning_share_is_never_empty_when_asked_for(tmp_path):
+  """The tuning documents are picked by a hash of each name (its full path): on a few files
+  the hash can pick none -- and the gate would go untrained -- wherever the files sit. With
+  tune_fraction > 0 and >= 2 train documents, both shares are non-empty, every document in
+  exactly one of train-stored, tuning or held out."""
+  for i in range(6):
+    (tmp_path / f'd{i}.py').write_text(f'x = {i}\n' * 50)
+  data = lm.get_config('runlocal').data
+  data.update(heldout_fraction=0.2, max_bytes=10**6)
+  for frac, tuned in ((1e-3, 1), (0.999, None)):
+    store, tune = datastore.documents(str(tmp_path / '*.py'), data, frac, 10**6)
+    assert store and tune, (frac, len(store), len(tune))
+    assert tuned is None or len(tune) == tuned
+    assert len({n for n, _ in store} | {n for n, _ in tune}) == len(store) + len(tune) < 6
+  store, tune = datastore.documents(str(tmp_path / '*.py'), data, 0.0, 10**6)
+  assert not tune and len(store) >= 4  # no tuning asked for: none taken
+
+
 def test_datastore_killed_rebuilt_identical_and_refusals(base, tmp_path):
   run, files = base
   kw = dict(max_bytes=3000, chunk_windows=8, tune_fraction=0.2, tune_windows=16,

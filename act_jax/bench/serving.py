@@ -113,6 +113,8 @@ def benchmark(workdir: str, trace: Optional[str] = None, slo_p95_ms: Optional[fl
   bad = sorted(set(parts) - set(PARTS))
   if bad or not parts:
     raise ConfigError(f'--parts={",".join(parts)}: allowed: {", ".join(PARTS)}')
+  if trace is not None:
+    trace_lib.load(trace)  # a bad trace fails now, not after minutes of measuring
   spec, variables, step = run_lib.load(workdir)
   points = serving.load_points(workdir, spec)
   usable = [p for p in points if p.certified or allow_uncertified]

@@ -38,11 +38,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from act_jax.errors import ConfigError
+
 METHODS = ('binomial', 'hoeffding')
 
 
-class InsufficientCalibrationData(ValueError):
-  """Too few calibration tokens for any threshold to pass the test at this tolerance/risk."""
+class InsufficientCalibrationData(ConfigError):
+  """Too few calibration tokens for any threshold to pass the test at this tolerance/risk: a
+  user error (more --num_batches, a looser --tolerance or --risk), reported in one line."""
 
 
 def _check_unit(name: str, value: float) -> float:

@@ -57,17 +57,21 @@ def run_operating_point(workdir: str, spec: Spec, threshold: Optional[float] = N
   with the calibrated threshold, not the user's)."""
   source = 'the policy default'
   op = spec.default_operating_point
+  names = ('threshold', 'max_layers')  # how an error names them: where they came from
   saved = run_lib.read_calibration(workdir) if threshold is None else None
   if saved and saved.get('chosen_threshold') is not None:
     op = OperatingPoint(float(saved['chosen_threshold']), saved.get('max_layers'))
     source = run_lib.path(workdir, run_lib.CALIBRATION)
+    names = (f'{source}: chosen_threshold', f'{source}: max_layers')
   if threshold is not None:
     inference.check_threshold(threshold, '--threshold')
-    op, source = OperatingPoint(float(threshold)), '--threshold'
+    op, source, names = OperatingPoint(float(threshold)), '--threshold', ('--threshold',
+                                                                          names[1])
   if max_layers is not None:
     op = OperatingPoint(op.threshold, max_layers)
     source += ', --max_layers'
-  return op.validate(spec, '--threshold'), source
+    names = (names[0], '--max_layers')
+  return op.validate(spec, *names), source
 
 
 @functools.lru_cache(maxsize=8)

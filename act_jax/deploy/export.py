@@ -14,16 +14,16 @@ evaluation, calibration and decoding are exact; resuming training restarts Adam'
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
+import zipfile
 from typing import Callable
 
 import jax
 import numpy as np
 
 from act_jax import config as config_lib
-from act_jax.errors import CheckpointError
+from act_jax.errors import CheckpointError, ConfigError
 from act_jax.run import checkpointing
 from act_jax.run import directory as run_lib
 from act_jax.run import state as run_state
@@ -45,6 +45,7 @@ def _leaves(state: dict):
 def export_run(workdir: str, out_dir: str, max_file_mb: float = 15.0,
                log: Callable[[str], None] = print) -> dict:
   """Writes the latest checkpoint of `workdir` as manifest.json + weights-NN.npz files."""
+  run_lib.check_output_dir(out_dir, '--out', (MANIFEST,), 'an export')
   spec, variables, step = run_lib.load(workdir)
   arrays = {k: np.asarray(jax.device_get(v)) for k, v in _leaves(variables)}
   # .npz keeps only NumPy's own dtypes: int4 (a quantized run) travels as int8 and the
@@ -90,17 +91,22 @@ def import_run(src_dir: str, workdir: str, log: Callable[[str], None] = print) -
       os.listdir(os.path.join(workdir, 'checkpoints')):
     raise CheckpointError(f'{workdir}/checkpoints already holds a checkpoint; import into a '
                           f'new --workdir (nothing was changed)')
-  with open(path) as f:
-    manifest = json.load(f)
-  config = config_lib.complete(manifest['config'])
-  config.mesh.update(data=1, expert=1, model=1)
-  spec = config_lib.resolve(config, device_count=1)
+  run_lib.check_output_dir(workdir, '--workdir', run_lib.RUN_MARKERS, 'a training run')
+  manifest = run_lib.read_json(path)
+  try:  # a manifest an edit or a broken copy damaged: name the file
+    config = config_lib.complete(manifest['config'])
+    config.mesh.update(data=1, expert=1, model=1)
+    spec = config_lib.resolve(config, device_count=1)
+    have = manifest['arrays']
+    step = int(manifest['step'])
+    shapes = {k: (tuple(e['shape']), e['dtype']) for k, e in have.items()}
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    raise ConfigError(f'{path}: not a manifest export_run wrote ({type(e).__name__}: {e}); '
+                      'export the run again') from None
   mesh = sharding.make_mesh(shape=(1, 1, 1, 1))
   abstract, shardings = run_state.state_shardings(spec, mesh)
   want = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in _leaves(abstract)}
-  have = manifest['arrays']
-  problems = checkpointing.list_mismatches(
-      {k: (tuple(e['shape']), e['dtype']) for k, e in have.items()}, want, 'the export')
+  problems = checkpointing.list_mismatches(shapes, want, 'the export')
   if problems:
     raise CheckpointError(f'export {src_dir} does not match its own config '
                           f'({len(problems)} paths):\n' + '\n'.join(problems[:50]))
@@ -108,9 +114,14 @@ def import_run(src_dir: str, workdir: str, log: Callable[[str], None] = print) -
 
   def load(k):
     e = have[k]
-    if e['file'] not in opened:
-      opened[e['file']] = np.load(os.path.join(src_dir, e['file']))
-    return opened[e['file']][e['member']].astype(np.dtype(e['dtype']))
+    file = os.path.join(src_dir, e['file'])
+    try:  # read everything before writing anything: a damaged archive leaves no workdir
+      if e['file'] not in opened:
+        opened[e['file']] = np.load(file)
+      return opened[e['file']][e['member']].astype(np.dtype(e['dtype']))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
+      raise CheckpointError(f'{file}: cannot read {e["member"]} ({type(err).__name__}: '
+                            f'{err}); the export is damaged: export the run again') from None
 
   # fresh optimiser state (a quantized run has none: its abstract state is the target)
   state = (dict(abstract) if spec.quant.stored else
@@ -119,14 +130,14 @@ def import_run(src_dir: str, workdir: str, log: Callable[[str], None] = print) -
     leaves, treedef = jax.tree_util.tree_flatten_with_path(state.get(g) or {})
     new = [jax.device_put(load(f'{g}/{path_str(p)}'), v.sharding) for p, v in leaves]
     state[g] = jax.tree_util.tree_unflatten(treedef, new)
-  state['step'] = jax.numpy.asarray(manifest['step'], jax.numpy.int32)
+  state['step'] = jax.numpy.asarray(step, jax.numpy.int32)
   os.makedirs(workdir, exist_ok=True)
   ck = run_lib.checkpointer(workdir, async_save=False)
-  ck.save(manifest['step'], state, force=True)
+  ck.save(step, state, force=True)
   ck.close()
   run_lib.write_config(workdir, spec)
   if os.path.exists(os.path.join(src_dir, 'metrics.jsonl')):
     shutil.copy(os.path.join(src_dir, 'metrics.jsonl'), os.path.join(workdir, 'metrics.jsonl'))
-  log(f'imported step {manifest["step"]} ({len(have)} arrays) into {workdir}')
-  return int(manifest['step'])
+  log(f'imported step {step} ({len(have)} arrays) into {workdir}')
+  return step
 

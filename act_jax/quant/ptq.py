@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import shutil
 import time
@@ -50,6 +49,7 @@ from act_jax.spec import OperatingPoint, Spec
 from act_jax.train import training
 
 QUANT_JSON = 'quant.json'
+COMPARE_JSON = 'quant_compare.json'  # compare_schemes' table, next to OUT/<scheme>/
 FLOAT = 'float32'  # the reference row of compare_schemes
 
 
@@ -100,17 +100,19 @@ def quantized_spec(spec: Spec, scheme: str, experts_only: bool = False, gates: b
 def _complete(out: str) -> Optional[dict]:
   """OUT's quant.json when quantize_run finished writing OUT (its last step), else None."""
   path = os.path.join(out, QUANT_JSON)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    info = json.load(f)
-  return info if info.get('complete') else None
+  info = run_lib.read_json(path)
+  if info is not None and not isinstance(info, dict):
+    raise ConfigError(f'{path}: must hold a JSON object (what quantize wrote), not '
+                      f'{type(info).__name__}')
+  return info if info and info.get('complete') else None
 
 
 def _check_out(workdir: str, out: str) -> None:
   """Refuses to overwrite a finished quantized run; clears what a killed one left."""
   if os.path.abspath(out) == os.path.abspath(workdir):
     raise ConfigError(f'--out={out!r}: must differ from --workdir (the float run is kept)')
+  run_lib.check_output_dir(out, '--out', (QUANT_JSON,) + run_lib.RUN_MARKERS,
+                           'a quantized run')
   ck = os.path.join(out, 'checkpoints')
   if _complete(out) is not None or (
       os.path.isdir(ck) and not os.path.exists(os.path.join(out, QUANT_JSON))
@@ -462,6 +464,8 @@ def compare_schemes(workdir: str, out_root: str, schemes: Sequence[str] = ('w8',
   spec = run_lib.read_config(workdir)
   for s in schemes:
     check_args(spec, s, experts_only, budget_bits if s == 'auto' else None, tile, workdir)
+  run_lib.check_output_dir(out_root, '--out', (COMPARE_JSON,) + tuple(quant.SCHEMES),
+                           'a benchmark_quant output')
   runs = {FLOAT: workdir}
   for s in schemes:
     out = os.path.join(out_root, s)
@@ -505,10 +509,8 @@ def compare_schemes(workdir: str, out_root: str, schemes: Sequence[str] = ('w8',
       row['top1_changed'] = float(changed) / float(sum(m.sum() * a.shape[0]
                                                        for m, a in zip(masks, top1)))
       row['load_imbalance'] = float(np.mean(load.max(-1) / np.maximum(load.mean(-1), 1e-9)))
-    qj = os.path.join(d, QUANT_JSON)
-    if os.path.exists(qj):
-      with open(qj) as f:
-        info = json.load(f)
+    info = run_lib.read_json(os.path.join(d, QUANT_JSON))
+    if info is not None:
       row['carried'] = info.get('operating_point')
       row['recertified'] = info.get('recertified')
     rows.append(row)
@@ -526,7 +528,7 @@ def compare_schemes(workdir: str, out_root: str, schemes: Sequence[str] = ('w8',
     # batch 1 at full depth reads every weight once per token
     row['decode_gbps'] = row['bytes'] / (row['decode_ms'] / 1e3) / 1e9
   os.makedirs(out_root, exist_ok=True)
-  run_lib.write_json(os.path.join(out_root, 'quant_compare.json'), rows)
+  run_lib.write_json(os.path.join(out_root, COMPARE_JSON), rows)
   return rows
 
 

@@ -79,17 +79,25 @@ def documents(pattern: str, data: Any, tune_fraction: float, max_bytes: int
               ) -> tuple[list, list]:
   """(stored, tuning) documents: the train split of the files exactly as the 'files' dataset
   of the run's data spec makes it (same byte cap, same split), the tuning share chosen by a
-  salted hash of each name; stored capped at max_bytes."""
+  salted hash of each name; stored capped at max_bytes. With tune_fraction > 0 and two or more
+  train documents, at least one tunes and one is stored (as split_docs keeps both splits
+  non-empty): on a few files the hash alone could pick none, and the gate would go
+  untrained."""
   heldout_fraction = data.heldout_fraction
   by_domain = corpus.file_documents(pattern, data.max_bytes)
   if not by_domain:
     raise ConfigError(f'--files={pattern!r}: the glob matches no non-empty files')
   store, tune = [], []
+  score = lambda name: zlib.crc32(('tune:' + name).encode()) % 1000  # noqa: E731
   for docs in by_domain.values():
     train, _ = corpus.split_docs(docs, heldout_fraction)
     for name, data in train:
-      is_tune = zlib.crc32(('tune:' + name).encode()) % 1000 < tune_fraction * 1000
-      (tune if is_tune else store).append((name, data))
+      (tune if score(name) < tune_fraction * 1000 else store).append((name, data))
+  if tune_fraction > 0 and len(store) + len(tune) >= 2 and (not tune or not store):
+    src, dst, sign = (store, tune, 1) if not tune else (tune, store, -1)
+    # the document the hash ranks nearest the other side
+    i = min(range(len(src)), key=lambda k: (sign * score(src[k][0]), src[k][0]))
+    dst.append(src.pop(i))
   return corpus._take(store, max_bytes), tune  # noqa: SLF001 -- the corpus's own cap
 
 
@@ -128,6 +136,7 @@ def build(workdir: str, files: str, out: str, max_bytes: int = 300_000,
   """Builds (or resumes) the datastore of run `workdir` over the train split of `files`
   at `out`, then tunes it; returns the written datastore.json. stop_after=k stops (as a
   kill would) after writing k chunks in this call (tests)."""
+  run_lib.check_output_dir(out, '--out', (PROGRESS, META), 'a datastore')
   spec, variables, step = run_lib.load(workdir)
   arm_lib.check_model(spec)
   if not 0 <= tune_fraction < 1:
@@ -154,10 +163,7 @@ def build(workdir: str, files: str, out: str, max_bytes: int = 300_000,
           'documents': len(store_docs), 'tune_documents': len(tune_docs)}
   prog_path = os.path.join(out, PROGRESS)
   done: list[int] = []
-  prog = None
-  if os.path.exists(prog_path):
-    with open(prog_path) as f:
-      prog = json.load(f)
+  prog = run_lib.read_json(prog_path)
   if os.path.exists(os.path.join(out, META)) and (prog is None or prog['args'] != args):
     # a finished datastore is never deleted by a build of other arguments
     raise ConfigError(f'--out={out!r} holds a complete datastore built with other arguments '
@@ -280,13 +286,17 @@ def load(path: str, spec: Spec, params: Optional[dict] = None, meta: Optional[di
       what = 'an unfinished build (rerun experiments.datastore to finish it)' if \
           os.path.exists(os.path.join(path, PROGRESS)) else 'not a datastore'
       raise CheckpointError(f'--datastore={path!r}: {what}')
-    with open(mpath) as f:
-      meta = json.load(f)
+    meta = run_lib.read_json(mpath)
+  try:  # a datastore.json an edit damaged: name the file
+    d_model, meta_steps = int(meta['d_model']), [int(s) for s in meta['steps']]
+  except (KeyError, TypeError, ValueError) as e:
+    raise ConfigError(f'{mpath}: not written by experiments.datastore ({type(e).__name__}: '
+                      f'{e}); build the datastore again') from None
   steps = [int(s) for s in spec.policy.exit_steps()]
-  if meta['d_model'] != spec.model.d_model:
+  if d_model != spec.model.d_model:
     raise ConfigError(f'--datastore={path!r}: keys of dimension {meta["d_model"]}, this model '
                       f'has d_model={spec.model.d_model} (a datastore of another model)')
-  if list(meta['steps']) != steps:
+  if meta_steps != steps:
     raise ConfigError(f'--datastore={path!r}: keys at depth steps {meta["steps"]}, this '
                       f'model exits at steps {steps} (a datastore of another model)')
   if params is not None and meta['fingerprint'] != fingerprint(spec, params):

@@ -12,7 +12,9 @@ RUN/ (a training workdir) holds:
 
 Every JSON file of a run is written by write_json: to a temporary file, fsync'd, then
 os.replace'd over the old one, so a kill mid-write leaves the previous file or the new one,
-never half of either. Readers go through read_json (None when the file is absent).
+never half of either. Readers go through read_json (None when the file is absent); a file a
+user edited or brought that is not valid JSON, or whose fields are out of range
+(read_config, read_calibration), is a ConfigError naming the file and the field.
 
 load(workdir) is the one way from a directory to what library functions take: the resolved
 Spec (for one device) and the variables {'params', 'moe_state'} a model applies, plus the
@@ -21,12 +23,14 @@ and this module take a workdir path.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
+import math
 import os
 from typing import Any, NamedTuple, Optional
 
 from act_jax import config as config_lib
-from act_jax.errors import CheckpointError
+from act_jax.errors import CheckpointError, ConfigError
 from act_jax.run import checkpointing
 from act_jax.run import state as state_lib
 from act_jax.scale import sharding
@@ -58,11 +62,37 @@ def write_json(file: str, obj: Any, indent: int = 2, default: Any = None) -> Non
 
 
 def read_json(file: str) -> Optional[Any]:
-  """The parsed file, or None when it does not exist."""
+  """The parsed file, or None when it does not exist; ConfigError naming the file when it is
+  not UTF-8 JSON."""
   if not os.path.isfile(file):
     return None
-  with open(file) as f:
-    return json.load(f)
+  try:
+    with open(file, encoding='utf-8') as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ConfigError(f'{file}: not valid JSON ({e.msg} at line {e.lineno}, column '
+                      f'{e.colno})') from None
+  except UnicodeDecodeError as e:
+    raise ConfigError(f'{file}: not UTF-8 text ({e.reason} at byte {e.start})') from None
+
+
+def check_output_dir(out: str, flag: str, markers: tuple[str, ...], what: str) -> None:
+  """Before any work: `out` may be new, empty, or a directory this binary writes (it holds
+  an entry matching one of `markers`, fnmatch patterns: resuming or adding to it). A file, or
+  a non-empty directory of something else, is refused, so nothing is mixed into a user's
+  directory."""
+  if not os.path.exists(out):
+    return
+  if not os.path.isdir(out):
+    raise ConfigError(f'{flag}={out}: is a file; give a directory')
+  entries = sorted(os.listdir(out))
+  if entries and not any(fnmatch.fnmatch(e, m) for e in entries for m in markers):
+    shown = ', '.join(entries[:3]) + (', ...' if len(entries) > 3 else '')
+    raise ConfigError(f'{flag}={out}: a non-empty directory that is not {what} (it holds '
+                      f'{shown}); give a new or empty directory')
+
+
+RUN_MARKERS = (CONFIG, CHECKPOINTS, METRICS)
 
 
 # ----------------------------------------------------------------------------- config
@@ -78,15 +108,68 @@ def read_config(workdir: str) -> Spec:
   cfg_path = path(workdir, CONFIG)
   if not os.path.exists(cfg_path):
     raise CheckpointError(f'{cfg_path} is missing: {workdir!r} is not a training workdir')
-  config = config_lib.complete(read_json(cfg_path))
-  config.mesh.update(data=1, expert=1, model=1)
-  return config_lib.resolve(config, device_count=1)
+  raw = read_json(cfg_path)
+  if not isinstance(raw, dict):
+    raise ConfigError(f'{cfg_path}: must hold a JSON object (the run\'s config), not '
+                      f'{type(raw).__name__}')
+  try:  # a field an edit broke: name the file, then the field
+    config = config_lib.complete(raw)
+    config.mesh.update(data=1, expert=1, model=1)
+    return config_lib.resolve(config, device_count=1)
+  except ConfigError as e:
+    raise ConfigError(f'{cfg_path}: {e}') from None
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    raise ConfigError(f'{cfg_path}: {type(e).__name__}: {e}') from None
 
 
 # ----------------------------------------------------------------------------- calibration
 def read_calibration(workdir: str) -> Optional[dict]:
-  """RUN/calibration.json, or None when the run was never calibrated."""
-  return read_json(path(workdir, CALIBRATION))
+  """RUN/calibration.json, or None when the run was never calibrated. Its operating points are
+  checked here (a ConfigError names the file and the field), so no reader blames a flag the
+  user never gave; whether a cap is an exit layer of this model is the reader's check."""
+  file = path(workdir, CALIBRATION)
+  saved = read_json(file)
+  if saved is not None:
+    check_calibration(file, saved)
+  return saved
+
+
+def check_calibration(file: str, saved: Any) -> None:
+  """The fields of calibration.json that decide where a run serves, in range."""
+  def bad(field: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f'{file}: {field}={value!r}: {allowed} (experiments.calibrate writes this '
+                      'file; run it again)')
+
+  def threshold(field: str, v: Any, optional: bool) -> None:
+    if v is None and optional:
+      return
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+      bad(field, v, 'must be a number in (0, 1]' + (' or null' if optional else ''))
+
+  def cap(field: str, v: Any) -> None:
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+      bad(field, v, 'must be null or an exit layer (an integer >= 1)')
+
+  if not isinstance(saved, dict):
+    bad('the file', type(saved).__name__, 'must hold a JSON object')
+  threshold('chosen_threshold', saved.get('chosen_threshold'), True)
+  cap('max_layers', saved.get('max_layers'))
+  points = saved.get('points')
+  if points is None:
+    return
+  if not isinstance(points, list):
+    bad('points', points, 'must be a list')
+  for i, p in enumerate(points):
+    if not isinstance(p, dict):
+      bad(f'points[{i}]', p, 'must be an object')
+    threshold(f'points[{i}].threshold', p.get('threshold'), False)
+    cap(f'points[{i}].max_layers', p.get('max_layers'))
+    layers = p.get('calib_mean_layers')
+    if isinstance(layers, bool) or not isinstance(layers, (int, float)) or \
+        not (math.isfinite(layers) and layers > 0):
+      bad(f'points[{i}].calib_mean_layers', layers, 'must be a positive number')
+    if not isinstance(p.get('certified'), bool):
+      bad(f'points[{i}].certified', p.get('certified'), 'must be true or false')
 
 
 def write_calibration(workdir: str, result: dict) -> str:

@@ -83,8 +83,9 @@ def load_points(workdir: str, spec: Spec, min_gap: float = 0.1) -> list:
       points.append(slo.Point(float(p['threshold']), cap, cert, float(p['calib_mean_layers']),
                               p.get('consistency'), label))
   points[1:] = sorted(points[1:], key=lambda p: -p.mean_layers)
-  for p in points:
-    OperatingPoint(p.threshold, p.max_layers).validate(spec)
+  for p in points[1:]:  # a cap that is not an exit layer of this model: the file is wrong
+    OperatingPoint(p.threshold, p.max_layers).validate(spec, f'{path}: threshold',
+                                                       f'{path}: max_layers')
   return points
 
 
@@ -192,6 +193,9 @@ def serve_run(workdir: str, trace: str, options: ServeOptions = ServeOptions(),
   of `slots`); its quality pass re-decodes with the threshold-mode engine at full depth."""
   o = options
   o.validate()
+  if out is not None:  # checked now, not after the replay
+    run_lib.check_output_dir(out, '--out', ('summary.json', 'requests.jsonl'),
+                             'the output of a serve run')
   requests_t = trace_lib.load(trace)  # a bad trace fails before the model loads
   spec, variables, step = run_lib.load(workdir)
   budget_s = None if o.slo_p95_ms is None else o.slo_p95_ms / 1e3
@@ -218,10 +222,13 @@ def serve_run(workdir: str, trace: str, options: ServeOptions = ServeOptions(),
     log(f'fixed operating point {points[0].label} ({source})')
   ops = [OperatingPoint(p.threshold, p.max_layers) for p in points]
   requests = heldout_prompts(spec, requests_t)
+  ok = [r for r in requests if check_request(r, spec.model.max_len) is None]
+  if not ok:  # a bad request is refused alone; a trace of nothing but bad ones is an error
+    raise ConfigError(f'--trace={trace}: all {len(requests)} requests would be refused, '
+                      f'e.g. request 0: {check_request(requests[0], spec.model.max_len)}')
   engine = Engine(spec, variables, o.slots, o.kv_fill, o.compact, o.steps_per_call, o.mode,
                   draft_layer, draft_len)
-  ok = [r for r in requests if check_request(r, engine.max_len) is None]
-  secs = engine.warmup([len(r.prompt) for r in ok] or [1], ops[0])
+  secs = engine.warmup([len(r.prompt) for r in ok], ops[0])
   log(f'{trace_lib.describe(trace)}: {len(requests)} requests; {o.slots} slots, compiled in '
       f'{secs:.1f}s; replaying ...')
   result = replay(engine, requests, ops, ctl, static_batches=o.static_batches, log=log)

@@ -41,6 +41,10 @@ DOMAINS = ('code', 'prose')
 KINDS = ('poisson', 'bursty')
 _FORMS = "'poisson:rate=R,duration=D', 'bursty:base=B,peak=P,duration=D' or a path to a .jsonl file"
 _JSONL_FIELDS = ('arrival_s', 'max_new', 'prompt', 'prompt_len', 'domain')
+# A replay waits for every arrival and a request holds its slot for max_new bytes: bounds a
+# real trace stays far inside, which keep a typo from sleeping for years or never finishing.
+MAX_ARRIVAL_S = 7 * 24 * 3600.0
+MAX_NEW = 1_000_000
 # Options of each kind: name -> default (None: required). Order is the order of the docs.
 _COMMON = {'seed': 0, 'prompt': '16-64', 'new': '16-48', 'code': 0.5}
 _OPTIONS = {
@@ -106,11 +110,13 @@ def _parse_line(obj: Any, where: str) -> tuple[float, int, int, str, bytes | Non
     if key not in obj:
       raise ConfigError(f'{where}: {key}: missing; every line needs arrival_s and max_new')
   t = obj['arrival_s']
-  if not _is_number(t) or not math.isfinite(t) or t < 0:
-    raise ConfigError(f'{where}: arrival_s={_json(t)}: must be a finite number >= 0 (seconds)')
+  if not _is_number(t) or not math.isfinite(t) or not 0 <= t <= MAX_ARRIVAL_S:
+    raise ConfigError(f'{where}: arrival_s={_json(t)}: must be a number in [0, '
+                      f'{MAX_ARRIVAL_S:g}] (seconds from the start of the trace)')
   max_new = obj['max_new']
-  if not _is_int(max_new) or max_new < 1:
-    raise ConfigError(f'{where}: max_new={_json(max_new)}: must be an integer >= 1 (bytes)')
+  if not _is_int(max_new) or not 1 <= max_new <= MAX_NEW:
+    raise ConfigError(f'{where}: max_new={_json(max_new)}: must be an integer in [1, '
+                      f'{MAX_NEW}] (bytes)')
   domain = obj.get('domain', 'code')
   if domain not in DOMAINS:
     raise ConfigError(f'{where}: domain={_json(domain)}: allowed: {", ".join(DOMAINS)}')
@@ -118,7 +124,11 @@ def _parse_line(obj: Any, where: str) -> tuple[float, int, int, str, bytes | Non
   if 'prompt' in obj:
     if not isinstance(obj['prompt'], str) or not obj['prompt']:
       raise ConfigError(f'{where}: prompt={_json(obj["prompt"])}: must be a non-empty string')
-    prompt = obj['prompt'].encode('utf-8')
+    try:
+      prompt = obj['prompt'].encode('utf-8')
+    except UnicodeEncodeError as e:  # a lone surrogate (JSON allows "\ud800")
+      raise ConfigError(f'{where}: prompt: character {e.start} is a lone surrogate '
+                        f'({e.object[e.start]!r}), not text UTF-8 can encode') from None
   if 'prompt_len' in obj:
     n = obj['prompt_len']
     if not _is_int(n) or n < 1:
@@ -134,8 +144,8 @@ def _parse_line(obj: Any, where: str) -> tuple[float, int, int, str, bytes | Non
 def parse_jsonl(path: str) -> list[TraceRequest]:
   """Requests of a JSONL trace file, sorted by arrival (stable), ids renumbered 0...
 
-  One JSON object per non-blank line: arrival_s (number >= 0, required), max_new (int >= 1,
-  required), prompt (a string; its UTF-8 bytes) and/or prompt_len (int >= 1), domain
+  One JSON object per non-blank line: arrival_s (number in [0, MAX_ARRIVAL_S], required),
+  max_new (int in [1, MAX_NEW], required), prompt (a string; its UTF-8 bytes) and/or prompt_len (int >= 1), domain
   (optional, 'code' or 'prose', default 'code'). Anything else is a ConfigError naming
   `path:line: field`.
   """

@@ -20,7 +20,6 @@ which `report.plot_steps_vs_difficulty` draws as one line per seed).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any, Callable, Sequence
@@ -30,9 +29,9 @@ import numpy as np
 from act_jax import config as config_lib
 from act_jax import data as data_lib
 from act_jax import telemetry
-from act_jax.train import training
 from act_jax.errors import ConfigError
 from act_jax.run import directory as run_lib
+from act_jax.train import training
 
 SWEEP_FILE = 'sweep.json'
 COLLAPSE_FRAC = 0.9
@@ -67,6 +66,7 @@ def sweep_seeds(config: Any, workdir: str, seeds: Sequence[int],
   config = config_lib.complete(config)
   spec = config_lib.as_spec(config)  # validates once, before any training
   config_lib.check_training(spec)
+  run_lib.check_output_dir(workdir, '--workdir', (SWEEP_FILE, 'seed_*'), 'a seed sweep')
   os.makedirs(workdir, exist_ok=True)
   rows = []
   for i, seed in enumerate(seeds):
@@ -91,11 +91,7 @@ def _write(workdir: str, spec, rows: list[dict]) -> dict[str, Any]:
 
 
 def read_sweep(workdir: str) -> dict[str, Any] | None:
-  path = os.path.join(workdir, SWEEP_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return run_lib.read_json(os.path.join(workdir, SWEEP_FILE))
 
 
 def format_sweep(sweep: dict[str, Any]) -> str:

@@ -332,6 +332,7 @@ def train_and_evaluate(config: Any, workdir: str, log: Callable[[str], None] = p
   multihost.maybe_initialize(bool(config.train.multihost), cluster)
   spec = config_lib.as_spec(config)
   config_lib.check_training(spec)
+  run_lib.check_output_dir(workdir, '--workdir', run_lib.RUN_MARKERS, 'a training run')
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   mesh = sharding_lib.make_mesh(spec.mesh.shape)

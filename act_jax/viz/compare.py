@@ -13,7 +13,6 @@ PNG is written: quality vs mean layers executed (scatter) and per-run bars.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any, Sequence
@@ -22,6 +21,7 @@ import numpy as np
 
 from act_jax import telemetry
 from act_jax.errors import ConfigError
+from act_jax.run import directory as run_lib
 from act_jax.viz.report import _save, plt
 
 COLUMNS = (('run', 'run'), ('halting', 'halting'), ('router', 'router'),
@@ -57,11 +57,7 @@ def run_row(workdir: str, name: str | None = None) -> dict[str, Any]:
   records = telemetry.read_metrics(workdir)
   train = [r for r in records if r['split'] == 'train']
   evals = [r for r in records if r['split'] == 'eval']
-  config: dict = {}
-  cfg_path = os.path.join(workdir, 'config.json')
-  if os.path.isfile(cfg_path):
-    with open(cfg_path) as f:
-      config = json.load(f)
+  config = run_lib.read_json(os.path.join(workdir, run_lib.CONFIG)) or {}
   timed = train[1:] if len(train) > 1 else train  # the first record includes compilation
   tps = [r['tokens_per_sec'] for r in timed[-3:] if r.get('tokens_per_sec') is not None
          and math.isfinite(r['tokens_per_sec'])]

@@ -38,23 +38,32 @@ def byte_char(tok: int) -> str:
   return {'\n': '⏎', '\t': '⇥'}.get(ch, ch if ch.isprintable() and len(ch) == 1 else '·')
 
 
+def _check_room(prompt_len: int, max_new: int, limit: int) -> None:
+  """The prompt (with BOS) and the bytes asked for fit the model's context, or one line says
+  what does: generation never stops short without a word (serve refuses the same)."""
+  if prompt_len >= limit:
+    raise ConfigError(f'--prompt is {prompt_len} tokens (with BOS); the model max length is '
+                      f'{limit}: shorten the prompt')
+  if prompt_len + max_new > limit:
+    raise ConfigError(f'--max_new_tokens={max_new}: with the prompt\'s {prompt_len} tokens '
+                      f'(with BOS) it exceeds the model max length {limit}; at most '
+                      f'{limit - prompt_len} here')
+
+
 def generate_listing(workdir: str, prompt: str, threshold: Optional[float] = None,
                      max_new: int = 64, kv_fill: str = 'project',
                      max_layers: Optional[int] = None,
                      retrieval: Optional[tuple[Any, dict]] = None) -> str:
   """Greedy continuation + a per-byte line of exit layers (1-9, a=10, b=11, ...).
-  retrieval: (RetrievalSpec, the datastore's arrays) -- retrieval_listing -- adds a line of how many times each byte's step retrieved."""
+  retrieval: (RetrievalSpec, the datastore's arrays) -- retrieval_listing -- adds a line of
+  how many times each byte's step retrieved."""
   spec, variables, step = run_lib.load(workdir)
   arrays = None
   if retrieval is not None:
     spec, arrays = dataclasses.replace(spec, retrieval=retrieval[0]), retrieval[1]
   op, _ = operating_point.run_operating_point(workdir, spec, threshold, max_layers)
   ids = np.concatenate([[data_lib.BOS], data_lib.encode(prompt)])[None].astype(np.int32)
-  limit = spec.model.max_len
-  if ids.shape[1] >= limit:
-    raise ConfigError(f'--prompt is {ids.shape[1]} tokens (with BOS); the model max length is '
-                      f'{limit}: shorten the prompt')
-  max_new = min(max_new, limit - ids.shape[1])
+  _check_room(ids.shape[1], max_new, spec.model.max_len)
   run = lambda: jax.block_until_ready(inference.generate(spec, variables, ids, max_new, op,  # noqa: E731
                                                          kv_fill, retrieval=arrays))
   run()  # compile
@@ -118,10 +127,7 @@ def exact_listing(workdir: str, prompt: str, max_new: int = 64,
   k, d, how = draft_lib.resolve_draft(spec, variables, draft_layer, draft_len, 1, workdir,
                             step, log=lambda s: None)
   ids = np.concatenate([[data_lib.BOS], data_lib.encode(prompt)])[None].astype(np.int32)
-  if ids.shape[1] >= spec.model.max_len:
-    raise ConfigError(f'--prompt is {ids.shape[1]} tokens (with BOS); the model max length is '
-                      f'{spec.model.max_len}: shorten the prompt')
-  max_new = min(max_new, spec.model.max_len - ids.shape[1])
+  _check_room(ids.shape[1], max_new, spec.model.max_len)
   run = lambda: jax.block_until_ready(S.generate_exact(spec, variables, ids, max_new, k, d,
                                                        temperature, seed))
   run()  # compile

@@ -447,9 +447,11 @@ def make_report(workdir: str, out_dir: str | None = None, log: Callable[[str], N
   """Writes the report PNGs of a training workdir into out_dir (default workdir/report).
   A sweep directory (sweep.json) gets steps_vs_difficulty.png and each seed its own report.
 
-  Raises ValueError naming the path when workdir has no (or an empty) metrics.jsonl. Plots
+  Raises ConfigError naming the path when workdir has no (or an empty) metrics.jsonl. Plots
   that need a checkpoint, MoE or calibration.json are skipped with a logged note.
   """
+  if out_dir:
+    run_lib.check_output_dir(out_dir, '--out', ('*.png',), 'a report (PNGs)')
   sweep_res = sweep.read_sweep(workdir)
   if sweep_res is not None:
     out_dir = out_dir or os.path.join(workdir, 'report')
@@ -467,6 +469,12 @@ def make_report(workdir: str, out_dir: str | None = None, log: Callable[[str], N
   records = telemetry.read_metrics(workdir)
   if not records:
     raise ConfigError(f'{metrics_path} holds no metric records yet')
+  # every file the plots read is checked before the first PNG is written
+  if os.path.isdir(run_lib.path(workdir, run_lib.CHECKPOINTS)):
+    run_lib.read_config(workdir)
+  else:
+    run_lib.read_json(run_lib.path(workdir, run_lib.CONFIG))
+  _calibration(workdir)
   out_dir = out_dir or os.path.join(workdir, 'report')
   os.makedirs(out_dir, exist_ok=True)
   out = lambda name: os.path.join(out_dir, name)  # noqa: E731
