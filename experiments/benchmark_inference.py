@@ -10,8 +10,8 @@ r"""Decode speed vs full depth, measured side by side in one run.
 from experiments import quiet_logs, refuse_flags, run
 from experiments import vocabulary as vocab
 
+from act_jax.bench import decode as decode_bench
 from act_jax.bench import speculative as speculative_bench
-from act_jax.bench import decode
 
 _WORKDIR = vocab.define('workdir', required=True)
 _MODE = vocab.define('mode')
@@ -33,18 +33,16 @@ _LAYER_TABLE = vocab.define('layer_table')
 def main(argv):
   del argv
   quiet_logs()
-  batches = _BATCH.value
   if _MODE.value == 'threshold':
     refuse_flags('threshold', ('draft_layer', 'draft_len', 'prompt_len', 'layer_table'))
-    rows = decode.benchmark_rows(_WORKDIR.value, _THR.value,
-                                          batches, new_tokens=_NEW.value,
-                                          repeats=_REPEATS.value, kv_fill=_FILL.value,
-                                          max_layers=_MAX_LAYERS.value)
-    print(decode.format_table(rows))
+    rows = decode_bench.benchmark_rows(_WORKDIR.value, _THR.value, _BATCH.value,
+                                       new_tokens=_NEW.value, repeats=_REPEATS.value,
+                                       kv_fill=_FILL.value, max_layers=_MAX_LAYERS.value)
+    print(decode_bench.format_table(rows))
     return
   refuse_flags('exact', ('max_layers', 'kv_fill'))
   thr = _THR.value[0] if _THR.present else None
-  res = speculative_bench.benchmark(_WORKDIR.value, batches, _PROMPT_LEN.value, _NEW.value,
+  res = speculative_bench.benchmark(_WORKDIR.value, _BATCH.value, _PROMPT_LEN.value, _NEW.value,
                                     _REPEATS.value, _DRAFT_LAYER.value, _DRAFT_LEN.value, thr,
                                     _LAYER_TABLE.value)
   print(speculative_bench.format_benchmark(res))

@@ -42,10 +42,10 @@ def main(argv):
                           f'--budget_layers={_BUDGET.value} (which picks by mean layers, '
                           'without a guarantee)')
   r = certify.calibrate_run(_WORKDIR.value, _TOL.value, _RISK.value, _BUDGET.value,
-                                    num_batches=_BATCHES.value, method=_METHOD.value,
-                                    max_layers=_MAX_LAYERS.value, measure=_MEASURE.value,
-                                    caps=_CAPS.value,
-                                    thresholds=_THR.value or operating_point.DEFAULT_THRESHOLDS)
+                            num_batches=_BATCHES.value, method=_METHOD.value,
+                            max_layers=_MAX_LAYERS.value, measure=_MEASURE.value,
+                            caps=_CAPS.value,
+                            thresholds=_THR.value or operating_point.DEFAULT_THRESHOLDS)
   print(json.dumps({k: r[k] for k in ('policy', 'mode', 'measure', 'chosen_threshold',
                                       'max_layers',
                                       'full_depth',

@@ -26,7 +26,7 @@ def run(shared_runs, tmp_path):
 
 def test_calibrate_writes_frontier_and_plot(run):
   r = certify.calibrate_run(run, tolerance=0.2, risk=0.1, num_batches=8,
-                                    log=lambda s: None)
+                            log=lambda s: None)
   saved = json.load(open(os.path.join(run, 'calibration.json')))
   assert saved['chosen_threshold'] == r['chosen_threshold']
   fr = saved['frontier']
@@ -66,7 +66,7 @@ def test_budget_mode_meets_the_budget(run):
 def test_too_little_calibration_data_is_refused(run):
   with pytest.raises(calibration.InsufficientCalibrationData):
     certify.calibrate_run(run, tolerance=0.001, risk=0.01, num_batches=2,
-                                  log=lambda s: None)
+                          log=lambda s: None)
 
 
 def test_generate_listing_and_bad_inputs(run):
@@ -103,7 +103,7 @@ def test_missing_and_mismatched_checkpoints(run, tmp_path):
 
 def test_benchmark_table(run):
   rows = decode_bench.benchmark_rows(run, [0.5], batch_sizes=[1, 2], new_tokens=4,
-                                        repeats=1, log=lambda s: None)
+                                     repeats=1, log=lambda s: None)
   assert {(r['batch'], r['compact']) for r in rows} == {(1, False), (2, False), (2, True)}
   table = decode_bench.format_table(rows)
   assert 'speedup' in table and all(r['ms_per_token'] > 0 for r in rows)
@@ -121,7 +121,7 @@ def test_evaluate_run_reports_each_threshold(run):
 def test_accuracy_frontier_picks_on_one_half_reports_on_the_other(run):
   thresholds, tol = [0.99, 0.5, 0.05], 0.3
   res = frontier.accuracy_frontier(run, thresholds, [None, 2], tolerance=tol,
-                                          num_batches=4, log=lambda s: None)
+                                   num_batches=4, log=lambda s: None)
   assert [r['max_layers'] for r in res['rows']] == [4, 2]
   config, state, _ = run_lib.load(run)
   v = {'params': state['params'], 'moe_state': state['moe_state']}
@@ -152,7 +152,7 @@ def test_accuracy_frontier_picks_on_one_half_reports_on_the_other(run):
 
 def test_calibrate_on_an_accuracy_tolerance(run):
   r = certify.calibrate_run(run, tolerance=0.5, risk=0.2, num_batches=8,
-                                    measure='accuracy', log=lambda s: None)
+                            measure='accuracy', log=lambda s: None)
   assert r['measure'] == 'accuracy' and r['method'] == 'bernstein'
   p = np.asarray(r['frontier']['pvalues'])
   assert p.shape == (len(r['frontier']['thresholds']),)
@@ -163,7 +163,7 @@ def test_calibrate_on_an_accuracy_tolerance(run):
     certify.calibrate_run(run, measure='loss', num_batches=4, log=lambda s: None)
   with pytest.raises(calibration.InsufficientCalibrationData):
     certify.calibrate_run(run, tolerance=0.001, measure='accuracy', num_batches=2,
-                                  log=lambda s: None)
+                          log=lambda s: None)
 
 
 def test_train_and_certify_ends_at_a_certified_point(run):

@@ -80,7 +80,7 @@ def test_continuous_batching_equals_decoding_alone(model, full_depth, kv_fill, c
   # (3 decode steps per call: rows finish mid-call and idle until it returns)
   point = OperatingPoint.full_depth() if full_depth else OperatingPoint(thr)
   engine = engine_lib.Engine(spec, v, slots=3, kv_fill=kv_fill, compact=compact,
-                          steps_per_call=per_call)
+                             steps_per_call=per_call)
   out = scheduler.replay(engine, reqs, [point], realtime=False)
   layers = []
   for r, rec in zip(reqs, out['records']):
@@ -106,7 +106,7 @@ def test_exact_mode_serving_equals_full_depth_decoding_alone(model):
   spec, v = model
   reqs = _requests()
   engine = engine_lib.Engine(spec, v, slots=3, steps_per_call=2, mode='exact', draft_layer=2,
-                          draft_len=3)
+                             draft_len=3)
   out = scheduler.replay(engine, reqs, [OperatingPoint.full_depth()], realtime=False)
   for r, rec in zip(reqs, out['records']):
     ref = _alone(spec, v, r, OperatingPoint.full_depth())
@@ -153,7 +153,7 @@ def test_overlong_request_is_refused_alone(model):
   reqs = _requests()[:2] + [scheduler.Request(9, 0.0, [65] * 30, 5),
                             scheduler.Request(10, 0.0, [], 3)]
   out = scheduler.replay(engine_lib.Engine(spec, v, slots=2), reqs, [OperatingPoint(0.5)],
-                       realtime=False)
+                         realtime=False)
   recs = {r.id: r for r in out['records']}
   assert 'prompt 30 + max_new 5 bytes exceed the model context 32' in recs[9].error
   assert 'empty prompt' in recs[10].error
@@ -166,7 +166,7 @@ def test_static_batches_wait_for_the_longest_request(model):
   spec, v = model
   reqs = _requests()[:4]
   out = scheduler.replay(engine_lib.Engine(spec, v, slots=2), reqs, [OperatingPoint(0.5)],
-                       realtime=False, static_batches=True)
+                         realtime=False, static_batches=True)
   # batches {0,1} then {2,3}: max_new - 1 decode steps of the longest request each
   assert len(out['steps']) == (6 - 1) + (9 - 1)
   assert [s['active'] for s in out['steps'][:6]] == [2, 2, 1, 1, 1, 2]
@@ -195,7 +195,7 @@ def run(shared_runs, tmp_path_factory):
   """A copy of the suite's shared run 'lm', calibrated with a 2-layer cap beside no cap."""
   path = shared_runs.copy('lm', str(tmp_path_factory.mktemp('serve') / 'run'))
   certify.calibrate_run(path, tolerance=0.5, risk=0.2, num_batches=4, caps=[0, 2],
-                                log=lambda s: None)
+                        log=lambda s: None)
   return path
 
 

@@ -138,7 +138,7 @@ def benchmark(workdir: str, trace: Optional[str] = None, slo_p95_ms: Optional[fl
     if 'efficiency' not in parts:
       break
     eng = serve_engine.Engine(spec, variables, b, kv_fill=fill, compact=compact,
-                         steps_per_call=steps_per_call)
+                              steps_per_call=steps_per_call)
     eff += decode_efficiency(eng, prompts, eff_points)
     log(format_efficiency(eff[-len(eff_points):]))
   eng = serve_engine.Engine(spec, variables, slots, kv_fill=kv_fill, steps_per_call=steps_per_call)

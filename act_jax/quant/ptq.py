@@ -37,9 +37,7 @@ import numpy as np
 
 from act_jax import config as config_lib
 from act_jax import data as data_lib
-from act_jax.calibrate import operating_point
-from act_jax.calibrate import frontier
-from act_jax.calibrate import certify
+from act_jax.calibrate import certify, frontier, operating_point
 from act_jax.errors import CheckpointError, ConfigError
 from act_jax.infer import inference
 from act_jax.model import quant
@@ -495,7 +493,7 @@ def compare_schemes(workdir: str, out_root: str, schemes: Sequence[str] = ('w8',
     row['assigned_expert_bytes'] = b['assigned_expert']
     if spec_r.policy.can_exit:
       fr = frontier.accuracy_frontier(d, certify.CERTIFY_THRESHOLDS, (None,),
-                                             tolerance, num_batches, log=quiet)
+                                      tolerance, num_batches, log=quiet)
       row['full_accuracy'] = fr['full_accuracy']
       row['exit_accuracy'] = dict(zip(fr['static']['layers'], fr['static']['accuracy']))
       r0 = fr['rows'][0]
