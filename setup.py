@@ -24,8 +24,9 @@ setup(
     ],
     extras_require={
         # pytest-xdist: the suite runs on 2 workers (pytest.ini; docs/testing.md)
+        # filelock: the test workers share one compile cache; jax locks it only with filelock
         'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'nbclient>=0.10', 'nbformat>=5.10',
-                 'ipykernel>=6.29', 'scipy>=1.11'],
+                 'ipykernel>=6.29', 'scipy>=1.11', 'filelock>=3.12'],
         'colab': ['treescope>=0.1.5', 'nbformat>=5.10'],
         # TPU runtime; on a CPU machine it lets experiments.compile compile for named TPU
         # topologies (jax.experimental.topologies) without a TPU.

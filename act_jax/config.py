@@ -45,7 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
       vocab_size=260, d_model=128, num_heads=4, head_dim=0, d_ff=384, num_layers=6,
       causal=True, share_weights=False, tie_embeddings=True, max_len=0, rope_base=10000.0,
       dtype='float32', param_dtype='float32', remat='none', group_size=0, scan_unroll=1,
-      layer_dropout=0.0))
+      layer_dropout=0.0, loss_tiles=1))
   # bias_init negative: with b >= 0 ACT halts every token after ~2 steps at init
   c.halting = ml_collections.ConfigDict(dict(
       name='none', threshold=0.9, eps=0.01, bias_init=-2.0, ponder_cost=0.01, beta=0.01,
@@ -320,6 +320,9 @@ def _check(config: ml_collections.ConfigDict) -> None:
   _require(m.rope_base > 0, 'model.rope_base', m.rope_base, 'must be > 0')
   _require(isinstance(m.scan_unroll, int) and m.scan_unroll >= 1, 'model.scan_unroll',
            m.scan_unroll, 'must be a positive integer (scan steps per loop iteration)')
+  _require(isinstance(m.loss_tiles, int) and not isinstance(m.loss_tiles, bool)
+           and m.loss_tiles >= 1, 'model.loss_tiles', m.loss_tiles,
+           'must be a positive integer (token tiles per exit loss; 1: all tokens at once)')
   _require(isinstance(m.group_size, int) and m.group_size >= 0, 'model.group_size',
            m.group_size, 'must be 0 (automatic) or a positive integer')
   _require(0 <= m.layer_dropout < 1, 'model.layer_dropout', m.layer_dropout,

@@ -46,6 +46,11 @@ if _OWN_CACHE:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='act_jax_jit_cache_')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+# A size limit turns on jax's file lock around every cache read and write (lru_cache.py):
+# without it an entry is written in place, and a process reading it while another writes
+# it (two workers, or the processes of a multi-process test, compiling the same program)
+# can load half an executable and crash (seen once: a segfault in get_executable_and_time).
+os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(64 * 2**30))
 # XLA:CPU without LLVM's optimisation passes: the suite's models are tiny, so compiling is
 # most of every test's time and this halves it (measured in docs/testing.md); both sides of
 # every equivalence test are compiled alike. ACT_JAX_TEST_XLA_OPT=1 keeps XLA's default.

@@ -9,6 +9,7 @@ from act_jax import config as config_lib
 from act_jax import data as data_lib
 from act_jax import telemetry
 from act_jax.train import training
+from act_jax.model import halting
 from act_jax.model.transformer import make_model
 from act_jax.run import directory as run_lib
 from experiments.configs import lm, synthetic
@@ -86,7 +87,7 @@ def test_exit_aware_training_forward_matches_real_exits(policy):
                                                    rngs={'halting': jax.random.PRNGKey(1)})
     if aware:  # plain training scores the exits on other states: its steps may differ
       np.testing.assert_array_equal(np.asarray(taux['criterion_step']), exit_step)
-    step_logits = np.asarray(taux['step_logits'])  # [N,B,L,V]
+    step_logits = np.asarray(halting.step_logits(taux))  # [N,B,L,V], from the exit states
     at_exit = np.take_along_axis(step_logits, exit_step[None, ..., None], 0)[0]
     gaps[aware] = np.abs(at_exit - np.asarray(logits)).max()
   assert gaps[0.5] < 1e-4, gaps

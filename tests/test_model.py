@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from act_jax import config as config_lib
+from act_jax.model import halting
 from act_jax.model.transformer import Layer, head_logits, init_cache, make_model
 
 
@@ -115,7 +116,7 @@ def test_layer_dropout_rises_with_depth_and_only_in_training():
   model, variables, tokens = init(config)
   rngs = {'halting': jax.random.PRNGKey(3), 'jitter': jax.random.PRNGKey(3)}
   _, aux = make_model(config_lib.resolve(config), train=True).apply(variables, tokens, rngs=rngs)
-  s = np.asarray(aux['step_logits'])                        # [N, B, L, V]
+  s = np.asarray(halting.step_logits(aux))                  # [N, B, L, V]
   np.testing.assert_array_equal(s[2], s[1])                 # last step dropped (w.p. 0.999^2)
   _, ref = make_model(config_lib.resolve(config), train=False).apply(variables, tokens)
   r = np.asarray(ref['step_logits'])

@@ -478,17 +478,21 @@ def format_quant_decode(rows: list[dict[str, Any]], topology: str) -> str:
 def _oom_report(spec: Spec, lay: dict[str, Any], chip: Chip, topology: str, chips: int,
                 error: str) -> dict[str, Any]:
   """The TPU compiler refused the layout as out of HBM: report what we know without an
-  executable (state bytes from the shardings, the compiler's temporaries figure)."""
+  executable (state bytes from the shardings, the compiler's figure). The figure its message
+  calls "HLO temporaries" is its whole heap, parameters and optimizer state included: for a
+  layout that fits, the same heap report totals exactly the peak that memory_analysis gives
+  (temporaries + state). So it is the peak here, and the temporaries are what it leaves."""
   mesh, abstract = lay['mesh'], lay['abstract']
   params_b, opt_b = _state_bytes(abstract)
   m = re.search(r'temporaries \(([\d.]+)G\)', error)
-  temp = float(m.group(1)) * GiB if m else 0.0
+  heap = float(m.group(1)) * GiB if m else 0.0
+  temp = max(heap - params_b - opt_b, 0.0)
   total, active = param_counts(spec, abstract['params'])
   report = {'topology': topology, 'chip': chip.name, 'chips': chips,
             'mesh': dict(mesh.shape), 'hbm_bytes': chip.hbm_bytes, 'fits': False,
             'params_total': total, 'params_active': active,
             'bytes': {'params': params_b, 'optimizer': opt_b, 'temp': temp,
-                      'peak': params_b + opt_b + temp},
+                      'peak': max(heap, params_b + opt_b)},
             'compiler_error': error.strip().splitlines()[0]}
   report['advice'] = advice(report, spec)
   return report
@@ -507,13 +511,15 @@ def advice(report: dict[str, Any], spec: Spec) -> str:
     tips.append(f'raise mesh.fsdp (parameters + optimizer state take {state / GiB:.1f} GiB '
                 f'per chip; fsdp={k} makes them ~{state * m.fsdp / k / GiB:.1f} GiB, and '
                 f'splits the gradients too)')
+  tokens = spec.data.batch_size * spec.data.seq_len / (m.data * m.fsdp * m.expert)
+  if spec.model.loss_tiles == 1:
+    tips.append(f'model.loss_tiles=8 (the heads\' cross-entropy by length tiles: a whole '
+                f'[B,L,V] f32 is {tokens * spec.model.vocab_size * 4 / GiB:.1f} GiB per chip)')
   if spec.policy.needs_exit_logits:
-    n, v = spec.model.num_steps, spec.model.vocab_size
-    per_chip = (spec.data.batch_size * spec.data.seq_len / (m.data * m.fsdp * m.expert)
-                * n * v * 4)
-    tips.append(f'halting.name={spec.halting.name!r} keeps every exit\'s logits for its loss: '
-                f'{n} exits x vocab {v} = {per_chip / GiB:.1f} GiB per chip in f32, and as '
-                f'much again for their gradients (a smaller data.batch_size or vocabulary)')
+    n, d = spec.model.num_steps, spec.model.d_model
+    tips.append(f'halting.name={spec.halting.name!r} keeps every exit\'s state for its loss: '
+                f'{n} exits x d_model {d} = {tokens * n * d * 2 / GiB:.1f} GiB per chip in '
+                f'bf16, and as much again for its gradient')
   if spec.model.remat != 'full':
     tips.append('model.remat=full (activations: XLA temporaries take '
                 f'{b["temp"] / GiB:.1f} GiB)')

@@ -12,6 +12,13 @@ counted as executed layers. Per step:
     h_new = group(h_prev, running);  h_new = where(running, h_new, h_prev)
     state, running' = policy.step(state, h_prev, h_new, signals(h_new), i, threshold)
 The forward returns (logits, aux); aux carries telemetry and loss inputs (never side effects).
+Exit heads: evaluation returns every step's exit logits aux['step_logits'] [N,B,L,V]. The
+training forward never builds them (act_jax/model/layers/head.py): given the targets
+(targets_BL, what training passes) each step computes its exit's cross-entropy and argmax by
+length tiles, aux['step_ce'] / aux['step_argmax'] [N,B,L]; with self-distillation (which needs
+the last exit at every exit) or without targets it returns the steps' states aux['step_h']
+[N,B,L,D] and the head aux['head'], and the losses compute each exit by tiles.
+model.loss_tiles > 1 does the same for the final head (logits None, aux['h_out']).
 With a datastore attached (spec.retrieval, act_jax/model/retrieval/arm.py) each step may also
 retrieve between the exit head and the exit decision; aux['retrievals'] counts the searches.
 Every module takes the resolved Spec (act_jax.spec); `make_model` also accepts a config and
@@ -31,7 +38,8 @@ import jax.numpy as jnp
 from act_jax.model import halting as halting_lib
 from act_jax.data import PAD as PAD_ID
 from act_jax.errors import ConfigError
-from act_jax.model.layers import Attention, GatedMLP, RMSNorm, rms_norm
+from act_jax.model.layers import Attention, GatedMLP, RMSNorm
+from act_jax.model.layers.head import head_logits, tiled_rows, token_stats
 from act_jax.model.moe import MoEFFN
 from act_jax.model.retrieval import arm as retrieval_arm
 from act_jax.scale.sharding import constrain
@@ -45,15 +53,6 @@ _REMAT = {
 
 def dtype_of(name: str) -> jnp.dtype:
   return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[name]
-
-
-def head_logits(head: dict, h_BLD: jax.Array) -> jax.Array:
-  """Shared output head (final RMSNorm + unembedding) as a pure function, in f32.
-
-  Pure so that exit heads inside the depth scan (CALM) reuse exactly the final head.
-  """
-  x = rms_norm(h_BLD.astype(jnp.float32), head['norm_scale'])
-  return x @ head['unembed_DV'].astype(jnp.float32)
 
 
 class Layer(nn.Module):
@@ -166,8 +165,16 @@ class DepthStep(nn.Module):
           bias_init=nn.with_logical_partitioning(
               nn.initializers.constant(self.config.halting.bias_init), (None,)))(
                   h_new.astype(jnp.float32))[..., 0]
-    if policy.needs_exit_logits:
+    knn_BLV = carry.get('knn')
+    # Training (no retrieval arm): no exit's whole [B,L,V]. The decision step() reads is
+    # computed by length tiles (a stop_gradient decision: nothing kept for the backward);
+    # the losses recompute the logits from the states (ys['exit_h'], layers/head.py).
+    tiled = self.train and knn_BLV is None
+    if policy.needs_exit_logits and not tiled:
       signals['exit_logits'] = head_logits(bcast['head'], h_new)
+    elif policy.needs_exit_logits and policy.step_reads_exit_logits:
+      signals['exit_score'] = jax.lax.stop_gradient(tiled_rows(
+          lambda h: policy.exit_score(head_logits(bcast['head'], h)), h_new, m.loss_tiles))
     if policy.needs_exit_classifier:
       x = jax.lax.stop_gradient(h_new.astype(jnp.float32))  # never trains the backbone
       x = nn.gelu(nn.Dense(32, param_dtype=pdtype, name='exit_clf_hidden',
@@ -179,7 +186,6 @@ class DepthStep(nn.Module):
                                                    (None, None)))(x)[..., 0]
     if policy.needs_uniform and not self.train:
       signals['uniform'] = jax.random.uniform(self.make_rng('halting'), running_BL.shape)
-    knn_BLV = carry.get('knn')
     if knn_BLV is not None:
       # Retrieval arm (act_jax/model/retrieval/arm.py): retrieve here or not, then the exit
       # decision below sees the interpolated distribution (and so does the output).
@@ -202,8 +208,18 @@ class DepthStep(nn.Module):
       ys['retrieved'] = retrieved_BL
     if self.keep_states:
       ys['h'] = h_new
-    if 'exit_logits' in signals:
-      ys['exit_logits'] = signals['exit_logits']
+    if policy.needs_exit_logits:
+      if tiled and 'targets' in bcast:
+        # Each exit's loss statistics here, from this step's state, by length tiles: no
+        # stacked states (or their gradient) leave the scan, and the backward recomputes
+        # the head inside each step (layers/head.py)
+        s = token_stats(bcast['head'], h_new[None], bcast['targets'], m.loss_tiles,
+                        argmax=True)
+        ys['exit_ce'], ys['exit_argmax'] = s['ce'][0], s['argmax'][0]
+      elif tiled:  # the losses recompute each exit's logits from its state
+        ys['exit_h'] = h_new
+      else:
+        ys['exit_logits'] = signals['exit_logits']
     if xs is not None:
       ys['cache'] = caches
     return new_carry, ys
@@ -233,7 +249,8 @@ class AdaptiveTransformer(nn.Module):
   def __call__(self, tokens_BL: jax.Array, threshold: Optional[jax.Array] = None,
                positions_BL: Optional[jax.Array] = None, cache: Any = None,
                cache_index: Optional[jax.Array] = None,
-               retrieval: Optional[dict] = None) -> tuple[jax.Array, dict]:
+               retrieval: Optional[dict] = None, targets_BL: Optional[jax.Array] = None
+               ) -> tuple[jax.Array, dict]:
     cfg, m = self.config, self.config.model
     n_steps = m.num_steps
     pdtype = dtype_of(m.param_dtype)
@@ -257,6 +274,12 @@ class AdaptiveTransformer(nn.Module):
                                        minval=cfg.halting.exit_aware, maxval=1.0)
     carry, bcast = prepare_inputs(cfg, top, tokens_BL, threshold, positions_BL, cache_index,
                                   decoding=cache is not None, retrieval=retrieval)
+    if (targets_BL is not None and self.train and cfg.policy.needs_exit_logits
+        and not (cfg.policy.supports_distill and cfg.halting.distill > 0)):
+      # Training with the targets at hand: each exit's loss statistics inside the depth
+      # scan. Self-distillation needs the last exit's distribution at every exit, which the
+      # scan has not reached yet: it keeps the exits' states for the loss instead.
+      bcast['targets'] = targets_BL
     if exit_aware:
       carry['h_exit'] = carry['h']  # read only where a criterion was met
     step_cls = DepthStep
@@ -272,16 +295,22 @@ class AdaptiveTransformer(nn.Module):
                      in_axes=(0, nn.broadcast), length=n_steps, unroll=m.scan_unroll,
                      metadata_params={nn.PARTITION_NAME: 'layers'})
     carry, ys = scan(cfg, self.train, self.keep_states, name='stack')(carry, cache, bcast)
-    return finish_outputs(cfg, carry, ys, bcast['head'], tokens_BL)
+    # Training with model.loss_tiles > 1: no [B,L,V] final logits either; the loss reads the
+    # output states aux['h_out'] and computes the head by length tiles (layers/head.py).
+    tiled_head = self.train and m.loss_tiles > 1 and cache is None and retrieval is None
+    return finish_outputs(cfg, carry, ys, bcast['head'], tokens_BL, logits_out=not tiled_head)
 
 
-def finish_outputs(spec: Spec, carry: dict, ys: dict, head: dict, tokens_BL
-                   ) -> tuple[jax.Array, dict]:
+def finish_outputs(spec: Spec, carry: dict, ys: dict, head: dict, tokens_BL,
+                   logits_out: bool = True) -> tuple[Optional[jax.Array], dict]:
   """Policy finalize, the LM head and aux assembly from the depth loop's outputs (ys stacked
-  on a leading N axis). Shared by the masked scan and inference.py's while loops."""
+  on a leading N axis). Shared by the masked scan and inference.py's while loops.
+  logits_out=False (training by tiles): logits None, aux['h_out'] and aux['head'] instead."""
   policy = spec.policy
   h_out_BLD, aux = policy.finalize(carry['state'], carry['h'], ys['step'])
-  if policy.output_is_exit_head and 'exit_logits' in ys:
+  if not logits_out:
+    logits_BLV = None
+  elif policy.output_is_exit_head and 'exit_logits' in ys:
     # An exited token's output IS its exit head's logits (same shared head, same frozen
     # state): gather them instead of running the head again (one head less per token).
     logits_BLV = jnp.take_along_axis(ys['exit_logits'], aux['exit_step'][None, ..., None],
@@ -289,11 +318,17 @@ def finish_outputs(spec: Spec, carry: dict, ys: dict, head: dict, tokens_BL
   else:
     logits_BLV = head_logits(head, h_out_BLD)
   aux = dict(aux)
+  if logits_BLV is None:
+    aux['h_out'], aux['head'] = h_out_BLD, head           # [B,L,D], the shared head
   aux['running'] = ys['running']                          # [N,B,L]
   aux['layers'] = jnp.sum(ys['layers'], axis=0)           # [B,L] layers executed
   aux['valid'] = tokens_BL != PAD_ID
   if 'exit_logits' in ys:
     aux['step_logits'] = ys['exit_logits']                # [N,B,L,V]
+  if 'exit_h' in ys:  # training: the exits' logits are the losses' to compute, by tiles
+    aux['step_h'], aux['head'] = ys['exit_h'], head       # [N,B,L,D], the shared head
+  if 'exit_ce' in ys:  # training with targets: each exit's statistics, from the scan
+    aux['step_ce'], aux['step_argmax'] = ys['exit_ce'], ys['exit_argmax']  # [N,B,L]
   stack_layers = lambda *xs: jnp.stack(xs, 1).reshape((-1,) + xs[0].shape[1:])
   moe_aux = [a['moe'] for a in ys['layer_aux'] if 'moe' in a]
   if moe_aux:  # [N, moe layers per step, ...] -> [moe layers, ...] in depth order

@@ -29,11 +29,13 @@ from act_jax.run import directory as run_lib
 from act_jax.run import state as state_lib
 from act_jax import config as config_lib
 from act_jax import data as data_lib
+from act_jax.model import halting as halting_lib
 from act_jax.model import moe as moe_lib
 from act_jax.scale import multihost
 from act_jax.model import quant as quant_lib
 from act_jax.scale import sharding as sharding_lib
 from act_jax import telemetry
+from act_jax.model.layers.head import token_stats
 from act_jax.model.transformer import make_model
 from act_jax.spec import OperatingPoint, Spec
 
@@ -56,15 +58,31 @@ def cost_warmup_scale(warmup_steps: int, step) -> jax.Array:
   return jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / float(warmup_steps))
 
 
+def final_ce(spec: Spec, logits_BLV, aux, targets_BL, argmax: bool = False) -> dict:
+  """{'ce': [B,L], 'argmax': [B,L] when asked} of the final head: from the logits, or (the
+  training forward with model.loss_tiles > 1, logits None) from aux['h_out'] by tiles."""
+  if logits_BLV is not None:
+    out = {'ce': cross_entropy(logits_BLV, targets_BL)}
+    if argmax:
+      out['argmax'] = jnp.argmax(logits_BLV, -1)
+    return out
+  s = token_stats(aux['head'], aux['h_out'][None], targets_BL, spec.model.loss_tiles,
+                  argmax=argmax)
+  return {k: v[0] for k, v in s.items()}
+
+
 def total_loss(config: Any, logits_BLV, aux, batch,
                step=None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The single place where task, halting and MoE losses are summed. `step` (training)
-  ramps the policy's compute-cost terms in over halting.cost_warmup steps."""
+  ramps the policy's compute-cost terms in over halting.cost_warmup steps. logits_BLV None:
+  the training forward by tiles (model.loss_tiles > 1), the final head read from aux."""
   spec = config_lib.as_spec(config)
   targets, w_BL = batch['targets'], batch['weights']
   denom = jnp.maximum(jnp.sum(w_BL), 1.0)
-  ce_BL = cross_entropy(logits_BLV, targets)
+  ce_BL = final_ce(spec, logits_BLV, aux, targets)['ce']
   terms = {'ce': jnp.sum(ce_BL * w_BL) / denom}
+  if 'step_h' in aux:  # the training forward: exits' logits by model.loss_tiles length tiles
+    aux = dict(aux, exit_heads=halting_lib.ExitHeads(aux, spec.model.loss_tiles))
   task, extra = spec.policy.loss_terms(aux, targets, w_BL)
   terms['task'] = terms['ce'] if task is None else task
   scale = cost_warmup_scale(spec.halting.cost_warmup, step)
@@ -78,11 +96,16 @@ def total_loss(config: Any, logits_BLV, aux, batch,
   return loss, terms
 
 
-def step_metrics(logits_BLV, aux, batch) -> dict[str, jax.Array]:
-  """Scalar telemetry of one batch (all from aux: telemetry is an output)."""
+def step_metrics(logits_BLV, aux, batch, spec: Spec | None = None) -> dict[str, jax.Array]:
+  """Scalar telemetry of one batch (all from aux: telemetry is an output). logits_BLV None:
+  the training forward by tiles (spec needed)."""
   w_BL = batch['weights']
   denom = jnp.maximum(jnp.sum(w_BL), 1.0)
-  acc = jnp.sum((jnp.argmax(logits_BLV, -1) == batch['targets']) * w_BL) / denom
+  if logits_BLV is None:
+    pred_BL = jax.lax.stop_gradient(final_ce(spec, None, aux, batch['targets'], True)['argmax'])
+  else:
+    pred_BL = jnp.argmax(logits_BLV, -1)
+  acc = jnp.sum((pred_BL == batch['targets']) * w_BL) / denom
   out = {'accuracy': acc, 'layers_mean': jnp.sum(aux['layers'] * w_BL) / denom}
   if 'moe' in aux:
     a = aux['moe']
@@ -131,7 +154,8 @@ def make_train_step(config: Any) -> Callable:
     def loss_fn(params):
       params = quant_lib.fake_quant(params, spec.quant)  # QAT (quant.scheme); else as is
       logits, aux = model.apply({'params': params, 'moe_state': state['moe_state']},
-                                batch['inputs'], rngs={'jitter': rng, 'halting': rng})
+                                batch['inputs'], rngs={'jitter': rng, 'halting': rng},
+                                targets_BL=batch['targets'])  # exits' losses in the scan
       loss, terms = total_loss(spec, logits, aux, batch, step=state['step'])
       return loss, (terms, logits, aux)
 
@@ -149,7 +173,7 @@ def make_train_step(config: Any) -> Callable:
       params, opt_state = keep(params, state['params']), keep(opt_state, state['opt_state'])
       moe_state = keep(moe_state, state['moe_state'])
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'finite': finite, **terms,
-               **step_metrics(logits, aux, batch)}
+               **step_metrics(logits, aux, batch, spec)}
     return {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state,
             'moe_state': moe_state}, metrics
 

@@ -17,8 +17,9 @@ import numpy as np
 
 from act_jax.errors import ConfigError
 from act_jax.model.halting.act import ACT
-from act_jax.model.halting.base import (POLICIES, EarlyExitPolicy, HaltingPolicy, drive,
-                                  exit_loss_weights, register, weighted_exit_ce)
+from act_jax.model.halting.base import (POLICIES, EarlyExitPolicy, ExitHeads, HaltingPolicy,
+                                        drive, exit_loss_weights, register, step_logits,
+                                        weighted_exit_ce)
 from act_jax.model.halting.confidence import CRITERIA, ConfidenceExit
 from act_jax.model.halting.learned_exit import LearnedExit, exit_labels
 from act_jax.model.halting.mod import (MoDPolicy, mod_capacity_k, mod_decode_select,
@@ -102,9 +103,10 @@ def make_policy(cfg: HaltingSpec, num_steps: int) -> HaltingPolicy:
 
 
 __all__ = [
-    'ACT', 'CRITERIA', 'ConfidenceExit', 'EXIT_WEIGHTS', 'EarlyExitPolicy', 'HaltingPolicy',
+    'ACT', 'CRITERIA', 'ConfidenceExit', 'EXIT_WEIGHTS', 'EarlyExitPolicy', 'ExitHeads',
+    'HaltingPolicy',
     'LearnedExit', 'MoDPolicy', 'NoHalting', 'POLICIES', 'PonderNet', 'drive', 'exit_labels',
     'exit_loss_weights', 'geometric_log_prior', 'kl_to_prior', 'make_policy', 'mod_capacity_k',
-    'mod_decode_select', 'mod_predictor_loss', 'mod_route', 'register', 'validate_halting',
-    'weighted_exit_ce',
+    'mod_decode_select', 'mod_predictor_loss', 'mod_route', 'register', 'step_logits',
+    'validate_halting', 'weighted_exit_ce',
 ]

@@ -15,7 +15,12 @@ The model's loop, which `drive` below reproduces for tests, is
                                                threshold, running, train)
       running = running & running_next
     h_out, aux = policy.finalize(state, h_last, stack(out_0..out_{N-1}))
-    task_loss, extra = policy.loss_terms(aux (+ 'step_logits'), targets, weights)
+    task_loss, extra = policy.loss_terms(aux (+ the exits' heads), targets, weights)
+
+The exits' heads reach the losses as ExitHeads (below): from stacked logits
+aux['step_logits'] [N,B,L,V] (evaluation, this driver, tests), or -- the training forward --
+from the exits' hidden states aux['step_h'] [N,B,L,D] and the head aux['head'], one tile of
+logits at a time (act_jax/model/layers/head.py): training never holds [N,B,L,V].
 
 Contract: a policy never changes its state for tokens whose `running_BL` is False; at the last
 step (i == N-1) every token stops; `i` and `threshold` are traced (no recompiles when the
@@ -31,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from act_jax.model.layers.head import head_logits, token_stats
 from act_jax.spec import HaltingSpec, threshold_at, threshold_per_step
 
 State = dict[str, jax.Array]
@@ -58,6 +64,9 @@ class HaltingPolicy:
   # signals the model computes each step
   needs_halt_unit: ClassVar[bool] = False  # signals['halt_logit'] f32 [B,L]
   needs_exit_logits: ClassVar[bool] = False  # signals['exit_logits'] [B,L,V]; aux['step_logits']
+  # step() reads the exit head (exit_score below); a training forward then gives it
+  # signals['exit_score'] computed by length tiles instead of signals['exit_logits']
+  step_reads_exit_logits: ClassVar[bool] = False
   needs_exit_classifier: ClassVar[bool] = False  # signals['exit_classifier_logit'] f32 [B,L]
   # what it does with them
   can_exit: ClassVar[bool] = False  # tokens stop at a threshold-dependent step in inference
@@ -91,6 +100,11 @@ class HaltingPolicy:
   def needs_uniform(self) -> bool:
     """signals['uniform'] ~ U[0, 1) [B,L] in inference (sampled halting)."""
     return False
+
+  def exit_score(self, logits_BLV: jax.Array) -> jax.Array:
+    """f32 [B,L]: the per-token decision step() reads from the exit head's logits (policies
+    with step_reads_exit_logits)."""
+    raise NotImplementedError
 
   # ---- static description ----
   def default_threshold(self) -> float:
@@ -175,12 +189,12 @@ def exit_loss_weights(exit_steps: tuple[int, ...], kind: str) -> np.ndarray:
   return (w / w.sum()).astype(np.float32)
 
 
-def weighted_exit_ce(step_logits_NBLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array,
-                     exit_steps: tuple[int, ...], kind: str) -> jax.Array:
-  """CALM loss Σ_l ω_l L_l / Σ_l ω_l over the exit steps l (L_l: weighted token-mean CE)."""
-  ce_NBL = per_step_ce(step_logits_NBLV[np.asarray(exit_steps)], targets_BL)
+def weighted_exit_ce(ce_XBL: jax.Array, weights_BL: jax.Array, exit_steps: tuple[int, ...],
+                     kind: str) -> jax.Array:
+  """CALM loss Σ_l ω_l L_l / Σ_l ω_l over the exit steps l (L_l: weighted token-mean CE of
+  ce_XBL, the exits' per-token CE in exit_steps order)."""
   w_BL = weights_BL.astype(jnp.float32)
-  ce_N = (ce_NBL * w_BL).sum((1, 2)) / jnp.maximum(w_BL.sum(), 1e-8)
+  ce_N = (ce_XBL * w_BL).sum((1, 2)) / jnp.maximum(w_BL.sum(), 1e-8)
   return (jnp.asarray(exit_loss_weights(exit_steps, kind)) * ce_N).sum()
 
 
@@ -189,13 +203,83 @@ def exit_distill_kl(step_logits_NBLV: jax.Array, weights_BL: jax.Array,
   """Self-distillation of the exits: mean over l in `steps` of the token-mean
   KL(p_{N−1} ‖ p_l), the last step's distribution held fixed (stop_gradient), so exit heads
   learn to predict what full depth would (their confidence then tracks agreement with it)."""
+  return _mean_distill(ExitHeads({'step_logits': step_logits_NBLV}), weights_BL, steps)
+
+
+def _mean_distill(heads: 'ExitHeads', weights_BL: jax.Array, steps: tuple[int, ...]
+                  ) -> jax.Array:
   if not steps:
     return jnp.zeros((), jnp.float32)
-  logits = step_logits_NBLV.astype(jnp.float32)
-  logp_last = jax.lax.stop_gradient(jax.nn.log_softmax(logits[-1], -1))
-  logp_XBLV = jax.nn.log_softmax(logits[np.asarray(steps)], -1)
-  kl_XBL = (jnp.exp(logp_last) * (logp_last - logp_XBLV)).sum(-1)
+  kl_XBL = heads.distill_kl(steps)
   return jnp.mean(jnp.stack([masked_mean(k, weights_BL) for k in kl_XBL]))
+
+
+class ExitHeads:
+  """Every exit's head, as the losses read it, whichever form the forward gave it in:
+  aux['step_logits'] [N,B,L,V] (evaluation, `drive`, tests); aux['step_ce'] and
+  aux['step_argmax'] [N,B,L] (the training forward given the targets: computed in the depth
+  scan); or aux['step_h'] [N,B,L,D] with the shared head aux['head'] (training with
+  self-distillation; tiles = model.loss_tiles length tiles per exit,
+  act_jax/model/layers/head.py). All give the same numbers."""
+
+  def __init__(self, aux: Mapping[str, jax.Array], tiles: int = 1):
+    self.logits_NBLV = aux.get('step_logits')
+    self.h_NBLD, self.head = aux.get('step_h'), aux.get('head')
+    # the training forward given the targets: each exit's CE and argmax, from the scan
+    self.ce_NBL, self.argmax_NBL = aux.get('step_ce'), aux.get('step_argmax')
+    if self.logits_NBLV is None and self.ce_NBL is None and (self.h_NBLD is None
+                                                            or self.head is None):
+      raise KeyError('the exits\' heads: aux needs step_logits, step_ce, or step_h and head')
+    self.tiles = int(tiles)
+
+  @classmethod
+  def of(cls, aux: Mapping[str, jax.Array]) -> 'ExitHeads':
+    """aux['exit_heads'] when the caller built one (training: with model.loss_tiles)."""
+    heads = aux.get('exit_heads')
+    return heads if isinstance(heads, ExitHeads) else cls(aux)
+
+  def _stats(self, steps, targets_BL=None, distill: bool = False,
+             argmax: bool = False) -> dict:
+    h = self.h_NBLD[np.asarray(steps)]
+    tgt = jnp.zeros(h.shape[1:3], jnp.int32) if targets_BL is None else targets_BL
+    return token_stats(self.head, h, tgt, self.tiles,
+                       ref_BLD=self.h_NBLD[-1] if distill else None, argmax=argmax)
+
+  def ce(self, targets_BL: jax.Array, steps) -> jax.Array:
+    """f32 [X,B,L]: cross-entropy of each of `steps`' heads."""
+    if self.logits_NBLV is not None:
+      return per_step_ce(self.logits_NBLV[np.asarray(steps)], targets_BL)
+    if self.ce_NBL is not None:  # computed in the depth scan against these same targets
+      return self.ce_NBL[np.asarray(steps)]
+    return self._stats(steps, targets_BL)['ce']
+
+  def distill_kl(self, steps) -> jax.Array:
+    """f32 [X,B,L]: KL(p_{N-1} || p_x) per token, the last step's distribution held fixed."""
+    if self.h_NBLD is None and self.logits_NBLV is None:
+      raise ValueError('self-distillation needs the exits\' states (the model keeps them '
+                       'when halting.distill > 0)')
+    if self.logits_NBLV is not None:
+      logits = self.logits_NBLV.astype(jnp.float32)
+      logp_last = jax.lax.stop_gradient(jax.nn.log_softmax(logits[-1], -1))
+      logp_XBLV = jax.nn.log_softmax(logits[np.asarray(steps)], -1)
+      return (jnp.exp(logp_last) * (logp_last - logp_XBLV)).sum(-1)
+    return self._stats(steps, distill=True)['kl']
+
+  def argmax(self, steps) -> jax.Array:
+    """int [X,B,L]: each of `steps`' predicted token (no gradient)."""
+    if self.logits_NBLV is not None:
+      return jnp.argmax(jax.lax.stop_gradient(self.logits_NBLV[np.asarray(steps)]), axis=-1)
+    if self.argmax_NBL is not None:
+      return self.argmax_NBL[np.asarray(steps)]
+    return self._stats(steps, argmax=True)['argmax']
+
+
+def step_logits(aux: Mapping[str, jax.Array]) -> jax.Array:
+  """[N,B,L,V] every step's exit logits, materialised (analysis and tests only: training
+  never builds them)."""
+  if 'step_logits' in aux:
+    return aux['step_logits']
+  return jax.vmap(lambda h: head_logits(aux['head'], h))(aux['step_h'])
 
 
 # ---------------------------------------------------------------- reference driver
@@ -323,10 +407,10 @@ class EarlyExitPolicy(HaltingPolicy):
 
   def loss_terms(self, aux: Mapping[str, jax.Array], targets_BL: jax.Array,
                  weights_BL: jax.Array) -> tuple[jax.Array | None, dict[str, jax.Array]]:
-    task = weighted_exit_ce(aux['step_logits'], targets_BL, weights_BL, self.exit_steps(),
-                            self.exit_weights)
+    heads = ExitHeads.of(aux)
+    task = weighted_exit_ce(heads.ce(targets_BL, self.exit_steps()), weights_BL,
+                            self.exit_steps(), self.exit_weights)
     if self.distill <= 0:
       return task, {}
     early = tuple(s for s in self.exit_steps() if s != self.num_steps - 1)
-    return task, {'exit_distill': self.distill * exit_distill_kl(aux['step_logits'],
-                                                                 weights_BL, early)}
+    return task, {'exit_distill': self.distill * _mean_distill(heads, weights_BL, early)}

@@ -64,10 +64,19 @@ class ConfidenceExit(EarlyExitPolicy):
     if self.criterion not in CRITERIA:
       raise ConfigError(f'halting.criterion={self.criterion!r}; known: {", ".join(CRITERIA)}')
 
+  @property
+  def step_reads_exit_logits(self) -> bool:  # saturation reads the states only
+    return self.criterion != 'saturation'
+
+  def exit_score(self, logits_BLV: jax.Array) -> jax.Array:
+    if self.criterion == 'margin':
+      return margin_confidence(logits_BLV)
+    return softmax_confidence(logits_BLV)
+
   def score(self, h_prev_BLD: jax.Array, h_new_BLD: jax.Array,
             signals: Mapping[str, jax.Array]) -> tuple[jax.Array, StepOut]:
     if self.criterion == 'saturation':
       return saturation_confidence(h_prev_BLD, h_new_BLD), {}
-    if self.criterion == 'margin':
-      return margin_confidence(signals['exit_logits']), {}
-    return softmax_confidence(signals['exit_logits']), {}
+    if 'exit_score' in signals:  # the training forward: computed by length tiles
+      return signals['exit_score'], {}
+    return self.exit_score(signals['exit_logits']), {}

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from act_jax.model.halting.base import EarlyExitPolicy, StepOut, masked_mean, register
+from act_jax.model.halting.base import (EarlyExitPolicy, ExitHeads, StepOut, masked_mean,
+                                        register)
 from act_jax.spec import HaltingSpec
 
 
@@ -31,6 +32,12 @@ def exit_labels(step_logits_NBLV: jax.Array) -> jax.Array:
   """bool [N,B,L]: step n's argmax equals the last step's argmax (no gradient)."""
   pred_NBL = jnp.argmax(jax.lax.stop_gradient(step_logits_NBLV), axis=-1)
   return pred_NBL == pred_NBL[-1:]
+
+
+def _labels(heads: ExitHeads, steps: np.ndarray, num_steps: int) -> jax.Array:
+  """bool [X,B,L]: exit_labels at `steps`, from either form of the exits' heads."""
+  pred_XBL = heads.argmax(tuple(int(s) for s in steps) + (num_steps - 1,))
+  return pred_XBL[:-1] == pred_XBL[-1:]
 
 
 @register
@@ -56,7 +63,7 @@ class LearnedExit(EarlyExitPolicy):
     steps = np.asarray([s for s in self.exit_steps() if s != self.num_steps - 1], np.int32)
     if steps.size == 0:
       return task, {**extra, 'exit_bce': jnp.zeros((), jnp.float32)}
-    labels_XBL = exit_labels(aux['step_logits'])[steps].astype(jnp.float32)
+    labels_XBL = _labels(ExitHeads.of(aux), steps, self.num_steps).astype(jnp.float32)
     logits_XBL = aux['exit_classifier_logit'][steps].astype(jnp.float32)
     bce_XBL = optax.sigmoid_binary_cross_entropy(logits_XBL, labels_XBL)
     w_XBL = jnp.broadcast_to(weights_BL, bce_XBL.shape)

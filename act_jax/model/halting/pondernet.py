@@ -16,8 +16,9 @@ space (log σ(x), log σ(−x)) so a vanishing p_n never produces log 0.
 Inference (train=False): halt at the first n with Σ_{m≤n} p_m ≥ threshold (default
 cfg.threshold), or with cfg.sample=True halt with probability λ_n at each step, using the
 model-supplied signals['uniform'] ~ U[0,1) ([B,L]): halt when uniform < λ_n.
-Training (train=True) runs every step: the expected loss needs every step's loss L_n, so the
-model supplies aux['step_logits'] [N,B,L,V] (needs_exit_logits=True). In eval, p is only filled
+Training (train=True) runs every step: the expected loss needs every step's loss L_n, which
+base.ExitHeads computes from the steps' states one token tile at a time (needs_exit_logits=True;
+no [N,B,L,V] in training). In eval, p is only filled
 up to each token's exit step (0 after), so p no longer sums to 1 there.
 per_sequence=True: λ_n is the mean of λ over the row's running tokens, so a row halts as one.
 """
@@ -29,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from act_jax.model.halting.base import (HaltingPolicy, State, StepOut, masked_mean, per_step_ce,
-                                  pool_mean_over_row, record_exit, register)
+from act_jax.model.halting.base import (ExitHeads, HaltingPolicy, State, StepOut, masked_mean,
+                                        pool_mean_over_row, record_exit, register)
 from act_jax.spec import HaltingSpec
 
 _TINY = 1e-30
@@ -139,7 +140,7 @@ class PonderNet(HaltingPolicy):
   def loss_terms(self, aux: Mapping[str, jax.Array], targets_BL: jax.Array,
                  weights_BL: jax.Array) -> tuple[jax.Array | None, dict[str, jax.Array]]:
     p_NBL = aux['p']
-    ce_NBL = per_step_ce(aux['step_logits'], targets_BL)
+    ce_NBL = ExitHeads.of(aux).ce(targets_BL, tuple(range(self.num_steps)))
     task = masked_mean((p_NBL * ce_NBL).sum(0), weights_BL)
     kl_BL = kl_to_prior(p_NBL, aux['log_p'], self.log_prior_N)
     return task, {'kl': self.beta * masked_mean(kl_BL, weights_BL)}
