@@ -145,9 +145,9 @@ def parse_jsonl(path: str) -> list[TraceRequest]:
   """Requests of a JSONL trace file, sorted by arrival (stable), ids renumbered 0...
 
   One JSON object per non-blank line: arrival_s (number in [0, MAX_ARRIVAL_S], required),
-  max_new (int in [1, MAX_NEW], required), prompt (a string; its UTF-8 bytes) and/or prompt_len (int >= 1), domain
-  (optional, 'code' or 'prose', default 'code'). Anything else is a ConfigError naming
-  `path:line: field`.
+  max_new (int in [1, MAX_NEW], required), prompt (a string; its UTF-8 bytes) and/or
+  prompt_len (int >= 1), domain (optional, 'code' or 'prose', default 'code'). Anything else
+  is a ConfigError naming `path:line: field`.
   """
   if not os.path.isfile(path):
     raise ConfigError(f'{path}: no such trace file (a trace is {_FORMS})')

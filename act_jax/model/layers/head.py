@@ -7,8 +7,10 @@ Training an adaptive model needs every exit's loss: CALM's weighted per-exit CE,
 self-distillation KL(p_{N-1} || p_n), PonderNet's sum_n p_n L_n, the learned-exit labels
 (does exit n predict what full depth does). Computing them from stacked exit logits costs
 N x B x L x V f32 -- and as much again for their gradients: at pod scale (vocabulary 32k,
-8 exits) 16 GiB per chip for the logits alone. Here they are computed from the exits'
-hidden states [X,B,L,D] (D << V; the depth scan keeps them anyway) instead:
+8 exits) 16 GiB per chip for the logits alone. Here `token_stats` computes them from hidden
+states (D << V) instead -- inside the depth scan, one step's state at a time, when the
+targets are at hand (the train step), or after it from the exits' states [X,B,L,D] when
+self-distillation needs the last exit at every exit:
 
     for each exit x (a lax.map):                       # one exit at a time
       for each of T length tiles (a lax.map):          # B x L/T tokens at a time
@@ -20,8 +22,10 @@ the backward recomputes them (the vocabulary tiling of MaxText's num_vocab_tilin
 tiles). Memory: one [B, L/T, V] f32 tile and its gradient, instead of N * B * L * V twice.
 Tiles cut the length, not the batch, so each stays spread over the batch's devices.
 Cost: the head's matmul runs twice per exit (forward, then recomputed in the backward), as
-under remat; self-distillation adds the reference (last) exit's head per exit and tile. The maths is unchanged: tests/test_exit_loss.py checks losses and gradients
-against the stacked-logits path (1e-5, f32) for every policy and option.
+under remat; self-distillation adds the reference (last) exit's head per exit and tile. The
+maths is unchanged: tests/test_exit_loss.py checks losses and gradients against the
+stacked-logits path (1e-5, f32) for every policy and option. `tiled_rows` does the same for
+a per-token decision read from the head (CALM's confidence, stop_gradient).
 
 `T` is model.loss_tiles (1: all B x L tokens of an exit at once).
 
