@@ -18,9 +18,11 @@ The model's loop, which `drive` below reproduces for tests, is
     task_loss, extra = policy.loss_terms(aux (+ the exits' heads), targets, weights)
 
 The exits' heads reach the losses as ExitHeads (below): from stacked logits
-aux['step_logits'] [N,B,L,V] (evaluation, this driver, tests), or -- the training forward --
-from the exits' hidden states aux['step_h'] [N,B,L,D] and the head aux['head'], one tile of
-logits at a time (act_jax/model/layers/head.py): training never holds [N,B,L,V].
+aux['step_logits'] [N,B,L,V] (evaluation, this driver, tests), or -- the training forward,
+which never holds [N,B,L,V] -- from each exit's CE and argmax computed inside the depth scan
+(aux['step_ce'], aux['step_argmax']), or from the exits' hidden states aux['step_h']
+[N,B,L,D] and the head aux['head'], one tile of logits at a time
+(act_jax/model/layers/head.py).
 
 Contract: a policy never changes its state for tokens whose `running_BL` is False; at the last
 step (i == N-1) every token stops; `i` and `threshold` are traced (no recompiles when the
