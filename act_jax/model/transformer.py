@@ -213,9 +213,12 @@ class DepthStep(nn.Module):
         # Each exit's loss statistics here, from this step's state, by length tiles: no
         # stacked states (or their gradient) leave the scan, and the backward recomputes
         # the head inside each step (layers/head.py)
+        # (the argmax only where the exit classifier's labels need it: learned exit)
         s = token_stats(bcast['head'], h_new[None], bcast['targets'], m.loss_tiles,
-                        argmax=True)
-        ys['exit_ce'], ys['exit_argmax'] = s['ce'][0], s['argmax'][0]
+                        argmax=policy.needs_exit_classifier)
+        ys['exit_ce'] = s['ce'][0]
+        if 'argmax' in s:
+          ys['exit_argmax'] = s['argmax'][0]
       elif tiled:  # the losses recompute each exit's logits from its state
         ys['exit_h'] = h_new
       else:
@@ -328,7 +331,9 @@ def finish_outputs(spec: Spec, carry: dict, ys: dict, head: dict, tokens_BL,
   if 'exit_h' in ys:  # training: the exits' logits are the losses' to compute, by tiles
     aux['step_h'], aux['head'] = ys['exit_h'], head       # [N,B,L,D], the shared head
   if 'exit_ce' in ys:  # training with targets: each exit's statistics, from the scan
-    aux['step_ce'], aux['step_argmax'] = ys['exit_ce'], ys['exit_argmax']  # [N,B,L]
+    aux['step_ce'] = ys['exit_ce']                        # [N,B,L]
+  if 'exit_argmax' in ys:
+    aux['step_argmax'] = ys['exit_argmax']                # [N,B,L]
   stack_layers = lambda *xs: jnp.stack(xs, 1).reshape((-1,) + xs[0].shape[1:])
   moe_aux = [a['moe'] for a in ys['layer_aux'] if 'moe' in a]
   if moe_aux:  # [N, moe layers per step, ...] -> [moe layers, ...] in depth order

@@ -71,15 +71,16 @@ def final_ce(spec: Spec, logits_BLV, aux, targets_BL, argmax: bool = False) -> d
   return {k: v[0] for k, v in s.items()}
 
 
-def total_loss(config: Any, logits_BLV, aux, batch,
-               step=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+def total_loss(config: Any, logits_BLV, aux, batch, step=None,
+               final: dict | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The single place where task, halting and MoE losses are summed. `step` (training)
   ramps the policy's compute-cost terms in over halting.cost_warmup steps. logits_BLV None:
-  the training forward by tiles (model.loss_tiles > 1), the final head read from aux."""
+  the training forward by tiles (model.loss_tiles > 1), the final head read from aux.
+  final: final_ce's output when the caller already has it (the train step)."""
   spec = config_lib.as_spec(config)
   targets, w_BL = batch['targets'], batch['weights']
   denom = jnp.maximum(jnp.sum(w_BL), 1.0)
-  ce_BL = final_ce(spec, logits_BLV, aux, targets)['ce']
+  ce_BL = (final or final_ce(spec, logits_BLV, aux, targets))['ce']
   terms = {'ce': jnp.sum(ce_BL * w_BL) / denom}
   if 'step_h' in aux:  # the training forward: exits' logits by model.loss_tiles length tiles
     aux = dict(aux, exit_heads=halting_lib.ExitHeads(aux, spec.model.loss_tiles))
@@ -96,15 +97,11 @@ def total_loss(config: Any, logits_BLV, aux, batch,
   return loss, terms
 
 
-def step_metrics(logits_BLV, aux, batch, spec: Spec | None = None) -> dict[str, jax.Array]:
-  """Scalar telemetry of one batch (all from aux: telemetry is an output). logits_BLV None:
-  the training forward by tiles (spec needed)."""
+def step_metrics(pred_BL, aux, batch) -> dict[str, jax.Array]:
+  """Scalar telemetry of one batch (all from aux: telemetry is an output); pred_BL: the final
+  head's argmax (final_ce)."""
   w_BL = batch['weights']
   denom = jnp.maximum(jnp.sum(w_BL), 1.0)
-  if logits_BLV is None:
-    pred_BL = jax.lax.stop_gradient(final_ce(spec, None, aux, batch['targets'], True)['argmax'])
-  else:
-    pred_BL = jnp.argmax(logits_BLV, -1)
   acc = jnp.sum((pred_BL == batch['targets']) * w_BL) / denom
   out = {'accuracy': acc, 'layers_mean': jnp.sum(aux['layers'] * w_BL) / denom}
   if 'moe' in aux:
@@ -156,10 +153,12 @@ def make_train_step(config: Any) -> Callable:
       logits, aux = model.apply({'params': params, 'moe_state': state['moe_state']},
                                 batch['inputs'], rngs={'jitter': rng, 'halting': rng},
                                 targets_BL=batch['targets'])  # exits' losses in the scan
-      loss, terms = total_loss(spec, logits, aux, batch, step=state['step'])
-      return loss, (terms, logits, aux)
+      # the final head once (by tiles when model.loss_tiles > 1): loss and accuracy
+      final = final_ce(spec, logits, aux, batch['targets'], argmax=True)
+      loss, terms = total_loss(spec, logits, aux, batch, step=state['step'], final=final)
+      return loss, (terms, jax.lax.stop_gradient(final['argmax']), aux)
 
-    (loss, (terms, logits, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (loss, (terms, pred, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state['params'])
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
@@ -173,7 +172,7 @@ def make_train_step(config: Any) -> Callable:
       params, opt_state = keep(params, state['params']), keep(opt_state, state['opt_state'])
       moe_state = keep(moe_state, state['moe_state'])
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'finite': finite, **terms,
-               **step_metrics(logits, aux, batch, spec)}
+               **step_metrics(pred, aux, batch)}
     return {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state,
             'moe_state': moe_state}, metrics
 
