@@ -322,7 +322,8 @@ def _check(config: ml_collections.ConfigDict) -> None:
            m.scan_unroll, 'must be a positive integer (scan steps per loop iteration)')
   _require(isinstance(m.loss_tiles, int) and not isinstance(m.loss_tiles, bool)
            and m.loss_tiles >= 1, 'model.loss_tiles', m.loss_tiles,
-           'must be a positive integer (token tiles per exit loss; 1: all tokens at once)')
+           'must be a positive integer (length tiles of every head\'s cross-entropy in training; '
+           '1: all positions at once)')
   _require(isinstance(m.group_size, int) and m.group_size >= 0, 'model.group_size',
            m.group_size, 'must be 0 (automatic) or a positive integer')
   _require(0 <= m.layer_dropout < 1, 'model.layer_dropout', m.layer_dropout,

@@ -60,7 +60,7 @@ class ModelSpec:
   group_size: int        # layers per scan step (model.group_size, else moe.every or 1)
   scan_unroll: int       # depth-scan steps per loop iteration (XLA scheduling; 1 = rolled)
   layer_dropout: float   # LayerSkip: training drops step i per row w.p. p·(2^(i/(N-1)) - 1)
-  loss_tiles: int        # token tiles of each exit's loss: one tile's logits live at a time
+  loss_tiles: int        # length tiles of each head's training CE: one tile's logits at a time
   layer_kinds: tuple[str, ...] = _derived()  # 'dense' | 'moe' for the layers of one step
   num_steps: int = _derived()                 # scan steps (= halting steps) over depth
 
