@@ -55,12 +55,14 @@ def default_config() -> ml_collections.ConfigDict:
   # moe.renormalize: top_k weight p_e / sum of the K chosen p; ignored for top_k=1, whose
   # weight stays p_e (Switch: p_e / p_e = 1 gives the router no task-loss gradient).
   # moe.fallback (none | max_prob | entropy): tokens whose router confidence is below
-  # moe.fallback_threshold go to the shared expert alone (act_jax/model/moe/fallback.py)
+  # moe.fallback_threshold go to the shared expert alone (act_jax/model/moe/fallback.py).
+  # moe.soft_normalize (router=soft): Soft MoE's published logits, scale * <x/|x|, phi/|phi|>
+  # with a learned scalar scale (Puigcerver et al. 2023, sec. 2.3); False = x phi.
   c.moe = ml_collections.ConfigDict(dict(
       router='none', num_experts=8, top_k=2, capacity_factor=1.25, every=2, shared_experts=0,
       d_ff=0, dispatch='gather', renormalize=True, priority='position', group_size=0,
       jitter=0.0, lb_loss_weight=0.01, z_loss_weight=0.001, bias_rate=0.0, num_slots=1,
-      fallback='none', fallback_threshold=0.0))
+      fallback='none', fallback_threshold=0.0, soft_normalize=False))
   # Mesh axes (act_jax/scale/sharding.py): data parallel, FSDP (batch + every weight's d_model
   # split), expert parallel, tensor parallel. data * fsdp * expert * model = device count;
   # one axis may be -1: it takes the devices the others leave.

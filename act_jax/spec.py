@@ -111,6 +111,7 @@ class MoESpec:
   num_slots: int
   fallback: str               # 'none' | 'max_prob' | 'entropy' (act_jax/model/moe/fallback.py)
   fallback_threshold: float   # fall back when the router confidence is below it
+  soft_normalize: bool = False  # Soft MoE: l2-normalised inputs and slot params, learned scale
 
 
 @dataclasses.dataclass(frozen=True)

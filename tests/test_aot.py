@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from act_jax.deploy import aot
+from act_jax.model.moe import expert_parallel
 from act_jax import config as config_lib
 from act_jax.scale import sharding
 from act_jax.errors import ConfigError
@@ -74,6 +75,36 @@ def test_model_flops_known_answer():
   assert n == {'attention': 512, 'ffn': 384 + 320, 'heads': 1 * 2400}  # 1 step of 2 layers
 
 
+def test_decode_exit_costs_known_answer():
+  """Per-exit HBM bytes of a decode step, by hand. 4 steps of 1 layer, d 8, 2 heads of 4,
+  d_ff 16, vocab 300, f32, 2 rows x 16 positions, one device. Per step: attention 4 x 8*8*4 B
+  = 1024, norms 2 x 8*4 = 64, FFN 3 x 8*16*4 = 1536 -> 2624; KV cache k + v 2 x 2*16*2*4*4 =
+  2048; W_K + W_V 512. Head 8*300*4 = 9600, read at every step by confidence (softmax)."""
+  c = lm.get_config('halting=confidence,router=none')
+  c.model.update(num_layers=4, d_model=8, num_heads=2, d_ff=16, vocab_size=300,
+                 tie_embeddings=False, max_len=16)
+  c.data.update(seq_len=16, batch_size=2)
+  c.mesh.update(data=1)
+
+  def rows(**halting):
+    c.halting.update(halting)
+    spec = config_lib.resolve(c, device_count=1)
+    lay = aot.layout(spec, jax.devices()[:1])
+    return aot.decode_exit_costs(spec, lay['abstract']['params'],
+                                 aot.decode_cache(spec, lay['mesh']), aot.CHIPS['v5e'])
+
+  conf = rows(name='confidence')
+  want = [n * (2624 + 2048) + n * 9600 + (4 - n) * 512 for n in (1, 2, 3, 4)]
+  assert [r['bytes'] for r in conf] == want == [15808, 29568, 43328, 57088]
+  assert [r['exit_step'] for r in conf] == [1, 2, 3, 4] and conf[-1]['fraction'] == 1.0
+  assert conf[0]['ms_per_token'] == 1e3 * 15808 / aot.CHIPS['v5e'].hbm_bw
+  # ACT's halting unit (8 weights + 1 bias, 36 B a step) reads the state: one head, at the end
+  act = rows(name='act')
+  assert [r['bytes'] for r in act] == [n * (4672 + 36) + 9600 + (4 - n) * 512
+                                       for n in (1, 2, 3, 4)]
+  assert [r['exit_step'] for r in rows(name='none')] == [4]   # no exits: full depth only
+
+
 def test_bad_topologies_are_one_line_errors():
   for bad in ('v5x:2x2', 'v5e', 'v5e:2x2x2x2', ''):
     with pytest.raises(ConfigError, match='--topology') as e:
@@ -126,6 +157,12 @@ def test_compile_report_v5e_fsdp_and_experts():
   assert 0.5 < r['xla_flops'] / r['model_flops_per_chip'] < 2.5, r
   assert r['xla_flops'] > 1.5 * r['xla_flops_raw']
   assert r['decode']['params'] > 0 and r['decode']['seconds_per_token'] > 0
+  exits = r['decode']['exits']     # confidence exits after every step: cheaper when earlier
+  assert len(exits) == r['decode']['exits'][-1]['exit_step'] > 1
+  assert all(a['bytes'] < b['bytes'] for a, b in zip(exits, exits[1:]))
+  # one MFU method, with its bounds: floor (probes: XLA's bytes as HBM) <= MFU <= ceiling
+  assert r['step_seconds'] == r['compute_seconds'] + r['collective_seconds']
+  assert r['mfu_floor'] <= r['mfu'] <= r['mfu_ceiling'] <= 1.0
   assert 'fits' in aot.format_report(r)
 
 
@@ -151,6 +188,34 @@ def test_multi_host_slice_layout_is_the_rule_table():
   per_chip = np.prod(w_in.sharding.shard_shape(w_in.shape))
   assert per_chip * 8 == np.prod(w_in.shape)
   assert sharding.BATCH_AXES == ('data', 'fsdp', 'expert')
+
+
+@needs_libtpu
+@pytest.mark.parametrize('topology,fsdp,expert', [('v5e:2x2', 2, 2), ('v5p:2x2x2', 2, 4)])
+def test_expert_parallel_ragged_dispatch_compiles_for_tpu(topology, fsdp, expert, tmp_path):
+  """moe.dispatch=ragged on a TPU slice: the train step's HLO exchanges tokens with
+  ragged-all-to-all (XLA:CPU cannot run it; tests/test_moe_sharding.py runs the same
+  program with the padded transport), and the per-chip send/receive buffers are the
+  static bound cf * M rows of expert_parallel.send_rows, not the worst case."""
+  c = _tiny(fsdp=fsdp, expert=expert)
+  c.moe.dispatch = 'ragged'
+  devices = aot.topology_devices(topology)
+  spec = config_lib.validate(c, device_count=len(devices))
+  # XLA's own dump: as_text() fails on some TPU programs (a RET_CHECK on async updates)
+  aot.compile_train_step(spec, devices, options={'xla_dump_to': str(tmp_path),
+                                                 'xla_dump_hlo_as_text': True})
+  dumps = list(tmp_path.glob('*jit_train_step*after_optimizations.txt'))
+  text = dumps[0].read_text()
+  assert 'ragged-all-to-all' in text
+  coll = aot.collectives(text)
+  assert coll['ragged-all-to-all']['count'] > 0 and coll['all-to-all']['count'] > 0
+  m = spec.moe
+  tokens = spec.data.batch_size // len(devices)           # groups (sequences) per chip
+  cap = -(-m.top_k * spec.data.seq_len * m.capacity_factor // m.num_experts)
+  rows = expert_parallel.send_rows(tokens, spec.data.seq_len, m.top_k, m.num_experts,
+                                   expert, int(cap))
+  assert rows * expert < tokens * spec.data.seq_len * m.top_k * expert   # < worst case
+  assert f'[{rows * expert},' in text.replace(' ', '')
 
 
 def test_collectives_fall_back_to_xla_dump(tmp_path, monkeypatch):

@@ -332,6 +332,34 @@ def test_soft_moe_weights():
   assert float(jnp.abs(plan.dispatch_GSP[0, 2]).max()) == 0.0
 
 
+def test_soft_moe_published_normalisation_known_answer():
+  """moe.soft_normalize: l = a * <x/|x|, phi/|phi|> (Puigcerver et al. 2023, sec. 2.3; vmoe's
+  SoftRouter), by hand: x = (3, 4) -> (0.6, 0.8), (0, -2) -> (0, -1); phi's columns (1, 0),
+  (0, 2), (1, 1) -> (1, 0), (0, 1), (1, 1)/sqrt(2); a = 2."""
+  x_GSD = jnp.array([[[3.0, 4.0], [0.0, -2.0]]])
+  phi_DP = jnp.array([[1.0, 0.0, 1.0], [0.0, 2.0, 1.0]])
+  r = 1 / np.sqrt(2)
+  want = 2 * np.array([[[0.6, 0.8, 1.4 * r], [0.0, -1.0, -r]]])
+  np.testing.assert_allclose(R.soft_logits(x_GSD, phi_DP, jnp.float32(2.0)), want, atol=1e-5)
+  np.testing.assert_allclose(R.soft_logits(x_GSD, phi_DP), x_GSD @ phi_DP)  # the flag off
+  # In the layer: a learned scalar (init 1) and logits blind to the input's norm -- the
+  # routing of x and 10x is the same (z-loss reads the logits), where plain x Phi is not.
+  x = jax.random.normal(jax.random.key(0), (2, 6, 8))
+  for normalize in (True, False):
+    m = MoEFFN(_cfg(router='soft', num_experts=2, num_slots=2, soft_normalize=normalize),
+               d_model=8, d_ff=16, causal=False)
+    params = m.init(jax.random.key(1), x)['params']
+    assert ('soft_scale' in params) == normalize
+    z = [float(m.apply({'params': params}, v)[1]['z_loss']) for v in (x, 10 * x)]
+    assert np.isclose(z[0], z[1], rtol=1e-5) == normalize, (normalize, z)
+    if normalize:
+      assert float(params['soft_scale']) == 1.0
+      g = jax.grad(lambda p: jnp.sum(m.apply({'params': p}, x)[0] ** 2))(params)
+      assert abs(float(g['soft_scale'])) > 0
+  with pytest.raises(ConfigError, match="moe.soft_normalize=True.*moe.router='soft'"):
+    validate_moe(_cfg(router='top_k', soft_normalize=True), d_model=8, causal=False)
+
+
 # ----------------------------------------------------------------------------- balancing
 
 def test_bias_balancing_lowers_imbalance():

@@ -9,22 +9,29 @@ compiled executable it reads, per chip:
 * memory: `memory_analysis()` (arguments = parameters + optimizer state + batch, outputs
   aliased by donation, XLA temporaries) against the chip's HBM; the argument split is
   computed from the shardings (shard shape x itemsize).
-* collectives: every all-gather / reduce-scatter / all-reduce / all-to-all /
+* collectives: every all-gather / reduce-scatter / all-reduce / (ragged-)all-to-all /
   collective-permute in the optimized HLO, counted with the trip count of each enclosing
   while loop (the depth scan runs its body num_steps times), bytes = the largest array the
   instruction moves per chip.
-* FLOPs and time. XLA's `cost_analysis()` counts a loop body once (not once per iteration),
-  so for a depth-N scan its FLOPs come out ~N times too low. We compile two unrolled probes
-  of the same model with 2 and 3 scan steps (same mesh, same everything else) and
-  extrapolate linearly: X(N) = X(2) + (N - 2) (X(3) - X(2)) for XLA's flops, bytes accessed
-  and estimated seconds. The probe flops are checked against the model FLOPs
+* FLOPs. XLA's `cost_analysis()` counts a loop body once (not once per iteration), so for
+  a depth-N scan its FLOPs come out ~N times too low. With --probes we compile two unrolled
+  probes of the same model with 2 and 3 scan steps (same mesh, same everything else) and
+  extrapolate linearly: X(N) = X(2) + (N - 2) (X(3) - X(2)) for XLA's flops and bytes
+  accessed. The model FLOPs are
     6 N_active T + 12 L D S T   (PaLM's count: N_active matmul params incl. the LM head and
                                  every exit head that runs; L layers, D d_model, S seq
                                  length, T tokens per step)
-  and the report says which estimate it prints: XLA's extrapolated seconds when they are
-  positive and at least the compute roofline, else our roofline
-    t = max(flops/peak, bytes/HBM bandwidth) + collective bytes / ICI bandwidth
-  (no overlap of communication: a pessimistic bound). MFU = model FLOPs / (t x peak).
+  and the hardware FLOPs max(XLA's, model FLOPs x 4/3 under full remat).
+* MFU, one method: MFU = model FLOPs / (t x peak) with
+    t = hardware FLOPs / peak + collective bytes / ICI bandwidth
+  (compute and communication not overlapped). Every term is counted from the compiled
+  program, and the model FLOPs are checked against XLA's probe FLOPs. Two bounds are printed
+  beside it: the ceiling without communication (t = hardware FLOPs / peak), and, with
+  --probes, the floor where every byte XLA's cost analysis counts also crosses HBM
+  (t = max(compute, bytes accessed / HBM bandwidth) + communication) -- an overcount, since
+  those bytes are each op's operands and outputs, most of which stay on chip between fused
+  ops, and most of all a gather's. XLA's own `optimal_seconds` is shown, not used: on these
+  programs it is often negative, and it counts loop bodies once.
 
 Dims (legend: act_jax/__init__.py): B batch, L length, D d_model, N depth steps, E experts.
 """
@@ -85,8 +92,9 @@ CHIPS: dict[str, Chip] = {
 }
 TOPOLOGY_EXAMPLES = ('v5e:2x2', 'v5e:4x4', 'v5e:16x16', 'v5p:2x2x2', 'v5p:4x4x4', 'v6e:2x2',
                      'v6e:16x16', 'v4:2x2x2')
-COLLECTIVES = ('all-to-all', 'all-gather', 'reduce-scatter', 'all-reduce',
-               'collective-permute')
+# ragged-all-to-all's bytes are its whole buffer: an upper bound (it moves the filled rows).
+COLLECTIVES = ('all-to-all', 'ragged-all-to-all', 'all-gather', 'reduce-scatter',
+               'all-reduce', 'collective-permute')
 INSTALL = "pip install -e '.[tpu]'   (brings libtpu: TPU compiles from any machine)"
 
 
@@ -291,9 +299,10 @@ def _state_bytes(abstract: Any) -> tuple[int, int]:
           _shard_bytes(abstract['opt_state']) + _shard_bytes(abstract['moe_state']))
 
 
-def compile_train_step(spec: Spec, devices: list[Any], lay: dict[str, Any] | None = None
-                       ) -> tuple[Any, dict[str, Any]]:
-  """(compiled train step, its layout) for `devices`, nothing allocated."""
+def compile_train_step(spec: Spec, devices: list[Any], lay: dict[str, Any] | None = None,
+                       options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+  """(compiled train step, its layout) for `devices`, nothing allocated; `options` are XLA
+  compiler options (e.g. xla_dump_to: the optimized HLO where as_text() fails)."""
   lay = lay or layout(spec, devices)
   mesh, abstract, shardings = lay['mesh'], lay['abstract'], lay['shardings']
   batch = _batch_abstract(spec, mesh)
@@ -303,23 +312,29 @@ def compile_train_step(spec: Spec, devices: list[Any], lay: dict[str, Any] | Non
     fn = jax.jit(training.make_train_step(spec),
                  in_shardings=(shardings, {k: v.sharding for k, v in batch.items()}, repl),
                  out_shardings=(shardings, repl), donate_argnums=(0,))
-    compiled = fn.lower(abstract, batch, rng).compile()
+    compiled = fn.lower(abstract, batch, rng).compile(options)
   return compiled, lay
 
 
+def decode_cache(spec: Spec, mesh: Any) -> list[dict[str, jax.ShapeDtypeStruct]]:
+  """The abstract KV cache of a decode batch (data.batch_size rows of model.max_len),
+  rows split like the batch."""
+  m = spec.model
+  cache_sh = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(None, sharding_lib.BATCH_AXES, None, None, None))
+  kv = jax.ShapeDtypeStruct((m.num_steps, spec.data.batch_size, m.max_len, m.num_heads,
+                             m.head_dim), model_lib.dtype_of(m.dtype), sharding=cache_sh)
+  return [{'k': kv, 'v': kv} for _ in m.layer_kinds]
+
+
 def compile_decode_step(spec: Spec, devices: list[Any], lay: dict[str, Any] | None = None
-                        ) -> tuple[Any, dict[str, int]]:
+                        ) -> tuple[Any, dict[str, Any]]:
   """The early-exit decode step (one token per row, KV cache of model.max_len) for a batch
   of data.batch_size rows. Parameters keep the training layout."""
   lay = lay or layout(spec, devices)
   mesh, abstract = lay['mesh'], lay['abstract']
   b = spec.data.batch_size
-  m = spec.model
-  cache_sh = jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec(None, sharding_lib.BATCH_AXES, None, None, None))
-  kv = jax.ShapeDtypeStruct((m.num_steps, b, m.max_len, m.num_heads, m.head_dim),
-                            model_lib.dtype_of(m.dtype), sharding=cache_sh)
-  cache = [{'k': kv, 'v': kv} for _ in m.layer_kinds]
+  cache = decode_cache(spec, mesh)
   tok_sh = sharding_lib.data_sharding(mesh, 2)
   token = jax.ShapeDtypeStruct((b, 1), jnp.int32, sharding=tok_sh)
   index = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding_lib.replicated(mesh))
@@ -332,7 +347,38 @@ def compile_decode_step(spec: Spec, devices: list[Any], lay: dict[str, Any] | No
 
   with sharding_lib.mesh_context(mesh):
     compiled = jax.jit(step, donate_argnums=(1,)).lower(variables, cache, token, index).compile()
-  return compiled, {'params': _shard_bytes(abstract['params']), 'cache': _shard_bytes(cache)}
+  return compiled, {'params': _shard_bytes(abstract['params']), 'cache': _shard_bytes(cache),
+                    'abstract_cache': cache}
+
+
+def decode_exit_costs(spec: Spec, params: Any, cache: Any, chip: Chip) -> list[dict[str, Any]]:
+  """What an early exit saves in one decode step, per chip, when every row exits after
+  step n (n = 1..N; only N for a policy that cannot exit). A decode step is HBM-bound: it
+  reads, once each,
+    n * (weights of one step + its layers' KV cache)      the steps that run
+    + h * head                 the exit heads evaluated: h = n where the policy reads each
+                               exit's logits (confidence by softmax), else 1
+    + (N - n) * (W_K, W_V of one step)     kv_fill='project' fills the skipped layers
+  from the sharded shapes (MoE layers: every expert, as a batch of rows touches most of
+  them; the embedding row and the norms are negligible). Time = bytes / HBM bandwidth;
+  collectives (FSDP weight gathers) are not in it: the report lists them for full depth."""
+  n_steps, g = spec.model.num_steps, spec.model.group_size
+  stack = params['stack']
+  step_b = _shard_bytes(stack) / n_steps
+  kv_b = sum(_shard_bytes(sub['attn'][w]) for sub in stack.values() if 'attn' in sub
+             for w in ('wk', 'wv')) / n_steps
+  head_b = _shard_bytes(params['unembed'] if 'unembed' in params else params['embedding'])
+  cache_b = _shard_bytes(cache) / n_steps
+  reads_heads = spec.policy.step_reads_exit_logits
+  rows = []
+  for n in (range(1, n_steps + 1) if spec.policy.can_exit else [n_steps]):
+    b = n * (step_b + cache_b) + (n if reads_heads else 1) * head_b + (n_steps - n) * kv_b
+    rows.append({'exit_step': n, 'layers': n * g, 'bytes': b,
+                 'ms_per_token': 1e3 * b / chip.hbm_bw})
+  full = rows[-1]['bytes']
+  for r in rows:
+    r['fraction'] = r['bytes'] / full
+  return rows
 
 
 def _with(config: ml_collections.ConfigDict, **model: Any) -> ml_collections.ConfigDict:
@@ -393,10 +439,13 @@ def compile_report(config: ml_collections.ConfigDict, topology: str, probes: boo
   est = probe_costs(config, spec, devices) if probes else dict(raw)
   # Hardware FLOPs: full remat reruns each forward once more in the backward (8NT, not 6NT).
   hw_flops = max(est['flops'], mf / chips * (4 / 3 if spec.model.remat == 'full' else 1.0))
-  roof_compute = hw_flops / chip.peak_bf16
-  roofline = max(roof_compute, est['bytes'] / chip.hbm_bw) + coll_bytes / chip.ici_bw
-  use_xla = est['seconds'] > 0 and est['seconds'] >= 0.5 * roof_compute
-  step_s = est['seconds'] if use_xla else roofline
+  t_compute = hw_flops / chip.peak_bf16
+  t_ici = coll_bytes / chip.ici_bw
+  step_s = t_compute + t_ici              # the MFU method (module docstring)
+  per_chip = mf / chips
+  mfu = lambda t: per_chip / (t * chip.peak_bf16) if t > 0 else 0.0  # noqa: E731
+  # XLA's bytes accessed are per loop body without probes: a bound only with them.
+  t_hbm = est['bytes'] / chip.hbm_bw if probes else None
   report = {
       'topology': topology, 'chip': chip.name, 'chips': chips, 'mesh': dict(info['mesh'].shape),
       'hbm_bytes': chip.hbm_bytes, 'peak_bf16': chip.peak_bf16,
@@ -406,14 +455,16 @@ def compile_report(config: ml_collections.ConfigDict, topology: str, probes: boo
                 'aliased': mem.alias_size_in_bytes, 'temp': mem.temp_size_in_bytes,
                 'peak': peak},
       'fits': peak <= chip.hbm_bytes,
-      'model_flops_per_chip': mf / chips, 'xla_flops_raw': raw['flops'],
+      'model_flops_per_chip': per_chip, 'xla_flops_raw': raw['flops'],
       'xla_flops': est['flops'], 'xla_bytes': est['bytes'], 'xla_seconds': est['seconds'],
       'hardware_flops_per_chip': hw_flops, 'probes': probes,
-      'roofline_seconds': roofline, 'step_seconds': step_s,
-      'time_source': 'XLA estimate (probe-extrapolated)' if use_xla else 'roofline',
+      'compute_seconds': t_compute, 'collective_seconds': t_ici, 'hbm_seconds': t_hbm,
+      'step_seconds': step_s, 'roofline_seconds': step_s,
       'tokens_per_step': tokens,
       'tokens_per_s_per_chip': tokens / chips / step_s if step_s > 0 else 0.0,
-      'mfu': (mf / chips) / (step_s * chip.peak_bf16) if step_s > 0 else 0.0,
+      'mfu': mfu(step_s),
+      'mfu_ceiling': mfu(t_compute),                       # no communication at all
+      'mfu_floor': mfu(max(t_compute, t_hbm) + t_ici) if probes else None,
       'collectives': coll, 'compile_seconds': compile_s,
   }
   if decode:
@@ -424,8 +475,10 @@ def compile_report(config: ml_collections.ConfigDict, topology: str, probes: boo
         'peak': (dmem.argument_size_in_bytes + dmem.output_size_in_bytes
                  - dmem.alias_size_in_bytes + dmem.temp_size_in_bytes),
         # A decode step reads every weight and the whole KV cache once: HBM-bound.
-        'seconds_per_token': (dec_bytes['params'] + dec_bytes['cache']) / chip.hbm_bw,
+        'exits': decode_exit_costs(spec, abstract['params'], dec_bytes['abstract_cache'], chip),
         'collectives': optimized_collectives(dec, 'jit_step')}
+    # full depth: the last row (every weight of the stack, the heads the policy reads)
+    report['decode']['seconds_per_token'] = report['decode']['exits'][-1]['ms_per_token'] / 1e3
   report['advice'] = advice(report, spec)
   return report
 
@@ -556,10 +609,18 @@ def format_report(r: dict[str, Any]) -> str:
            '  XLA FLOPs, ' + ('probe-extrapolated ' if r['probes'] else 'raw (no probes)    ')
            + f'{r["xla_flops"]:.3e}  (raw cost_analysis counts a loop body once: '
            f'{r["xla_flops_raw"]:.3e})',
-           f'  hardware FLOPs used for the roofline {r["hardware_flops_per_chip"]:.3e}',
-           f'  step time: XLA {r["xla_seconds"] * 1e3:.1f} ms, roofline '
-           f'{r["roofline_seconds"] * 1e3:.1f} ms -> using {r["time_source"]}',
-           f'  {r["tokens_per_s_per_chip"]:,.0f} tokens/s/chip, MFU {r["mfu"]:.1%}',
+           f'  hardware FLOPs {r["hardware_flops_per_chip"]:.3e} (max of XLA\'s and 4/3 x model '
+           'under full remat)',
+           f'  step time = compute {r["compute_seconds"] * 1e3:.1f} ms + collectives '
+           f'{r["collective_seconds"] * 1e3:.1f} ms = {r["step_seconds"] * 1e3:.1f} ms '
+           f'(not overlapped)',
+           f'  MFU {r["mfu"]:.1%} = model FLOPs / (step time x peak); ceiling without '
+           f'communication {r["mfu_ceiling"]:.1%}' + (
+               f'; floor if every byte XLA counts crossed HBM {r["mfu_floor"]:.1%}'
+               if r['mfu_floor'] is not None else ''),
+           f'  {r["tokens_per_s_per_chip"]:,.0f} tokens/s/chip; XLA\'s own estimate '
+           f'{r["xla_seconds"] * 1e3:.1f} ms (shown, not used: it counts loop bodies once and '
+           f'can be negative)',
            'collectives per chip per step (loop trip counts applied):']
   if 'error' in r['collectives']:
     lines.append(f'  not available: XLA could not print the optimized HLO '
@@ -573,12 +634,20 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(f'decode step (batch rows x 1 token): params {g(d["params"])}, KV cache '
                  f'{g(d["cache"])}, peak {g(d["peak"])}; HBM-bound '
                  f'{d["seconds_per_token"] * 1e3:.2f} ms/token')
+    lines += ['  per exit (every row exits after step n; HBM reads of the steps run, the exit '
+              'heads read, the skipped layers\' K/V projections):',
+              f'  {"exit step":>9} {"layers":>6} {"HBM GiB":>8} {"ms/token":>8} {"x full":>7}']
+    for e in d['exits']:
+      lines.append(f'  {e["exit_step"]:9d} {e["layers"]:6d} {e["bytes"] / GiB:8.2f} '
+                   f'{e["ms_per_token"]:8.2f} {e["fraction"]:7.2f}')
   if r['advice']:
     lines.append('refused: ' + r['advice'])
   return '\n'.join(lines)
 
 
 __all__ = ['CHIPS', 'Chip', 'TOPOLOGY_EXAMPLES', 'active_matmul_params', 'collectives',
-           'compile_decode_step', 'compile_report', 'compile_train_step', 'format_quant_decode',
+           'compile_decode_step', 'compile_report', 'compile_train_step', 'decode_cache',
+           'decode_exit_costs',
+           'format_quant_decode',
            'format_report', 'model_flops', 'parse_topology', 'probe_costs',
            'quant_decode_report', 'topology_devices']

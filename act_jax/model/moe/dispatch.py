@@ -16,8 +16,10 @@ Interchangeable paths (equal to float rounding; tests check it):
 * 'gather' for router='dropless': sort assignments by expert into blocks of U rows and run a
   block-sparse matmul (MegaBlocks-style, Gale et al. 2023) -- no [E, S] buffers.
 * 'ragged' (token-choice routers): assignments sorted by expert, grouped matmuls with
-  jax.lax.ragged_dot -- no buffers, no padding; the accelerator path (`ragged_forward`).
-  Expert-choice plans have no token side and use 'gather'.
+  jax.lax.ragged_dot -- no [E, C] buffers; the accelerator path. Under a device mesh it is
+  expert-parallel (act_jax/model/moe/expert_parallel.py: each device sorts its own tokens
+  and exchanges them with ragged all-to-alls); without one, `ragged_forward` sorts all
+  groups together. Expert-choice plans have no token side and use 'gather'.
 * 'einsum' (GShard, Lepikhin et al. 2021 / flaxformer reference): one-hot dispatch tensor
   dispatch_GSEC and combine_GSEC = dispatch * weight; x_GECD = einsum(dispatch, x),
   y_GSD = einsum(combine, out). O(G*S*E*C*D): the reference, not the fast path.
@@ -37,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from act_jax.model import quant as quant_lib
+from act_jax.model.moe import expert_parallel
 from act_jax.model.moe.routers import RoutingPlan, SoftPlan
 from act_jax.scale.sharding import constrain
 from act_jax.spec import QuantSpec
@@ -167,9 +170,10 @@ def ragged_forward(x_GSD: jax.Array, plan: RoutingPlan, weights: tuple[jax.Array
 
   Same routing, capacity and combine weights as 'gather' (dropped and halted assignments go
   to a pseudo-expert E past the last group, so they cost no rows); no [E, C] buffers and no
-  padding. Assignments of all groups are sorted together, so under a data-sharded mesh XLA
-  exchanges token rows across devices for the sort; `experiments.compile` measures what
-  that costs against 'gather' on a TPU slice.
+  padding. Assignments of all groups are sorted together: the one-device form. Under a mesh
+  `moe_forward` runs act_jax/model/moe/expert_parallel.py instead (each device sorts its
+  own tokens; a global sort here would move token rows between chips: 27.5 GiB of
+  temporaries for pod.py:size=1b on v5e:4x4, docs/results.md).
   """
   g, s, d = x_GSD.shape
   k = plan.expert_index_GSK.shape[-1]
@@ -236,6 +240,9 @@ def moe_forward(x_GSD: jax.Array, plan: Any, weights: tuple[jax.Array, ...], mod
   s = x_GSD.shape[1]
   if mode == 'ragged':
     if plan.slot_index_GSK is not None:
+      mesh = expert_parallel.ambient_mesh(x_GSD.shape[0])
+      if mesh is not None:
+        return expert_parallel.forward(x_GSD, plan, weights, num_experts, mesh, quant)
       return ragged_forward(x_GSD, plan, weights, num_experts, quant)
     mode = 'gather'  # expert choice has no token side to sort
   if mode == 'gather' and dropless:

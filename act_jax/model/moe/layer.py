@@ -11,7 +11,8 @@ implemented as one gated MLP (act_jax.model.layers.mlp.GatedMLP) of hidden n*F, 
 their sum.
 
 Router (float32): logits = jitter(x) W_r (Switch, Fedus et al. 2021); for Soft MoE
-logits = x Phi (Puigcerver et al. 2023). DeepSeek-V3's selection bias lives in the non-param
+logits = x Phi, or with moe.soft_normalize the published a * <x/|x|, phi/|phi|> with a
+learned scalar a (Puigcerver et al. 2023; routers.soft_logits). DeepSeek-V3's selection bias lives in the non-param
 collection 'moe_state' ('bias', f32 [E]) and is only created when moe.bias_rate > 0 for
 routers that learn a bias (top_k, dropless); update it with routers.update_bias(bias,
 aux['load'], rate). Which router runs, and which losses apply, is read from its
@@ -216,7 +217,10 @@ class MoEFFN(nn.Module):
       p = e_ * m.num_slots
       phi_DP = self.param('soft_phi', nn.with_logical_partitioning(
           nn.initializers.lecun_normal(), ('embed', None)), (d, p), jnp.float32)
-      return info.plan(xr_GSD @ phi_DP, m, s, run_GS, None, valid_GS), None
+      scale = (self.param('soft_scale', nn.initializers.ones, (), jnp.float32)
+               if m.soft_normalize else None)
+      return info.plan(R.soft_logits(xr_GSD, phi_DP, scale), m, s, run_GS, None,
+                       valid_GS), None
     # Router kernel replicated (tiny; avoids an all-gather before softmax/top-k).
     w_DE = self.param('router', nn.with_logical_partitioning(ROUTER_INIT, ('embed', None)),
                       (d, e_), jnp.float32)

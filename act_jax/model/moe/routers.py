@@ -31,6 +31,9 @@ also return the same plan seen from the token side (expert_index/slot_index/comb
 * soft (Soft MoE, Puigcerver et al. 2023): logits l = X Phi, Phi in R^{D x N};
   dispatch = softmax over tokens (per slot), combine = softmax over slots (per token);
   slots = dispatch^T X, y = combine . expert(slots). Dense by construction; encoder only.
+  With moe.soft_normalize, the paper's normalisation (its sec. 2.3, as vmoe's SoftRouter):
+  l[s, n] = a * <x_s / |x_s|, phi_n / |phi_n|>, |v| = sqrt(sum v^2 + 1e-6), a a learned
+  scalar (init 1), so logits stay bounded as d_model grows (`soft_logits`).
 * hash (Hash layers, Roller et al. 2021): e = ((id * 2654435761) mod 2^32) mod E, K = 1,
   weight 1, same capacity rule as top_k with K = 1.
 * bias (DeepSeek-V3, 2024, auxiliary-loss-free balancing): selection uses logits + b_E, the
@@ -115,6 +118,9 @@ def validate_moe(moe_cfg: MoESpec, *, d_model: int, causal: bool, mesh_expert: i
       raise ConfigError(f'moe.{name}={g(name)}: must be >= 0')
   if int(g('num_slots')) < 1:
     raise ConfigError(f'moe.num_slots={g("num_slots")}: must be >= 1')
+  if g('soft_normalize') and ROUTERS[router].scores != 'slots':
+    raise ConfigError(f'moe.soft_normalize=True is Soft MoE\'s normalisation: it needs '
+                      f'moe.router=\'soft\' (got {router!r})')
   if int(g('every')) < 1:
     raise ConfigError(f'moe.every={g("every")}: must be >= 1')
   fallback_lib.validate(moe_cfg, ROUTERS[router])
@@ -278,6 +284,21 @@ def expert_choice_route(logits_GSE: jax.Array, expert_capacity: int,
   weight_GEC = jnp.where(valid_GEC, weight_GEC, 0.0)
   top1_GS = jnp.where(running_GS, jnp.argmax(probs_GSE, axis=-1), -1).astype(jnp.int32)
   return RoutingPlan(token_GEC, weight_GEC, None, None, None, top1_GS, probs_GSE, logits_GSE)
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-6) -> jax.Array:
+  """x / sqrt(sum x^2 + eps) along `axis`."""
+  return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True) + eps)
+
+
+def soft_logits(x_GSD: jax.Array, phi_DP: jax.Array, scale: jax.Array | None = None
+                ) -> jax.Array:
+  """Soft MoE router logits: x Phi, or with a scale, scale * <x/|x|, phi/|phi|> (module
+  docstring). float32."""
+  x_GSD, phi_DP = x_GSD.astype(jnp.float32), phi_DP.astype(jnp.float32)
+  if scale is None:
+    return x_GSD @ phi_DP
+  return scale * (l2_normalize(x_GSD, -1) @ l2_normalize(phi_DP, 0))
 
 
 def soft_route(logits_GSP: jax.Array, num_experts: int,
