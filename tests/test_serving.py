@@ -148,6 +148,78 @@ def test_lazy_kv_fill_equals_eager(model):
     inference.decode_step(spec, v, aux['cache'], tok, 5, 0.5, 'lazy')
 
 
+class _Alternate:
+  """A controller that moves every update (points 0, 1, 0, ...): every call changes point."""
+
+  def __init__(self):
+    self.n = 0
+
+  def update(self, now_s, **_):
+    self.n += 1
+    return self.n % 2
+
+
+def test_rows_at_different_points_equal_their_own_decoding(model):
+  """Latency classes: one class at an exiting point, one at full depth, one request naming
+  its own point; rows of one batch run at their own points (per-row thresholds [B, N]) and
+  each request's bytes and layers equal decoding it alone at its point."""
+  spec, v = model
+  reqs = _requests()
+  thr = _exiting_threshold(spec, v, reqs)
+  points = [OperatingPoint.full_depth(), OperatingPoint(thr)]
+  classes = {'interactive': _FixedIndex(1), 'batch': _FixedIndex(0)}
+  for i, r in enumerate(reqs):
+    r.cls = ('interactive', 'batch')[i % 2]
+  reqs[4].point = OperatingPoint(0.5)
+  engine = engine_lib.Engine(spec, v, slots=3)
+  out = scheduler.replay(engine, reqs, points, classes, realtime=False)
+  want = {'interactive': points[1], 'batch': points[0]}
+  mixed = False
+  for r, rec in zip(reqs, out['records']):
+    point = r.point or want[r.cls]
+    ref = _alone(spec, v, r, point)
+    assert rec.tokens == [int(x) for x in ref['tokens'][0]], (r.id, point)
+    np.testing.assert_allclose(rec.layers, np.asarray(ref['layers'][0]))
+    mixed |= r.cls == 'interactive' and min(rec.layers) < spec.model.num_layers
+  assert mixed  # the interactive rows really exited early beside full-depth rows
+  assert all(set(s['points']) == {'interactive', 'batch'} for s in out['steps'])
+  refused = scheduler.Scheduler(engine, points, classes).submit(
+      scheduler.Request(99, 0.0, [65], 2, cls='bulk'))
+  assert "latency class 'bulk' is unknown; known: interactive, batch" in refused
+
+
+class _FixedIndex:
+  def __init__(self, index):
+    self.index = index
+
+  def update(self, now_s, **_):
+    return self.index
+
+
+def test_nothing_compiles_after_warmup(model):
+  """The mid-trace stall (issue #29): weights placed on a mesh (as a restored checkpoint's
+  are) made the prefill recompile after the first decode. After warm-up, a trace through
+  point changes, two latency classes, three prompt buckets, chunked prompts and batched
+  prefills lowers no new program."""
+  spec, v = model
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('data',))
+  v = jax.device_put(v, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  engine = engine_lib.Engine(spec, v, slots=3, prefill_chunk=16)
+  points = [OperatingPoint.full_depth(), OperatingPoint(0.5)]
+  engine.warmup(points[0])
+  rng = np.random.default_rng(2)
+  reqs = [scheduler.Request(i, 0.0, [int(x) for x in rng.integers(1, 256, p)], n,
+                            cls=('a', 'b')[i % 2])
+          for i, (p, n) in enumerate([(3, 4), (12, 2), (20, 5), (27, 3), (9, 6), (5, 1)])]
+  before = engine_lib.lowerings()
+  out = scheduler.replay(engine, reqs, points, {'a': _Alternate(), 'b': _FixedIndex(1)},
+                         realtime=False)
+  assert engine_lib.lowerings() == before
+  assert all(len(r.tokens) == q.max_new for r, q in zip(out['records'], reqs))
+  # the 27-byte prompt took two chunks of at most 16; the others were prefilled together
+  assert {s['point'] for s in out['steps']} == {0, 1}
+
+
 def test_overlong_request_is_refused_alone(model):
   spec, v = model
   reqs = _requests()[:2] + [scheduler.Request(9, 0.0, [65] * 30, 5),

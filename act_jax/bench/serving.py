@@ -144,7 +144,7 @@ def benchmark(workdir: str, trace: Optional[str] = None, slo_p95_ms: Optional[fl
   eng = serve_engine.Engine(spec, variables, slots, kv_fill=kv_fill, steps_per_call=steps_per_call)
   # Capacity, closed loop: every probe request waiting at once (prefills included).
   closed = serving.heldout_prompts(spec, probe)
-  eng.warmup([len(r.prompt) for r in closed], ops[0])
+  eng.warmup(ops[0])
   cheapest = max(range(len(points)), key=lambda i: (points[i].certified or allow_uncertified,
                                                     -points[i].mean_layers))
   caps = {0: 0.0, cheapest: 0.0}
@@ -171,7 +171,7 @@ def benchmark(workdir: str, trace: Optional[str] = None, slo_p95_ms: Optional[fl
       f'{1e3 * lone_s:.0f} ms; trace {trace}; budget p95 {slo_p95_ms:.0f} ms')
   budget_s = slo_p95_ms / 1e3
   reqs = serving.heldout_prompts(spec, trace_lib.load(trace))
-  eng.warmup([len(r.prompt) for r in reqs], ops[0])
+  eng.warmup(ops[0])
   named, batching = [], []
   if 'bursty' in parts:
     named = _bursty(eng, reqs, points, ops, budget_s, allow_uncertified, log)
@@ -211,7 +211,7 @@ def _batching(spec, eng, steady, points, ops, budget_s, steady_load, log):
   log(f'3. continuous vs static batches at {steady_load:.0%} of capacity ({steady}), '
       f'full depth ...')
   sreqs = serving.heldout_prompts(spec, trace_lib.load(steady))
-  eng.warmup([len(r.prompt) for r in sreqs], ops[0])
+  eng.warmup(ops[0])
   batching = []
   for name, static in (('continuous batching', False), ('static batches', True)):
     res = scheduler.replay(eng, sreqs, ops[:1], static_batches=static)

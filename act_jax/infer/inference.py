@@ -63,17 +63,19 @@ def exit_threshold(config: Any, threshold: float, max_layers: Optional[int] = No
   return OperatingPoint(threshold, max_layers).vector(config_lib.as_spec(config))
 
 
-def threshold_arg(spec: Spec, threshold: Any) -> jax.Array:
+def threshold_arg(spec: Spec, threshold: Any, per_row: bool = False) -> jax.Array:
   """Any accepted threshold (OperatingPoint, scalar, [N]; None: the spec's default operating
   point) as the f32 [N] the jitted loops take: one shape for every operating point, so none
-  of them recompiles."""
+  of them recompiles. per_row=True also takes one point per row, [B, N] (decode_step
+  without compaction: a serving batch whose rows run at their own points)."""
   if threshold is None:
     threshold = spec.default_operating_point
   if isinstance(threshold, OperatingPoint):
     return threshold.vector(spec)
-  if jnp.ndim(threshold) > 1:  # row compaction and decoding keep no per-row thresholds
-    raise ConfigError(f'threshold of shape {jnp.shape(threshold)}: inference takes one '
-                      f'operating point per call (an OperatingPoint, a scalar or [N])')
+  if jnp.ndim(threshold) > 1 and not per_row:  # compacted rows keep no per-row thresholds
+    raise ConfigError(f'threshold of shape {jnp.shape(threshold)}: this call takes one '
+                      f'operating point (an OperatingPoint, a scalar or [N]); per-row '
+                      f'points [B, N] need decode_step without compaction')
   return threshold_per_step(threshold, spec.model.num_steps)
 
 
@@ -366,7 +368,8 @@ def decode_step(config: Any, variables: dict, cache: list, token_B1: jax.Array,
   spec = config_lib.as_spec(config)
   if (kv_fill == 'lazy') != (lazy is not None):
     raise ConfigError("kv_fill='lazy' and the lazy state (inference.init_lazy) go together")
-  carry, bcast = prepare_inputs(spec, top_variables(variables), token_B1, threshold_arg(spec, threshold),
+  carry, bcast = prepare_inputs(spec, top_variables(variables), token_B1,
+                                threshold_arg(spec, threshold, per_row=not compact),
                                 cache_index=index, decoding=True, retrieval=retrieval)
   if compact:
     carry, ys, cache = _run_compacted(spec, variables, carry, bcast, cache, lazy=lazy)

@@ -228,7 +228,7 @@ def serve_run(workdir: str, trace: str, options: ServeOptions = ServeOptions(),
                       f'e.g. request 0: {check_request(requests[0], spec.model.max_len)}')
   engine = Engine(spec, variables, o.slots, o.kv_fill, o.compact, o.steps_per_call, o.mode,
                   draft_layer, draft_len)
-  secs = engine.warmup([len(r.prompt) for r in ok], ops[0])
+  secs = engine.warmup(ops[0])
   log(f'{trace_lib.describe(trace)}: {len(requests)} requests; {o.slots} slots, compiled in '
       f'{secs:.1f}s; replaying ...')
   result = replay(engine, requests, ops, ctl, static_batches=o.static_batches, log=log)
