@@ -7,6 +7,11 @@ r"""Replays a request trace through a continuous-batching early-exit server on a
       --threshold=0.9 --max_layers=4
   python -m experiments.serve --workdir=RUN --trace=poisson:rate=4,duration=30s \
       --controller=fixed --mode=exact      # self-speculative: full-depth output
+  python -m experiments.serve --workdir=RUN --listen=127.0.0.1:8000 \
+      --classes=interactive=800,batch=8000  # an HTTP server (act_jax/serve/server.py)
+  curl -s localhost:8000/v1/completions -d '{"prompt": "def f(", "max_tokens": 32}'
+--listen serves until SIGTERM (in-flight requests finish, new ones get 503, exit 0);
+experiments.loadgen sends a trace to it.
 Traces: `poisson:rate=R,duration=D`, `bursty:base=B,peak=P,duration=D[,period=20s,burst=6s]`
 (both: seed=, prompt=16-64, new=16-48, code=0.5), or a JSONL file with one request per line:
 {"arrival_s": 0.5, "prompt": "def f(", "max_new": 32} (or "prompt_len" + "domain").
@@ -16,10 +21,14 @@ RUN/serve-<time>/) and prints the summary and the per-exit latency table.
 from experiments import quiet_logs, run
 from experiments import vocabulary as vocab
 
+from act_jax.errors import ConfigError
 from act_jax.serve import serving
 
 _WORKDIR = vocab.define('workdir', required=True)
-_TRACE = vocab.define('trace', required=True)
+_TRACE = vocab.define('trace', help='Request trace to replay (or --listen).')
+_LISTEN = vocab.define('listen')
+_CLASSES = vocab.define('classes')
+_CHUNK = vocab.define('prefill_chunk')
 _SLO = vocab.define('slo_p95_ms')
 _CONTROLLER = vocab.define('controller')
 _THR = vocab.define('threshold', help='--controller=fixed: the exit threshold in (0, 1] '
@@ -47,7 +56,16 @@ def main(argv):
       max_layers=_MAX_LAYERS.value, allow_uncertified=_UNCERT.value, slots=_SLOTS.value,
       kv_fill=_KV_FILL.value, compact=_COMPACT.value, steps_per_call=_PER_CALL.value,
       static_batches=_STATIC.value, quality=_QUALITY.value, mode=_MODE.value,
-      draft_layer=_DRAFT_LAYER.value, draft_len=_DRAFT_LEN.value)
+      draft_layer=_DRAFT_LAYER.value, draft_len=_DRAFT_LEN.value,
+      classes=tuple(_CLASSES.value), prefill_chunk=_CHUNK.value)
+  if (_TRACE.value is None) == (_LISTEN.value is None):
+    raise ConfigError('give --trace=... (replay a trace) or --listen=host:port (an HTTP '
+                      'server), one of them')
+  if _LISTEN.value is not None:
+    if _OUT.value is not None or _STATIC.value:
+      raise ConfigError('--out/--static_batches apply to a trace replay, not --listen')
+    serving.serve_http(_WORKDIR.value, _LISTEN.value, options)
+    return
   serving.serve_run(_WORKDIR.value, _TRACE.value, options, out=_OUT.value)
 
 

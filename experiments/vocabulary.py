@@ -210,6 +210,23 @@ def _host_port(value: str) -> None:
     raise ValueError('must be host:port, e.g. 10.0.0.2:8476')
 
 
+def _latency_class(value: str) -> None:
+  name, sep, ms = value.partition('=')
+  try:
+    ok = bool(sep and name.isidentifier() and math.isfinite(float(ms)) and float(ms) > 0)
+  except ValueError:
+    ok = False
+  if not ok:
+    raise ValueError('must be NAME=P95_MS, NAME an identifier, P95_MS > 0')
+
+
+def _url(value: str) -> None:
+  scheme, sep, rest = value.partition('://')
+  if scheme not in ('http', 'https') or not sep:
+    raise ValueError('must be http://host:port')
+  _host_port(rest.rstrip('/'))
+
+
 def _topology(value: str) -> None:
   from act_jax.deploy import aot  # pylint: disable=import-outside-toplevel
   from act_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
@@ -355,6 +372,15 @@ _CONCEPTS = [
     Concept('controller', _Choice(('slo', 'fixed')), 'slo', 'slo: move along the certified '
             'points of calibration.json to meet the budget; fixed: one point.'),
     Concept('slots', _int(1), 8, 'Rows of the running batch.'),
+    Concept('listen', _Text('host:port', _host_port), None, 'Serve HTTP on host:port instead of '
+            'replaying a trace: POST /v1/completions, GET /metrics, GET /healthz.'),
+    Concept('classes', _List(_Text('NAME=P95_MS', _latency_class)), [], 'Latency classes, '
+            'tightest first: name=p95 budget in ms (e.g. interactive=500,batch=5000); a '
+            'request names its class, each class has its own controller and point.'),
+    Concept('prefill_chunk', _int(0), 64, 'Prompt tokens per prefill call (0: whole prompts); '
+            'a decode step waits for at most one chunk.'),
+    Concept('url', _Text('http://host:port', _url), None, 'The server to send requests to.'),
+    Concept('concurrency', _int(1), 64, 'Connections the load generator keeps open at most.'),
     Concept('allow_uncertified', _Bool(), False, 'Let the controller use points that failed '
             'the Learn-then-Test certification.'),
     Concept('compact', _Bool(), False, 'Rows that exited stop costing compute (buckets B, B/2, '

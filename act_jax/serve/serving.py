@@ -28,7 +28,7 @@ from act_jax.errors import ConfigError
 from act_jax.infer import draft as draft_lib
 from act_jax.infer import inference, speculative
 from act_jax.run import directory as run_lib
-from act_jax.serve import slo
+from act_jax.serve import server, slo
 from act_jax.serve import trace as trace_lib
 from act_jax.serve.engine import Engine, MODES
 from act_jax.serve.scheduler import Request, check_request, replay
@@ -117,8 +117,24 @@ def heldout_prompts(spec: Spec, trace: Sequence[Any]) -> list[Request]:
         if len(row) >= t.prompt_len:
           break
       prompt = [int(x) for x in row[:t.prompt_len]]
-    out.append(Request(t.id, t.arrival_s, prompt, t.max_new, t.domain, t.phase))
+    out.append(Request(t.id, t.arrival_s, prompt, t.max_new, t.domain, t.phase, t.cls))
   return out
+
+
+def check_generated_trace(trace: str, max_len: int) -> None:
+  """A generated trace whose prompt= and new= ranges can exceed the model's context would
+  see its requests refused one by one: refuse it up front, in one line. (A JSONL trace's
+  requests are refused alone; one with no servable request is an error in serve_run.)"""
+  kind, o = trace_lib.options(trace)
+  if kind == 'jsonl':
+    return
+  (p_lo, p_hi), (n_lo, n_hi) = o['prompt'], o['new']
+  if p_hi + n_hi > max_len:
+    half = max(1, max_len // 2)
+    raise ConfigError(f'--trace={trace}: prompt={p_lo}-{p_hi} + new={n_lo}-{n_hi} bytes reach '
+                      f'{p_hi + n_hi}, past the model context {max_len} (model.max_len); give '
+                      f'ranges that fit, e.g. prompt={min(p_lo, half)}-{half},new=1-'
+                      f'{max_len - half}')
 
 
 # ----------------------------------------------------------------------------- one call
@@ -142,6 +158,18 @@ class ServeOptions:
   mode: str = 'threshold'              # engine.MODES
   draft_layer: Optional[int] = None    # exact mode (default: the fastest measured)
   draft_len: Optional[int] = None
+  classes: tuple = ()                  # latency classes 'name=p95_ms', tightest first
+  prefill_chunk: int = 64              # prompt tokens per prefill call (0: whole prompts)
+
+  def class_budgets(self) -> list[tuple[str, Optional[float]]]:
+    """[(class name, p95 budget in s)]: the --classes, else one class '' at --slo_p95_ms."""
+    if not self.classes:
+      return [('', None if self.slo_p95_ms is None else self.slo_p95_ms / 1e3)]
+    out = []
+    for c in self.classes:
+      name, ms = (c.split('=', 1) if isinstance(c, str) else c)
+      out.append((name, float(ms) / 1e3))
+    return out
 
   def validate(self) -> None:
     """ConfigError naming the first flag that is out of range or does not apply."""
@@ -168,11 +196,100 @@ class ServeOptions:
         raise ConfigError(f'{name}={v!r}: must be an integer >= 1')
     if self.kv_fill not in inference.KV_FILL:
       raise ConfigError(f'--kv_fill={self.kv_fill!r}: allowed: {", ".join(inference.KV_FILL)}')
-    if self.controller == 'slo' and self.slo_p95_ms is None:
-      raise ConfigError('--controller=slo needs --slo_p95_ms (the p95 latency budget)')
+    if self.controller == 'slo' and self.slo_p95_ms is None and not self.classes:
+      raise ConfigError('--controller=slo needs --slo_p95_ms (the p95 latency budget) or '
+                        '--classes (a budget per latency class)')
+    if self.classes:
+      names = []
+      for c in self.classes:
+        name, sep, ms = c.partition('=') if isinstance(c, str) else (c[0], '=', str(c[1]))
+        try:
+          ok = bool(sep) and name.isidentifier() and float(ms) > 0
+        except ValueError:
+          ok = False
+        if not ok:
+          raise ConfigError(f'--classes={c}: must be NAME=P95_MS, NAME an identifier, P95_MS '
+                            f'> 0')
+        names.append(name)
+      if len(set(names)) != len(names):
+        raise ConfigError(f'--classes: {", ".join(names)}: each class once')
+      if self.slo_p95_ms is not None:
+        raise ConfigError('--slo_p95_ms is one budget for every request; with --classes each '
+                          'class has its own (NAME=P95_MS): give one or the other')
+      if self.compact:
+        raise ConfigError('--classes run rows at different points in one batch; --compact '
+                          'runs one point per call: drop one of them')
+      if self.mode == 'exact':
+        raise ConfigError('--classes: exact mode serves full depth to everyone')
+    if not isinstance(self.prefill_chunk, int) or isinstance(self.prefill_chunk, bool) or \
+        self.prefill_chunk < 0:
+      raise ConfigError(f'--prefill_chunk={self.prefill_chunk!r}: an integer >= 0')
     if self.controller == 'slo' and (self.threshold is not None or self.max_layers is not None):
       raise ConfigError('--threshold/--max_layers fix the point: use them with '
                         '--controller=fixed (slo picks from calibration.json)')
+
+
+@dataclasses.dataclass
+class Setup:
+  """What serving a run needs, built once (`prepare`): the spec and weights, the points
+  (slo.Point, most accurate first) and their OperatingPoints, one controller per latency
+  class, and the engine (not warmed up)."""
+  spec: Spec
+  variables: Any
+  points: list
+  ops: list
+  classes: dict                 # class name -> controller (one '' class without --classes)
+  budgets: dict                 # class name -> p95 budget (s) or None
+  engine: Engine
+  draft_layer: Optional[int]
+  draft_len: Optional[int]
+
+
+def prepare(workdir: str, o: ServeOptions, log: Callable[[str], None] = print,
+            controller_kwargs: Optional[dict] = None) -> Setup:
+  """Loads the run and builds the points, the controllers and the engine for options o."""
+  o.validate()
+  spec, variables, step = run_lib.load(workdir)
+  draft_layer, draft_len = o.draft_layer, o.draft_len
+  budgets = dict(o.class_budgets())
+  if o.controller == 'slo':
+    points = load_points(workdir, spec)
+    classes = {name: slo.SLOController(points, budget, allow_uncertified=o.allow_uncertified,
+                                       **(controller_kwargs or {}))
+               for name, budget in budgets.items()}
+  elif o.mode == 'exact':
+    speculative.check_exact(spec, draft_layer, draft_len)
+    draft_layer, draft_len, how = draft_lib.resolve_draft(
+        spec, variables, draft_layer, draft_len, o.slots, workdir, step, log)
+    points = [slo.Point(NEVER_EXIT, None, True, float(spec.model.num_layers), None,
+                        f'exact k={draft_layer} d={draft_len}')]
+    classes = {name: slo.FixedController(points) for name in budgets}
+    log(f'exact mode: draft_layer={draft_layer} draft_len={draft_len} ({how})')
+  else:
+    op, source = operating_point.run_operating_point(workdir, spec, o.threshold, o.max_layers)
+    points = [slo.Point(op.threshold, op.max_layers, True, float(spec.model.num_layers), None,
+                        'full depth' if op.threshold >= NEVER_EXIT else
+                        f'{op.threshold:g}' + ('' if op.max_layers is None
+                                               else f' cap {op.max_layers}'))]
+    classes = {name: slo.FixedController(points) for name in budgets}
+    log(f'fixed operating point {points[0].label} ({source})')
+  ops = [OperatingPoint(p.threshold, p.max_layers) for p in points]
+  engine = Engine(spec, variables, o.slots, o.kv_fill, o.compact, o.steps_per_call, o.mode,
+                  draft_layer, draft_len, prefill_chunk=o.prefill_chunk)
+  return Setup(spec, variables, points, ops, classes, budgets, engine, draft_layer, draft_len)
+
+
+def serve_http(workdir: str, listen: str, options: ServeOptions = ServeOptions(),
+               log: Callable[[str], None] = print) -> None:
+  """Serves the run over HTTP on listen='host:port' until SIGTERM (act_jax/serve/server.py):
+  the same engine, scheduler and controllers as serve_run, requests from clients."""
+  host, _, port = listen.rpartition(':')
+  st = prepare(workdir, options, log)
+  classes = [server.LatencyClass(name, ctl, st.budgets[name])
+             for name, ctl in st.classes.items()]
+  app = server.build(st.engine, st.spec, st.points, st.ops, classes,
+                     os.path.basename(os.path.abspath(workdir)), log)
+  server.serve(app, host, int(port), log)
 
 
 def serve_run(workdir: str, trace: str, options: ServeOptions = ServeOptions(),
@@ -183,10 +300,11 @@ def serve_run(workdir: str, trace: str, options: ServeOptions = ServeOptions(),
   RUN/serve-<time>/): requests.jsonl, steps.jsonl, summary.json and serve.png.
 
   options.controller='slo' moves along the certified points of RUN/calibration.json to keep
-  p95 latency under slo_p95_ms; 'fixed' serves one point (threshold / max_layers, else the
-  run's operating point). After the timed replay (options.quality), every request is decoded
-  again at full depth (untimed) for the fraction of served bytes identical to full-depth
-  greedy output.
+  p95 latency under slo_p95_ms (or, with options.classes, each class under its own budget,
+  rows of one batch at their classes' points); 'fixed' serves one point (threshold /
+  max_layers, else the run's operating point). After the timed replay (options.quality),
+  every request is decoded again at full depth (untimed) for the fraction of served bytes
+  identical to full-depth greedy output.
 
   mode='exact' serves self-speculative decoding (full-depth output by construction; the
   controller is fixed; draft_layer / draft_len default to the automatic choice for a batch
@@ -197,55 +315,39 @@ def serve_run(workdir: str, trace: str, options: ServeOptions = ServeOptions(),
     run_lib.check_output_dir(out, '--out', ('summary.json', 'requests.jsonl'),
                              'the output of a serve run')
   requests_t = trace_lib.load(trace)  # a bad trace fails before the model loads
-  spec, variables, step = run_lib.load(workdir)
+  st = prepare(workdir, o, log, controller_kwargs)
+  spec, variables, points, ops, engine = st.spec, st.variables, st.points, st.ops, st.engine
+  draft_layer, draft_len = st.draft_layer, st.draft_len
+  check_generated_trace(trace, spec.model.max_len)
   budget_s = None if o.slo_p95_ms is None else o.slo_p95_ms / 1e3
-  draft_layer, draft_len = o.draft_layer, o.draft_len
-  if o.controller == 'slo':
-    points = load_points(workdir, spec)
-    ctl = slo.SLOController(points, budget_s, allow_uncertified=o.allow_uncertified,
-                            **(controller_kwargs or {}))
-  elif o.mode == 'exact':
-    speculative.check_exact(spec, draft_layer, draft_len)
-    draft_layer, draft_len, how = draft_lib.resolve_draft(
-        spec, variables, draft_layer, draft_len, o.slots, workdir, step, log)
-    points = [slo.Point(NEVER_EXIT, None, True, float(spec.model.num_layers), None,
-                        f'exact k={draft_layer} d={draft_len}')]
-    ctl = slo.FixedController(points)
-    log(f'exact mode: draft_layer={draft_layer} draft_len={draft_len} ({how})')
-  else:
-    op, source = operating_point.run_operating_point(workdir, spec, o.threshold, o.max_layers)
-    points = [slo.Point(op.threshold, op.max_layers, True, float(spec.model.num_layers), None,
-                        'full depth' if op.threshold >= NEVER_EXIT else
-                        f'{op.threshold:g}' + ('' if op.max_layers is None
-                                               else f' cap {op.max_layers}'))]
-    ctl = slo.FixedController(points)
-    log(f'fixed operating point {points[0].label} ({source})')
-  ops = [OperatingPoint(p.threshold, p.max_layers) for p in points]
+  ctl = st.classes if o.classes else next(iter(st.classes.values()))
   requests = heldout_prompts(spec, requests_t)
   ok = [r for r in requests if check_request(r, spec.model.max_len) is None]
   if not ok:  # a bad request is refused alone; a trace of nothing but bad ones is an error
     raise ConfigError(f'--trace={trace}: all {len(requests)} requests would be refused, '
                       f'e.g. request 0: {check_request(requests[0], spec.model.max_len)}')
-  engine = Engine(spec, variables, o.slots, o.kv_fill, o.compact, o.steps_per_call, o.mode,
-                  draft_layer, draft_len)
   secs = engine.warmup(ops[0])
   log(f'{trace_lib.describe(trace)}: {len(requests)} requests; {o.slots} slots, compiled in '
       f'{secs:.1f}s; replaying ...')
   result = replay(engine, requests, ops, ctl, static_batches=o.static_batches, log=log)
   end = max([r.done_s for r in result['records'] if r.done_s is not None] or [0.0])
-  time_at = ctl.time_at_points(end) if hasattr(ctl, 'time_at_points') else None
+  first = next(iter(st.classes.values()))
+  time_at = first.time_at_points(end) if hasattr(first, 'time_at_points') else None
   agree = None
   if o.quality:
     log('decoding every request again at full depth (untimed) ...')
     ref = engine if o.mode == 'threshold' else Engine(spec, variables, o.slots, o.kv_fill,
-                                                       o.compact, o.steps_per_call)
+                                                       o.compact, o.steps_per_call,
+                                                       prefill_chunk=o.prefill_chunk)
     full = replay(ref, requests, [OperatingPoint.full_depth()], realtime=False)
     agree = agreement(result['records'], full['records'])
-  summary = summarize(result, budget_s, points, time_at, agree)
+  summary = summarize(result, budget_s, points, time_at, agree,
+                      st.budgets if o.classes else None)
   summary.update(workdir=os.path.abspath(workdir), trace=trace, controller=o.controller,
                  slots=o.slots, compact=o.compact, kv_fill=o.kv_fill,
                  steps_per_call=o.steps_per_call, static_batches=o.static_batches, mode=o.mode,
-                 draft_layer=draft_layer, draft_len=draft_len,
+                 draft_layer=draft_layer, draft_len=draft_len, classes=list(o.classes),
+                 prefill_chunk=o.prefill_chunk,
                  points=[dataclasses.asdict(p) for p in points])
   table = exit_latency_table(result['steps'], spec.model.num_layers)
   summary['exit_latency'] = table

@@ -37,9 +37,11 @@ def agreement(served: Sequence[Record], full: Sequence[Record]) -> list[Optional
 
 def summarize(result: dict, budget_s: Optional[float], points: Sequence[Any],
               time_at: Optional[Sequence[float]] = None,
-              agree: Optional[Sequence[Optional[float]]] = None) -> dict:
+              agree: Optional[Sequence[Optional[float]]] = None,
+              class_budgets: Optional[dict] = None) -> dict:
   """p50/p95/p99 latency and time to first byte, bytes/s, SLO violations, time per point,
-  mean layers, per trace phase; agreement with full depth when given."""
+  mean layers, per trace phase; agreement with full depth when given; per latency class
+  (class_budgets: name -> p95 budget in s; a record of class '' is the first class's)."""
   recs, steps = result['records'], result['steps']
   done = [r for r in recs if r.done_s is not None]
   lat = [r.latency_s for r in done]
@@ -74,6 +76,21 @@ def summarize(result: dict, budget_s: Optional[float], points: Sequence[Any],
     if budget_s is not None and sl:
       d['met_fraction'] = float(np.mean([x <= budget_s for x in sl]))
     out.setdefault('phases', {})[ph] = d
+  if class_budgets:
+    first = next(iter(class_budgets))
+    for c, b in class_budgets.items():
+      sub = [r for r in done if (r.cls or first) == c]
+      sl = [r.latency_s for r in sub]
+      tt = [r.first_byte_s - r.arrival_s for r in sub]
+      ly = [x for r in sub for x in r.layers]
+      out.setdefault('classes', {})[c] = {
+          'served': len(sub), 'slo_p95_ms': None if b is None else 1e3 * b,
+          'latency_p50_ms': None if not sl else 1e3 * _pct(sl, 50),
+          'latency_p95_ms': None if not sl else 1e3 * _pct(sl, 95),
+          'ttfb_p95_ms': None if not tt else 1e3 * _pct(tt, 95),
+          'met_fraction': (float(np.mean([x <= b for x in sl])) if sl and b is not None
+                           else None),
+          'mean_layers': float(np.mean(ly)) if ly else None}
   if agree is not None:
     w = [(a, len(r.tokens), r.phase) for a, r in zip(agree, recs) if a is not None]
     mean = lambda ws: (sum(a * n for a, n, _ in ws) / sum(n for _, n, _ in ws)  # noqa: E731
@@ -123,6 +140,10 @@ def format_summary(s: dict, table: Sequence[dict]) -> str:
                  (f'  met {f(d.get("met_fraction"), "{:.1%}")}' if 'met_fraction' in d else '') +
                  (f'  agreement {f(d.get("agreement_with_full_depth"), "{:.1%}")}'
                   if 'agreement_with_full_depth' in d else ''))
+  for c, d in s.get('classes', {}).items():
+    lines.append(f'  class {c or "-":<12} served {d["served"]:4d}  p50 {f(d["latency_p50_ms"])} '
+                 f'p95 {f(d["latency_p95_ms"])} ms (budget {f(d["slo_p95_ms"], "{:.0f}")})  '
+                 f'met {f(d["met_fraction"], "{:.1%}")}  layers {f(d["mean_layers"], "{:.2f}")}')
   if 'time_at_points_s' in s:
     lines.append('time at each point: ' + ', '.join(
         f'{k}: {v:.1f}s' for k, v in s['time_at_points_s'].items()))

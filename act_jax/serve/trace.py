@@ -15,7 +15,9 @@ A trace is a list of `TraceRequest`s sorted by arrival time. `load(text)` takes
 
 Common generator options: `seed=0`, `prompt=16-64` and `new=16-48` (prompt bytes and bytes to
 generate: an inclusive uniform integer range `lo-hi`, or one integer), `code=0.5` (fraction of
-requests in domain 'code', the rest 'prose'). Durations take an optional trailing `s`.
+requests in domain 'code', the rest 'prose'), `interactive=0` (fraction of requests in latency
+class 'interactive', the rest in 'batch'; 0: no classes). Durations take an optional
+trailing `s`.
 
 Sampling. λ(t) is piecewise constant, so the process is sampled exactly segment by segment:
 on a segment [a, b) of rate r the count is Poisson(r (b - a)) and, given the count, the
@@ -40,13 +42,13 @@ from act_jax.errors import ConfigError
 DOMAINS = ('code', 'prose')
 KINDS = ('poisson', 'bursty')
 _FORMS = "'poisson:rate=R,duration=D', 'bursty:base=B,peak=P,duration=D' or a path to a .jsonl file"
-_JSONL_FIELDS = ('arrival_s', 'max_new', 'prompt', 'prompt_len', 'domain')
+_JSONL_FIELDS = ('arrival_s', 'max_new', 'prompt', 'prompt_len', 'domain', 'class')
 # A replay waits for every arrival and a request holds its slot for max_new bytes: bounds a
 # real trace stays far inside, which keep a typo from sleeping for years or never finishing.
 MAX_ARRIVAL_S = 7 * 24 * 3600.0
 MAX_NEW = 1_000_000
 # Options of each kind: name -> default (None: required). Order is the order of the docs.
-_COMMON = {'seed': 0, 'prompt': '16-64', 'new': '16-48', 'code': 0.5}
+_COMMON = {'seed': 0, 'prompt': '16-64', 'new': '16-48', 'code': 0.5, 'interactive': 0.0}
 _OPTIONS = {
     'poisson': {'rate': None, 'duration': None, **_COMMON},
     'bursty': {'base': None, 'peak': None, 'duration': None, 'period': 20.0, 'burst': 6.0,
@@ -66,6 +68,7 @@ class TraceRequest:
   domain: str  # one of DOMAINS
   prompt: bytes | None = None  # from a JSONL line; else the server fills it from held-out data
   phase: str = ''  # 'burst' | 'base' (bursty), 'poisson' (poisson), '' (files)
+  cls: str = ''  # latency class ('': the server's first)
 
 
 def in_burst(t: float, period: float, burst: float, offset: float | None = None) -> bool:
@@ -98,8 +101,9 @@ def _show(v: Any) -> str:
   return v if isinstance(v, str) else repr(v)
 
 
-def _parse_line(obj: Any, where: str) -> tuple[float, int, int, str, bytes | None]:
-  """(arrival_s, prompt_len, max_new, domain, prompt) of one JSONL object; ConfigError if bad."""
+def _parse_line(obj: Any, where: str) -> tuple[float, int, int, str, bytes | None, str]:
+  """(arrival_s, prompt_len, max_new, domain, prompt, class) of one JSONL object; ConfigError
+  if bad."""
   if not isinstance(obj, dict):
     raise ConfigError(f'{where}: expected a JSON object with fields {", ".join(_JSONL_FIELDS)}, '
                       f'got {type(obj).__name__}')
@@ -138,7 +142,11 @@ def _parse_line(obj: Any, where: str) -> tuple[float, int, int, str, bytes | Non
                         f'give one of prompt, prompt_len, or both consistent')
   elif prompt is None:
     raise ConfigError(f'{where}: prompt: missing; give prompt (a string) or prompt_len (int >= 1)')
-  return float(t), (len(prompt) if prompt is not None else n), max_new, domain, prompt
+  cls = obj.get('class', '')
+  if not isinstance(cls, str) or (cls and not cls.isidentifier()):
+    raise ConfigError(f'{where}: class={_json(cls)}: must be a latency class name (an '
+                      f'identifier, as in --classes)')
+  return float(t), (len(prompt) if prompt is not None else n), max_new, domain, prompt, cls
 
 
 def parse_jsonl(path: str) -> list[TraceRequest]:
@@ -171,7 +179,7 @@ def parse_jsonl(path: str) -> list[TraceRequest]:
     raise ConfigError(f'{path} has no requests (one JSON object per line, e.g. '
                       f'{{"arrival_s": 0.0, "prompt": "def f(", "max_new": 32}})')
   rows.sort(key=lambda r: r[0])  # stable: equal arrivals keep their file order
-  return [TraceRequest(i, t, n, m, d, p) for i, (t, n, m, d, p) in enumerate(rows)]
+  return [TraceRequest(i, t, n, m, d, p, '', c) for i, (t, n, m, d, p, c) in enumerate(rows)]
 
 
 # ------------------------------------------------------------------------------- generators
@@ -264,6 +272,12 @@ def _resolve(kind: str, params: dict[str, Any]) -> dict[str, Any]:
   if code > 1:
     raise ConfigError(f'trace option {kind}:code={_show(p["code"])}: must be a fraction in [0, 1]')
   out['code'] = code
+  share = _number(kind, 'interactive', p['interactive'], 'a fraction in [0, 1]',
+                  positive=False)
+  if share > 1:
+    raise ConfigError(f'trace option {kind}:interactive={_show(p["interactive"])}: must be a '
+                      f'fraction in [0, 1]')
+  out['interactive'] = share
   return out
 
 
@@ -321,8 +335,12 @@ def generate(kind: str, **params: Any) -> list[TraceRequest]:
   else:
     phases = ['burst' if in_burst(t, o['period'], o['burst'], o['offset']) else 'base'
               for t in times]
+  # drawn last, and only when asked: traces without classes keep their seeded requests
+  cls = (['interactive' if u else 'batch' for u in rng.random(n) < o['interactive']]
+         if o['interactive'] > 0 else [''] * n)
   return [TraceRequest(i, float(times[i]), int(prompt_len[i]), int(max_new[i]),
-                       'code' if is_code[i] else 'prose', None, phases[i]) for i in range(n)]
+                       'code' if is_code[i] else 'prose', None, phases[i], cls[i])
+          for i in range(n)]
 
 
 # ------------------------------------------------------------------------------ dispatch
