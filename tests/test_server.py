@@ -24,10 +24,12 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from act_jax.bench import loadgen
 from act_jax.data import EOS
 from act_jax.infer import inference
 from act_jax.run import directory as run_lib
 from act_jax.serve import engine as engine_lib
+from act_jax.serve import scheduler
 from act_jax.serve import server as server_lib
 from act_jax.serve import slo
 from act_jax.spec import NEVER_EXIT, OperatingPoint
@@ -227,6 +229,24 @@ def test_metrics_exposition_and_health(served):
   assert 0 < count <= m[('act_jax_generated_bytes_total', ())]
   assert m[('act_jax_layers_per_token_bucket', (('le', f'{spec.model.num_layers:.1f}'),))] == \
       count
+
+
+def test_loadgen_open_loop_against_the_server(served):
+  """experiments.loadgen's core: requests sent at their arrival times over a few
+  connections; every one served; the client's latency is the server's plus transport."""
+  url, spec, v, ops, _ = served
+  reqs = [scheduler.Request(i, 0.02 * i, list(p.encode()), 8, cls=('interactive', 'batch')[i % 2])
+          for i, p in enumerate(PROMPTS * 2)]
+  results = loadgen.send(url, reqs, concurrency=4)
+  s = loadgen.summarize(results)
+  assert s['sent'] == s['served'] == len(reqs) and s['refused'] == s['failed'] == 0
+  for r in results:
+    assert r.status == 200 and r.bytes >= 1
+    assert r.latency_s >= r.server_latency_s - 1e-3 and r.ttfb_s <= r.latency_s + 1e-9
+  assert set(s['classes']) == {'interactive', 'batch'}
+  lat = s['latency_ms']
+  assert lat['p50'] <= lat['p95'] <= lat['p99']
+  assert '| interactive |' in loadgen.format_summary(s)
 
 
 def test_sigterm_drains_then_exits_zero(shared_runs, tmp_path):

@@ -151,8 +151,11 @@ def test_operating_point_vector_known_answers():
                    (OperatingPoint(1.5), 'threshold'), (OperatingPoint(True), 'threshold')):
     with pytest.raises(ConfigError, match=msg):
       bad.vector(spec)
-  with pytest.raises(ConfigError, match='one operating point per call'):
-    inference.threshold_arg(spec, jnp.full((2, 1), 0.5))  # per-row: training only
+  with pytest.raises(ConfigError, match='this call takes one operating point'):
+    inference.threshold_arg(spec, jnp.full((2, 1), 0.5))  # per-row: training, serving rows
+  np.testing.assert_array_equal(  # a serving batch: one point per row
+      inference.threshold_arg(spec, jnp.asarray([[0.5], [0.7]]), per_row=True),
+      np.float32([[0.5, 0.5], [0.7, 0.7]]))
   np.testing.assert_array_equal(inference.threshold_arg(spec, OperatingPoint(0.7, 2)),
                                 OperatingPoint(0.7, 2).vector(spec))
   act = config_lib.resolve(tiny('act'))
