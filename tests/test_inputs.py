@@ -100,6 +100,16 @@ def _cases(root: str) -> dict[str, list[tuple[list[str], str]]]:
            f'{p("max_new.jsonl")}:1: max_new='),
           ([f'--workdir={good}', f'--trace={p("too_long.jsonl")}', '--controller=fixed'],
            f'--trace={p("too_long.jsonl")}: all 1 requests would be refused'),
+          # a generated trace that cannot fit the 32-byte context: up front, naming both
+          ([f'--workdir={good}', '--trace=poisson:rate=20,duration=5s', '--controller=fixed'],
+           '--trace=poisson:rate=20,duration=5s: prompt=16-64 + new=16-48 bytes reach 112, '
+           'past the model context 32'),
+          ([f'--workdir={good}', trace, '--listen=127.0.0.1:8000', '--controller=fixed'],
+           'give --trace=... (replay a trace) or --listen=host:port'),
+          ([f'--workdir={good}', '--listen=127.0.0.1:8000', '--classes=fast=100,fast=200'],
+           '--classes: fast, fast: each class once'),
+          ([f'--workdir={good}', '--listen=localhost', '--controller=fixed'],
+           '--listen=localhost: must be host:port'),
           ([f'--workdir={good}', trace, '--controller=fixed', f'--out={p("stuff")}'],
            f'--out={p("stuff")}: a non-empty directory that is not the output of a serve run'),
           ([f'--workdir={p("bad_cal")}', trace, '--controller=fixed'],
@@ -138,6 +148,9 @@ def _cases(root: str) -> dict[str, list[tuple[list[str], str]]]:
       'launch_local': [(['--', 'no_such_command_xyz'], 'no_such_command_xyz: no such command')],
       'benchmark_serving': [([f'--workdir={good}', '--trace=poison:rate=1'],
                              "trace 'poison:rate=1'")],
+      'loadgen': [(['--url=http://127.0.0.1:9', trace],
+                   f'{trace}: generated requests have no prompt text'),
+                  (['--url=127.0.0.1:9', trace], '--url=127.0.0.1:9: must be http://host:port')],
   }
 
 
@@ -149,6 +162,7 @@ READS_RUN = {
     'benchmark_serving': [], 'calibrate': [], 'datastore': ['--files=setup.py', '--out=NEW'],
     'evaluate': [], 'frontier': [], 'generate': [], 'quantize': ['--out=NEW'], 'report': [],
     'serve': ['--trace=poisson:rate=2,duration=1s', '--controller=fixed'],
+    'loadgen': ['--url=http://127.0.0.1:9', '--trace=poisson:rate=2,duration=1s'],
     'transfer': ['--export', '--out=NEW'],
 }
 WRITES_RUN = {'train', 'sweep_seeds'}  # --workdir is created (or resumed): rows above

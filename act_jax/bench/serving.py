@@ -12,6 +12,8 @@ Generated traces are decode-heavy by default (prompts of 8-24 bytes, 48-96 bytes
 a CPU a prefill costs the same whatever the point, and early exit does not shorten it.
 3. Continuous batching vs static batches (wait for a full batch, run it to its longest
    request) at the same Poisson load: bytes/s and p95.
+4-6. prefill (alone vs batched and chunked), classes (latency classes on a mixed bursty
+   trace) and http (the same over HTTP with the load generator): act_jax/bench/server.py.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
+from act_jax.bench import server as server_bench
 from act_jax.calibrate import operating_point
 from act_jax.errors import ConfigError
 from act_jax.run import directory as run_lib
@@ -31,7 +34,7 @@ from act_jax.serve import summary as serve_summary
 from act_jax.serve import trace as trace_lib
 from act_jax.spec import NEVER_EXIT, OperatingPoint
 
-PARTS = ('efficiency', 'bursty', 'batching')
+PARTS = ('efficiency', 'bursty', 'batching') + server_bench.PARTS
 
 
 def decode_efficiency(engine: serve_engine.Engine, prompts: Sequence[Sequence[int]],
@@ -180,7 +183,25 @@ def benchmark(workdir: str, trace: Optional[str] = None, slo_p95_ms: Optional[fl
             f'new={new_len}')
   if 'batching' in parts:
     batching = _batching(spec, eng, steady, points, ops, budget_s, steady_load, log)
-  return {'efficiency': eff, 'capacity_rps': capacity,
+  extra: dict = {}
+  if 'prefill' in parts:
+    log('4. prefill alone vs batched and chunked ...')
+    extra['prefill'] = server_bench.prefill_part(spec, variables, ops, slots, steady_load,
+                                                 log=log)
+  # a mixed trace for the latency classes: the bursty trace's rates, half interactive
+  mixed = (trace if trace_lib.options(trace)[0] == 'jsonl' or 'interactive=' in trace
+           else trace.replace('seed=0', 'seed=7') + ',interactive=0.5')
+  budgets = {'interactive': budget_s, 'batch': 10 * budget_s}
+  if 'classes' in parts:
+    log('5. latency classes ...')
+    extra['classes'] = server_bench.classes_part(spec, variables, points, ops, slots, mixed,
+                                                 budgets, allow_uncertified, steps_per_call,
+                                                 log)
+  if 'http' in parts:
+    log('6. the same over HTTP ...')
+    extra['http'] = server_bench.http_part(spec, variables, points, ops, slots, mixed,
+                                           budgets, allow_uncertified, steps_per_call, log=log)
+  return {**extra, 'efficiency': eff, 'capacity_rps': capacity,
           'capacity_cheapest_rps': caps[cheapest], 'lone_request_ms': 1e3 * lone_s,
           'trace': trace, 'slo_p95_ms': slo_p95_ms, 'bursty': dict(named),
           'batching': dict(batching), 'steady_trace': steady}

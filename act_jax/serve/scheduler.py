@@ -135,12 +135,16 @@ class Scheduler:
   def __init__(self, engine: Engine, points: Sequence[OperatingPoint], classes: Any = None,
                *, static_batches: bool = False, log: Callable[[str], None] = lambda s: None,
                on_bytes: Optional[Callable[[Record, list, bool], None]] = None,
-               clock: Callable[[], float] = time.perf_counter):
+               clock: Callable[[], float] = time.perf_counter, prefill_batch: bool = True):
     if classes is None or not isinstance(classes, dict):
       classes = {'': classes or _FixedPoint()}
     self.engine, self.points, self.classes = engine, list(points), dict(classes)
     self.static_batches, self.log, self.on_bytes = static_batches, log, on_bytes
     self.clock = clock  # times the device calls (step_ms)
+    # False: the baseline that prefills each admitted prompt in its own call(s) before the
+    # next decode step (how serving worked before batched, chunked prefill)
+    self.prefill_batch = prefill_batch
+    self._prefilled_tokens = 0  # prompt tokens prefilled since the last decode step
     slots = engine.slots
     self.active: list[Optional[Request]] = [None] * slots
     self.filled = [0] * slots                      # prompt tokens prefilled per slot
@@ -245,19 +249,24 @@ class Scheduler:
     # Prefill: the next chunk of every prompt not yet in the cache, in one call.
     pre = [s for s in range(slots) if self.active[s] is not None
            and self.filled[s] < len(self.active[s].prompt)]
-    if pre:
-      reqs = [self.active[s] for s in pre]
-      nxt, layers = engine.prefill_chunks(pre, [r.prompt for r in reqs],
-                                          [self.filled[s] for s in pre],
+    calls = [pre] if self.prefill_batch else [[s] for s in pre]
+    while calls and calls[0]:
+      group = calls.pop(0)
+      reqs = [self.active[s] for s in group]
+      nxt, layers = engine.prefill_chunks(group, [r.prompt for r in reqs],
+                                          [self.filled[s] for s in group],
                                           [self._point_of(r) for r in reqs],
                                           [r.temperature for r in reqs], [r.seed for r in reqs])
       t = now()
-      for s, r, n, lay in zip(pre, reqs, nxt, layers):
+      for s, r, n, lay in zip(group, reqs, nxt, layers):
         self.filled[s] += len(lay)
+        self._prefilled_tokens += len(lay)
         if self.filled[s] == len(r.prompt):   # the prompt is in: its first byte
           self.records[r.id].first_byte_s = t
           self.tokens_B[s], self.pos_B[s] = int(n), len(r.prompt)
           self._emit(s, [int(n)], t)
+        elif not self.prefill_batch:           # the baseline prefills whole prompts
+          calls.insert(0, [s])
       ran = True
     run = [s for s in range(slots) if self.active[s] is not None
            and self.filled[s] == len(self.active[s].prompt)
@@ -288,9 +297,12 @@ class Scheduler:
     first = next(iter(self.classes))
     step = {'t': t, 'step_ms': 1e3 * step_s / per, 'steps': len(slowest),
             'active': len(run), 'queue': len(self.queue), 'point': self.index[first],
+            # prompt tokens prefilled since the previous decode step: what this one waited
+            'prefill_tokens': self._prefilled_tokens,
             'max_layers': float(np.mean(slowest)),
             'mean_layers': float(np.mean([out['layers'][j][s] for j in range(k)
                                           for s in live[j]]))}
+    self._prefilled_tokens = 0
     if len(self.classes) > 1:
       step['points'] = dict(self.index)
     self.steps.append(step)
@@ -318,7 +330,7 @@ def replay(engine: Engine, requests: Sequence[Request], points: Sequence[Operati
            controller: Any = None, *, realtime: bool = True, static_batches: bool = False,
            clock: Callable[[], float] = time.perf_counter,
            sleep: Callable[[float], None] = time.sleep,
-           log: Callable[[str], None] = lambda s: None) -> dict:
+           log: Callable[[str], None] = lambda s: None, prefill_batch: bool = True) -> dict:
   """Serves `requests` (sorted by arrival) through the engine's slots; returns
   {'records': [Record], 'steps': [per decode step dict]}.
 
@@ -329,7 +341,7 @@ def replay(engine: Engine, requests: Sequence[Request], points: Sequence[Operati
   queue_len=, oldest_wait_s=, completed=)` -> index into points (None: points[0]), or
   {latency class: controller} for requests with classes (Scheduler)."""
   sched = Scheduler(engine, points, controller, static_batches=static_batches, log=log,
-                    clock=clock)
+                    clock=clock, prefill_batch=prefill_batch)
   pending = collections.deque(sorted(requests, key=lambda r: r.arrival_s))
   t0 = clock()
   now = lambda: clock() - t0 if realtime else 0.0  # noqa: E731

@@ -346,7 +346,8 @@ def serve_run(workdir: str, trace: str, options: ServeOptions = ServeOptions(),
   summary.update(workdir=os.path.abspath(workdir), trace=trace, controller=o.controller,
                  slots=o.slots, compact=o.compact, kv_fill=o.kv_fill,
                  steps_per_call=o.steps_per_call, static_batches=o.static_batches, mode=o.mode,
-                 draft_layer=draft_layer, draft_len=draft_len, classes=list(o.classes),
+                 draft_layer=draft_layer, draft_len=draft_len,
+                 latency_classes=list(o.classes),
                  prefill_chunk=o.prefill_chunk,
                  points=[dataclasses.asdict(p) for p in points])
   table = exit_latency_table(result['steps'], spec.model.num_layers)
