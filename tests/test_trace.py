@@ -183,3 +183,25 @@ def test_generated_trace_roundtrips_through_jsonl(tmp_path):
   back = trace.load(path)
   assert [(r.id, r.arrival_s, r.prompt_len, r.max_new, r.domain) for r in back] == [
       (r.id, r.arrival_s, r.prompt_len, r.max_new, r.domain) for r in reqs]
+
+
+def test_latency_classes_in_traces(tmp_path):
+  """interactive=F puts about F of the requests in class 'interactive', the rest in 'batch',
+  drawn after everything else: the same seed keeps the same arrivals, prompts and lengths.
+  A JSONL line may name its class; a bad one is refused naming line and field."""
+  plain = trace.load('poisson:rate=50,duration=20s,seed=3')
+  mixed = trace.load('poisson:rate=50,duration=20s,seed=3,interactive=0.3')
+  assert [(r.arrival_s, r.prompt_len, r.max_new, r.domain) for r in plain] == \
+      [(r.arrival_s, r.prompt_len, r.max_new, r.domain) for r in mixed]
+  assert {r.cls for r in plain} == {''} and {r.cls for r in mixed} == {'interactive', 'batch'}
+  share = sum(r.cls == 'interactive' for r in mixed) / len(mixed)
+  assert 0.25 < share < 0.35, share
+  path = _write(tmp_path, ['{"arrival_s": 0, "prompt": "ab", "max_new": 2, "class": "batch"}',
+                           '{"arrival_s": 1, "prompt": "cd", "max_new": 2}'])
+  assert [r.cls for r in trace.load(str(path))] == ['batch', '']
+  bad = _write(tmp_path, ['{"arrival_s": 0, "prompt": "ab", "max_new": 2, "class": "a b"}'],
+               'bad.jsonl')
+  with pytest.raises(ConfigError, match=r'bad.jsonl:1: class="a b": must be a latency class'):
+    trace.load(str(bad))
+  with pytest.raises(ConfigError, match='interactive=2: must be a fraction in'):
+    trace.load('poisson:rate=1,duration=5s,interactive=2')

@@ -45,13 +45,25 @@ class Result:
   error: Optional[str] = None
 
 
+def text_of(prompt: Sequence[int]) -> str:
+  """A prompt's text: its bytes (special tokens, such as a held-out window's BOS, dropped:
+  an HTTP prompt is text)."""
+  return bytes(t for t in prompt if t < 256).decode('utf-8', 'replace')
+
+
+def as_text_requests(requests: Sequence[Request]) -> list[Request]:
+  """The requests with the prompts a client sends (text_of, re-encoded): what the server
+  receives, so an in-process replay of these serves the same bytes."""
+  return [dataclasses.replace(r, prompt=list(text_of(r.prompt).encode('utf-8')))
+          for r in requests]
+
+
 async def _one(client: httpx.AsyncClient, r: Request, t0: float, sem: asyncio.Semaphore
                ) -> Result:
   out = Result(r.id, r.cls)
   await asyncio.sleep(max(0.0, t0 + r.arrival_s - time.perf_counter()))
   start = t0 + r.arrival_s
-  body = {'prompt': bytes(r.prompt).decode('utf-8', 'replace'), 'max_tokens': r.max_new,
-          'stream': True}
+  body = {'prompt': text_of(r.prompt), 'max_tokens': r.max_new, 'stream': True}
   if r.cls:
     body['latency_class'] = r.cls
   async with sem:
@@ -144,4 +156,4 @@ def format_summary(s: dict[str, Any], budgets: Optional[dict[str, float]] = None
   return '\n'.join(lines)
 
 
-__all__ = ['Result', 'format_summary', 'send', 'summarize']
+__all__ = ['Result', 'as_text_requests', 'format_summary', 'send', 'summarize', 'text_of']

@@ -11,23 +11,25 @@
   budget; two latency classes, each under its own controller (rows of one batch at their
   classes' points). Per class: p95, the share within its budget, mean layers, agreement with
   full-depth greedy.
-* http: the latency-classes run again through the HTTP server, its requests sent by the load
-  generator (act_jax/bench/loadgen.py) over real connections: client and server percentiles
-  next to the in-process replay's, and the programs compiled while serving (0 expected).
+* http: the latency-classes run again through the HTTP server (the `serve --listen` binary,
+  its own process), its requests sent by the load generator (act_jax/bench/loadgen.py) over
+  real connections: client and server percentiles next to the in-process replay's, and the
+  programs compiled while serving (0 expected).
 """
 from __future__ import annotations
 
+import signal
 import socket
-import threading
+import subprocess
+import sys
 import time
 from typing import Any, Callable, Sequence
 
 import httpx
-import uvicorn
 
 from act_jax.bench import loadgen
 from act_jax.serve import engine as serve_engine
-from act_jax.serve import scheduler, server, serving, slo
+from act_jax.serve import scheduler, serving, slo
 from act_jax.serve import summary as serve_summary
 from act_jax.serve import trace as trace_lib
 from act_jax.spec import OperatingPoint, Spec
@@ -49,9 +51,15 @@ def _closed_capacity(eng: serve_engine.Engine, reqs: Sequence[scheduler.Request]
 
 def prefill_part(spec: Spec, variables: Any, ops: Sequence[OperatingPoint], slots: int,
                  load: float = 0.7, chunk: int = 64, duration_s: float = 40.0,
-                 prompt: str = '48-112', new: str = '8-24',
+                 prompt: str | None = None, new: str = '8-24',
                  log: Callable[[str], None] = print) -> dict:
-  """Prefill alone vs batched and chunked at the same load (module docstring)."""
+  """Prefill alone vs batched and chunked at the same load (module docstring). Prompts
+  default to 40-96 bytes, cut so that every request fits the context."""
+  if prompt is None:
+    hi = min(96, spec.model.max_len - int(new.split('-')[-1]))
+    prompt = f'{min(40, hi)}-{hi}'
+  serving.check_generated_trace(f'poisson:rate=1,duration=1,prompt={prompt},new={new}',
+                                spec.model.max_len)
   probe = serving.heldout_prompts(spec, trace_lib.generate(
       'poisson', rate=1.0, duration=4.0 * slots, seed=5, prompt=prompt, new=new))
   before = serve_engine.Engine(spec, variables, slots, prefill_chunk=0)
@@ -71,6 +79,8 @@ def prefill_part(spec: Spec, variables: Any, ops: Sequence[OperatingPoint], slot
     s = serve_summary.summarize(res, None, [])
     s['max_prefill_tokens_per_step'] = max((st['prefill_tokens'] for st in res['steps']),
                                            default=0)
+    s['max_prefill_row_tokens_per_step'] = max(
+        (st['prefill_row_tokens'] for st in res['steps']), default=0)
     rows[name] = s
   names = list(rows)
   ratio = rows[names[1]]['ttfb_ms']['p95'] / rows[names[0]]['ttfb_ms']['p95']
@@ -82,11 +92,12 @@ def prefill_part(spec: Spec, variables: Any, ops: Sequence[OperatingPoint], slot
 def format_prefill(rows: dict, ratio: float) -> str:
   f = lambda v: '-' if v is None else f'{v:.0f}'  # noqa: E731
   lines = ['| prefill | first byte p50 / p95 ms | latency p50 / p95 ms | bytes/s | most prompt '
-           'tokens a decode step waited for |', '|---|---|---|---|---|']
+           'tokens a decode step waited for (all rows / one row) |', '|---|---|---|---|---|']
   for name, s in rows.items():
     lines.append(f'| {name} | {f(s["ttfb_ms"]["p50"])} / {f(s["ttfb_ms"]["p95"])} | '
                  f'{f(s["latency_ms"]["p50"])} / {f(s["latency_ms"]["p95"])} | '
-                 f'{f(s["bytes_per_s"])} | {s["max_prefill_tokens_per_step"]} |')
+                 f'{f(s["bytes_per_s"])} | {s["max_prefill_tokens_per_step"]} / '
+                 f'{s["max_prefill_row_tokens_per_step"]} |')
   lines.append(f'p95 time to first byte, batched / alone: {ratio:.2f}x')
   return '\n'.join(lines)
 
@@ -141,48 +152,55 @@ def format_classes(rows: dict) -> str:
   return '\n'.join(lines)
 
 
-def http_part(spec: Spec, variables: Any, points: Sequence[slo.Point],
+def http_part(workdir: str, spec: Spec, variables: Any, points: Sequence[slo.Point],
               ops: Sequence[OperatingPoint], slots: int, trace: str, budgets: dict,
               allow_uncertified: bool = False, steps_per_call: int = 4,
-              concurrency: int = 64, log: Callable[[str], None] = print) -> dict:
-  """The latency-classes run over HTTP (loadgen) next to the same run in process."""
-  reqs = serving.heldout_prompts(spec, trace_lib.load(trace))
+              concurrency: int = 256, log: Callable[[str], None] = print) -> dict:
+  """The latency-classes run over HTTP next to the same run in process. The server is the
+  `serve --listen` binary in its own process and the load generator runs here: in one
+  process, the client's and the server's Python would share one interpreter lock."""
+  reqs = loadgen.as_text_requests(serving.heldout_prompts(spec, trace_lib.load(trace)))
   eng = serve_engine.Engine(spec, variables, slots, steps_per_call=steps_per_call)
   eng.warmup(ops[0])
   ctl = _class_runs(points, budgets, allow_uncertified)['latency classes']
   replayed = serve_summary.summarize(scheduler.replay(eng, reqs, ops, ctl), None, points,
                                      class_budgets=budgets)
-  ctl = _class_runs(points, budgets, allow_uncertified)['latency classes']
-  classes = [server.LatencyClass(c, ctl[c], budgets[c]) for c in ('interactive', 'batch')]
-  eng2 = serve_engine.Engine(spec, variables, slots, steps_per_call=steps_per_call)
-  app = server.build(eng2, spec, points, ops, classes, 'bench', log=lambda s: None)
-  app.loop.start()
+  del eng
   with socket.socket() as sock:
     sock.bind(('127.0.0.1', 0))
     port = sock.getsockname()[1]
-  srv = uvicorn.Server(uvicorn.Config(app.asgi, host='127.0.0.1', port=port,
-                                      log_level='warning'))
-  thread = threading.Thread(target=srv.run, daemon=True)
-  thread.start()
   url = f'http://127.0.0.1:{port}'
-  while True:
-    try:
-      if httpx.get(f'{url}/healthz').status_code == 200:
-        break
-    except httpx.TransportError:
-      pass
-    time.sleep(0.2)
-  log(f'http: {len(reqs)} requests over at most {concurrency} connections ...')
-  results = loadgen.send(url, reqs, concurrency)
-  compiles = serve_engine.lowerings(app.loop.thread.ident) - app.loop.lowerings_at_ready
-  srv.should_exit = True
-  thread.join(10)
-  app.loop.stopped.set()
+  cmd = [sys.executable, '-m', 'experiments.serve', f'--workdir={workdir}',
+         f'--listen=127.0.0.1:{port}', '--controller=slo', f'--slots={slots}',
+         f'--steps_per_call={steps_per_call}',
+         '--classes=' + ','.join(f'{c}={1e3 * b:.0f}' for c, b in budgets.items())]
+  if allow_uncertified:
+    cmd.append('--allow_uncertified')
+  proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    while True:
+      if proc.poll() is not None:
+        raise RuntimeError(f'the server exited: {proc.stderr.read()[-2000:]}')
+      try:
+        if httpx.get(f'{url}/healthz').status_code == 200:
+          break
+      except httpx.TransportError:
+        pass
+      time.sleep(0.2)
+    log(f'http: {len(reqs)} requests to {" ".join(cmd[2:])}, at most {concurrency} '
+        f'connections ...')
+    results = loadgen.send(url, reqs, concurrency)
+    metrics = httpx.get(f'{url}/metrics').text
+    compiles = int(float(next(line.split()[-1] for line in metrics.splitlines()
+                              if line.startswith('act_jax_compiles_after_warmup '))))
+  finally:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
   client = loadgen.summarize(results)
   log(loadgen.format_summary(client))
   log(format_http(client, replayed, compiles))
-  return {'trace': trace, 'client': client, 'replay': replayed, 'compiles_while_serving':
-          compiles}
+  return {'trace': trace, 'command': cmd[2:], 'client': client, 'replay': replayed,
+          'compiles_while_serving': compiles}
 
 
 def format_http(client: dict, replayed: dict, compiles: int) -> str:

@@ -188,9 +188,11 @@ def benchmark(workdir: str, trace: Optional[str] = None, slo_p95_ms: Optional[fl
     log('4. prefill alone vs batched and chunked ...')
     extra['prefill'] = server_bench.prefill_part(spec, variables, ops, slots, steady_load,
                                                  log=log)
-  # a mixed trace for the latency classes: the bursty trace's rates, half interactive
-  mixed = (trace if trace_lib.options(trace)[0] == 'jsonl' or 'interactive=' in trace
-           else trace.replace('seed=0', 'seed=7') + ',interactive=0.5')
+  # a mixed trace for the latency classes: bursts 15 % above the full-depth capacity (where
+  # everyone at full depth queues and misses the interactive budget), half interactive
+  mixed = (f'bursty:base={base_over_capacity * capacity:.2f},peak={1.15 * capacity:.2f},'
+           f'duration={duration_s:g}s,period=25s,burst=10s,seed=7,prompt={prompt_len},'
+           f'new={new_len},interactive=0.5')
   budgets = {'interactive': budget_s, 'batch': 10 * budget_s}
   if 'classes' in parts:
     log('5. latency classes ...')
@@ -199,7 +201,7 @@ def benchmark(workdir: str, trace: Optional[str] = None, slo_p95_ms: Optional[fl
                                                  log)
   if 'http' in parts:
     log('6. the same over HTTP ...')
-    extra['http'] = server_bench.http_part(spec, variables, points, ops, slots, mixed,
+    extra['http'] = server_bench.http_part(workdir, spec, variables, points, ops, slots, mixed,
                                            budgets, allow_uncertified, steps_per_call, log=log)
   return {**extra, 'efficiency': eff, 'capacity_rps': capacity,
           'capacity_cheapest_rps': caps[cheapest], 'lone_request_ms': 1e3 * lone_s,

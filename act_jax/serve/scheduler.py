@@ -1,11 +1,15 @@
 """The scheduler: requests in, continuous batching over the engine's slots, records out.
 
-Requests arrive on a trace (act_jax/serve/trace.py). A waiting request is admitted into a free
-slot at once, and a request that has its bytes frees its slot for the next one at the next
-call (continuous batching, Orca, Yu et al. 2022); `static_batches` is the baseline that waits
-for a full batch and runs it to its longest request. Before every call a controller
-(act_jax/serve/slo.py) picks the operating point from the queue and the latencies completed.
-A request the engine cannot serve is refused alone (`check_request`); the others are served.
+`Scheduler` runs one round at a time (`iterate`): requests come from a trace through
+`replay` (act_jax/serve/trace.py) or from HTTP clients through the server's engine thread
+(act_jax/serve/server.py). A waiting request is admitted into a free slot at once, and a
+request that has its bytes frees its slot for the next one at the next call (continuous
+batching, Orca, Yu et al. 2022); `static_batches` is the baseline that waits for a full batch
+and runs it to its longest request. Each round: every latency class's controller
+(act_jax/serve/slo.py) picks its point from its queue and the latencies completed; one
+batched prefill call advances every prompt not yet in the cache by at most one chunk; one
+decode call advances every other row, each at its class's point. A request the engine cannot
+serve is refused alone (`check_request`); the others are served.
 """
 from __future__ import annotations
 
@@ -136,7 +140,10 @@ class Scheduler:
                *, static_batches: bool = False, log: Callable[[str], None] = lambda s: None,
                on_bytes: Optional[Callable[[Record, list, bool], None]] = None,
                clock: Callable[[], float] = time.perf_counter, prefill_batch: bool = True):
-    if classes is None or not isinstance(classes, dict):
+    # one controller for everyone: requests keep their class in their records (summaries
+    # report per class) but share its point
+    self.one_class = classes is None or not isinstance(classes, dict)
+    if self.one_class:
       classes = {'': classes or _FixedPoint()}
     self.engine, self.points, self.classes = engine, list(points), dict(classes)
     self.static_batches, self.log, self.on_bytes = static_batches, log, on_bytes
@@ -144,7 +151,8 @@ class Scheduler:
     # False: the baseline that prefills each admitted prompt in its own call(s) before the
     # next decode step (how serving worked before batched, chunked prefill)
     self.prefill_batch = prefill_batch
-    self._prefilled_tokens = 0  # prompt tokens prefilled since the last decode step
+    # prompt tokens prefilled since the last decode step: in all, and the most of one row
+    self._prefilled_tokens = self._prefilled_row_max = 0
     slots = engine.slots
     self.active: list[Optional[Request]] = [None] * slots
     self.filled = [0] * slots                      # prompt tokens prefilled per slot
@@ -161,14 +169,14 @@ class Scheduler:
     return bool(self.queue) or any(a is not None for a in self.active)
 
   def class_of(self, r: Request) -> str:
-    return r.cls if r.cls else next(iter(self.classes))
+    return r.cls if r.cls and not self.one_class else next(iter(self.classes))
 
   def submit(self, r: Request) -> Optional[str]:
     """Queues r, or refuses it alone (returns why, and records it)."""
     rec = Record(r.id, r.arrival_s, r.domain, r.phase, len(r.prompt), r.max_new, r.cls)
     self.records[r.id] = rec
     err = check_request(r, self.engine.max_len)
-    if err is None and r.cls and r.cls not in self.classes:
+    if err is None and r.cls and not self.one_class and r.cls not in self.classes:
       err = f'latency class {r.cls!r} is unknown; known: {", ".join(self.classes)}'
     if err:
       rec.error = err
@@ -261,6 +269,7 @@ class Scheduler:
       for s, r, n, lay in zip(group, reqs, nxt, layers):
         self.filled[s] += len(lay)
         self._prefilled_tokens += len(lay)
+        self._prefilled_row_max = max(self._prefilled_row_max, len(lay))
         if self.filled[s] == len(r.prompt):   # the prompt is in: its first byte
           self.records[r.id].first_byte_s = t
           self.tokens_B[s], self.pos_B[s] = int(n), len(r.prompt)
@@ -297,12 +306,14 @@ class Scheduler:
     first = next(iter(self.classes))
     step = {'t': t, 'step_ms': 1e3 * step_s / per, 'steps': len(slowest),
             'active': len(run), 'queue': len(self.queue), 'point': self.index[first],
-            # prompt tokens prefilled since the previous decode step: what this one waited
+            # prompt tokens prefilled since the previous decode step (what this one waited
+            # for), and the most of them one prompt advanced by (<= one chunk when batched)
             'prefill_tokens': self._prefilled_tokens,
+            'prefill_row_tokens': self._prefilled_row_max,
             'max_layers': float(np.mean(slowest)),
             'mean_layers': float(np.mean([out['layers'][j][s] for j in range(k)
                                           for s in live[j]]))}
-    self._prefilled_tokens = 0
+    self._prefilled_tokens = self._prefilled_row_max = 0
     if len(self.classes) > 1:
       step['points'] = dict(self.index)
     self.steps.append(step)
