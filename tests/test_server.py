@@ -220,6 +220,7 @@ def test_metrics_exposition_and_health(served):
                'act_jax_busy_slots', 'act_jax_generated_bytes_total',
                'act_jax_layers_per_token_bucket', 'act_jax_expert_tokens_total',
                'act_jax_operating_point', 'act_jax_slo_violations_total', 'act_jax_ready',
+               'act_jax_moe_fallbacks_total',
                'act_jax_compiles_after_warmup'):
     assert name in names, name
   assert m[('act_jax_operating_point', (('cls', 'interactive'),))] == 1

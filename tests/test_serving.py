@@ -220,6 +220,23 @@ def test_nothing_compiles_after_warmup(model):
   assert {s['point'] for s in out['steps']} == {0, 1}
 
 
+def test_fallback_counts_reach_the_records():
+  """moe.fallback with threshold 1: every token of every MoE layer goes to the generalist;
+  the engine reports it per byte and the record (what /metrics counts) sums it."""
+  c = lm.get_config('runlocal')
+  c.moe.update(fallback='max_prob', fallback_threshold=1.0, shared_experts=1)
+  spec = config_lib.resolve(c, device_count=1)
+  v = make_model(spec).init({'params': jax.random.PRNGKey(0)}, jnp.zeros((1, 8), jnp.int32))
+  v = nn.meta.unbox({'params': v['params'], 'moe_state': v.get('moe_state', {})})
+  reqs = _requests()[:2]
+  out = scheduler.replay(engine_lib.Engine(spec, v, slots=2), reqs,
+                         [OperatingPoint.full_depth()], realtime=False)
+  moe_layers = sum(k == 'moe' for k in spec.model.layer_kinds) * spec.model.num_steps
+  for r, rec in zip(reqs, out['records']):
+    # every decoded byte ran every layer (full depth), each MoE layer fell back
+    assert rec.fallbacks == moe_layers * len(rec.layers) > 0, (rec.fallbacks, moe_layers)
+
+
 def test_overlong_request_is_refused_alone(model):
   spec, v = model
   reqs = _requests()[:2] + [scheduler.Request(9, 0.0, [65] * 30, 5),

@@ -116,6 +116,8 @@ def _decode(spec: Spec, variables, cache, lazy, tokens_B, pos_B, left_B, thresho
     out = {'next': nxt, 'layers': aux['layers'][:, -1]}
     if 'moe' in aux:  # first-choice expert per MoE layer [layers, B] (-1: did not run)
       out['top1'] = aux['moe']['top1_expert'][:, :, -1]
+      # MoE layers whose generalist served the token (moe.fallback), per row [B]
+      out['fallback'] = jnp.sum(aux['moe']['fallback'][:, :, -1], 0).astype(jnp.int32)
     carry = (aux['cache'], aux.get('lazy'), jnp.where(live, nxt, tok),
              jnp.where(live, pos + 1, pos), left - 1)
     return carry, out
@@ -294,6 +296,7 @@ class Engine:
       next, layers [K, B]  byte j of row s and the layers it ran (K: the most any row got)
       count [B]            the bytes row s got (its first count entries of `next` are real)
       top1 [K, layers, B]  each byte's first-choice expert per MoE layer, or None (no MoE)
+      fallback [K, B]      MoE layers whose generalist served each byte, or None
       accepted [R, B]      exact mode: drafted bytes accepted per round (-1: row idle), or None
     """
     if left_B is None:
@@ -314,6 +317,7 @@ class Engine:
         *_sampling(temperatures, seeds, self.slots, self.slots))
     out = jax.tree.map(np.asarray, out)
     return {'next': out['next'], 'layers': out['layers'], 'top1': out.get('top1'),
+            'fallback': out.get('fallback'),
             'count': np.minimum(self.steps_per_call, np.asarray(left_B)), 'accepted': None}
 
   def _step_exact(self, tokens_B, pos_B, left_B) -> dict[str, np.ndarray]:
@@ -332,7 +336,7 @@ class Engine:
       nxt[:len(row), s] = row
     accepted = np.where(count > 0, np.asarray(out['accepted']), -1)
     return {'next': nxt, 'layers': np.full(nxt.shape, float(self.spec.model.num_layers)),
-            'count': count.sum(0), 'top1': None, 'accepted': accepted}
+            'count': count.sum(0), 'top1': None, 'fallback': None, 'accepted': accepted}
 
   def warmup(self, point: OperatingPoint) -> float:
     """Compiles every shape serving can meet, twice over in serving order (a prefill after

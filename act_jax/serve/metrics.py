@@ -12,6 +12,8 @@ the tests, do not collide). The engine thread updates it; the exposition reads i
   act_jax_layers_per_token                    histogram, one bucket per layer count: the
                                               exit-depth histogram and its mean
   act_jax_expert_tokens_total{expert}         first-choice expert of every MoE layer a token ran
+  act_jax_moe_fallbacks_total                 (token, MoE layer) pairs the generalist served
+                                              (moe.fallback; 0 when off)
   act_jax_queue_length, act_jax_busy_slots, act_jax_slots
   act_jax_operating_point{cls}                index into the points (0 = most accurate)
   act_jax_operating_point_mean_layers{cls}    the point's calibrated cost
@@ -53,6 +55,9 @@ class ServerMetrics:
     self.experts = prom.Counter('act_jax_expert_tokens',
                                 'First-choice expert of each MoE layer a token ran.',
                                 ['expert'], registry=r)
+    self.fallbacks = prom.Counter('act_jax_moe_fallbacks',
+                                  '(Token, MoE layer) pairs served by the generalist.',
+                                  registry=r)
     self.queue = prom.Gauge('act_jax_queue_length', 'Requests waiting for a slot.',
                             registry=r)
     self.busy = prom.Gauge('act_jax_busy_slots', 'Slots holding a request.', registry=r)
@@ -83,8 +88,10 @@ class ServerMetrics:
     if ttfb_s is not None:
       self.ttfb.labels(cls).observe(ttfb_s)
 
-  def tokens(self, layers: Sequence[float], experts: Sequence[int] = ()) -> None:
+  def tokens(self, layers: Sequence[float], experts: Sequence[int] = (),
+             fallbacks: int = 0) -> None:
     self.bytes.inc(len(layers))
+    self.fallbacks.inc(fallbacks)
     for x in layers:
       self.layers.observe(float(x))
     for e in experts:

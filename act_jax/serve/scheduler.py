@@ -66,6 +66,7 @@ class Record:
   layers: list = dataclasses.field(default_factory=list)   # per decode step of this row
   experts: dict = dataclasses.field(default_factory=dict)  # first-choice expert -> count
   points: dict = dataclasses.field(default_factory=dict)   # point index -> decode steps
+  fallbacks: int = 0  # (byte, MoE layer) pairs the generalist served (moe.fallback)
 
   @property
   def latency_s(self) -> Optional[float]:
@@ -332,6 +333,8 @@ class Scheduler:
           for e in out['top1'][j][:, s]:
             if e >= 0:
               rec.experts[int(e)] = rec.experts.get(int(e), 0) + 1
+        if out.get('fallback') is not None:
+          rec.fallbacks += int(out['fallback'][j][s])
       self.tokens_B[s], self.pos_B[s] = out['next'][n - 1][s], self.pos_B[s] + n
       self._emit(s, [out['next'][j][s] for j in range(n)], t)
     return True

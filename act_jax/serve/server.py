@@ -92,7 +92,7 @@ class EngineLoop:
                                log=log, on_bytes=self._on_bytes)
     self.inbox: queue.SimpleQueue = queue.SimpleQueue()
     self.sinks: dict[int, _Sink] = {}
-    self._seen: dict[int, tuple[int, dict]] = {}
+    self._seen: dict[int, tuple[int, dict, int]] = {}
     self._done: list[int] = []  # records to forget once the scheduler is through with them
     self.ready = threading.Event()
     self.stopped = threading.Event()
@@ -176,10 +176,11 @@ class EngineLoop:
   def _on_bytes(self, rec: Record, new: list, done: bool) -> None:
     sink = self.sinks.get(rec.id)
     cls = rec.cls or next(iter(self.classes))
-    seen, experts = self._seen.get(rec.id, (0, {}))
+    seen, experts, fallbacks = self._seen.get(rec.id, (0, {}, 0))
     self.metrics.tokens(rec.layers[seen:], [e for e, n in rec.experts.items()
-                                            for _ in range(n - experts.get(e, 0))])
-    self._seen[rec.id] = (len(rec.layers), dict(rec.experts))
+                                            for _ in range(n - experts.get(e, 0))],
+                        rec.fallbacks - fallbacks)
+    self._seen[rec.id] = (len(rec.layers), dict(rec.experts), rec.fallbacks)
     if done:
       self._seen.pop(rec.id, None)
       if rec.error:
