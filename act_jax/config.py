@@ -229,8 +229,8 @@ def resolve(config: Any, device_count: Optional[int] = None) -> Spec:
                                'max_len': m.max_len or c.data.seq_len,
                                'group_size': len(kinds)},
                    layer_kinds=kinds, num_steps=m.num_layers // len(kinds))
-  _require(model.head_dim % 2 == 0, 'model.head_dim', model.head_dim,
-           'must be even (RoPE rotates feature pairs)')
+  _require(model.head_dim % 2 == 0 or model.kind in step_cell_lib.STEP_CELLS,
+           'model.head_dim', model.head_dim, 'must be even (RoPE rotates feature pairs)')
   moe_values = {**c.moe.to_dict(), 'd_ff': c.moe.d_ff or m.d_ff}
   moe = _section(MoESpec, moe_values)
   if moe_lib.ROUTERS[moe.router].routed:
@@ -310,7 +310,7 @@ def _check(config: ml_collections.ConfigDict) -> None:
     _pos_int(config, f)
   _require(isinstance(m.head_dim, int) and m.head_dim >= 0, 'model.head_dim', m.head_dim,
            'must be 0 (= d_model/num_heads) or a positive integer')
-  if m.head_dim == 0:
+  if m.head_dim == 0 and m.kind not in step_cell_lib.STEP_CELLS:  # attention heads only
     _require(m.d_model % m.num_heads == 0, 'model.num_heads', m.num_heads,
              f'must divide model.d_model={m.d_model} (or set model.head_dim)')
   _require(m.dtype in DTYPES, 'model.dtype', m.dtype, f'allowed: {", ".join(DTYPES)}')
