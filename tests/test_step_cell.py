@@ -181,4 +181,26 @@ def test_runlocal_learns_8_entry_parity_above_chance(tmp_path):
   res = training.train_and_evaluate(parity_cell.get_config('runlocal'),
                                     os.path.join(tmp_path, 'run'), log=lambda m: None)
   assert res['range_in-distribution/accuracy'] >= 0.8, res
-  assert 'spearman_expected_steps_difficulty' in res
+  # PonderNet's expected steps Σ n·p_n (full depth, p sums to 1) lies in [1, N]
+  assert 1.0 <= res['expected_steps_mean'] <= 6.0
+  assert -1.0 <= res['spearman_expected_steps_difficulty'] <= 1.0
+
+
+def test_expected_steps_is_the_full_depth_halting_distribution_mean():
+  """continuous_steps: PonderNet's Σ n·p_n from a full-depth forward (p sums to 1 there, not
+  in the thresholded forward); ACT's N + R."""
+  for halting in ('pondernet', 'act'):
+    spec = config_lib.resolve(_cell_config(halting, num_steps=5, d_model=16, kind='gru'))
+    model = make_model(spec)
+    x = jnp.asarray(_all_vectors())
+    v = model.init({'params': jax.random.PRNGKey(4)}, x)
+    _, aux = model.apply(v, x, threshold=0.3)
+    cont = np.asarray(training.continuous_steps(model, v, x, aux))
+    if halting == 'act':
+      np.testing.assert_allclose(cont, np.asarray(aux['ponder']))
+      continue
+    _, full = model.apply(v, x, threshold=2.0)
+    p_NB = np.asarray(full['p'])[:, :, 0]
+    np.testing.assert_allclose(p_NB.sum(0), 1.0, atol=1e-5)
+    np.testing.assert_allclose(cont[:, 0], (np.arange(1, 6)[:, None] * p_NB).sum(0), rtol=1e-5)
+    assert not np.allclose(np.asarray(aux['p']).sum(0), 1.0)  # the thresholded p is cut

@@ -179,7 +179,7 @@ def make_train_step(config: Any) -> Callable:
   return train_step
 
 
-def continuous_steps(spec: Spec, model, variables, inputs, aux) -> jax.Array | None:
+def continuous_steps(model, variables: dict, inputs: jax.Array, aux: dict) -> jax.Array | None:
   """f32 [B,L]: a halting policy's continuous step count, or None when it has none.
   PonderNet: the expected number of steps Σ_n n·p_n under its halting distribution, which
   needs λ_n at every step, so it is read from a full-depth forward (threshold NEVER_EXIT;
@@ -210,7 +210,7 @@ def make_eval_step(config: Any) -> Callable:
     out = {'loss_sum': ce.sum(-1), 'weight_sum': w.sum(-1), 'correct_sum': correct.sum(-1),
            'layers_sum': (aux['layers'] * w).sum(-1), 'layers': aux['layers']}
     if by_difficulty:  # synthetic tasks: the continuous step count too (Spearman without ties)
-      cont = continuous_steps(spec, model, {'params': params, 'moe_state': state['moe_state']},
+      cont = continuous_steps(model, {'params': params, 'moe_state': state['moe_state']},
                               batch['inputs'], aux)
       if cont is not None:
         out['expected_steps_sum'] = (cont * w).sum(-1)
