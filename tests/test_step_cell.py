@@ -204,3 +204,19 @@ def test_expected_steps_is_the_full_depth_halting_distribution_mean():
     np.testing.assert_allclose(p_NB.sum(0), 1.0, atol=1e-5)
     np.testing.assert_allclose(cont[:, 0], (np.arange(1, 6)[:, None] * p_NB).sum(0), rtol=1e-5)
     assert not np.allclose(np.asarray(aux['p']).sum(0), 1.0)  # the thresholded p is cut
+
+
+def test_parity_cell_variants_are_valid():
+  """The shipped variants resolve; PonderNet's sizes are the config's defaults."""
+  for arg in ('', 'halting=act', 'cell=elman', 'bits=16,halting=confidence', 'runlocal',
+              'runlocal,halting=learned_exit'):
+    spec = config_lib.validate(parity_cell.get_config(arg), device_count=1)
+    assert step_cell.is_step_cell(spec) and spec.data.name == 'parity_vector'
+  spec = config_lib.resolve(parity_cell.get_config())
+  assert (spec.model.kind, spec.model.d_model, spec.model.num_steps) == ('gru', 128, 20)
+  assert (spec.data.num_bits, spec.data.train_max_difficulty, spec.data.batch_size) == (96, 48,
+                                                                                      128)
+  assert (spec.train.lr, spec.halting.beta, spec.halting.lambda_p) == (3e-4, 0.01, 0.1)
+  for bad in ('cell=lstm', 'bits=x', 'bits=1', 'foo'):
+    with pytest.raises(ConfigError):
+      parity_cell.get_config(bad)
