@@ -220,3 +220,30 @@ def test_parity_cell_variants_are_valid():
   for bad in ('cell=lstm', 'bits=x', 'bits=1', 'foo'):
     with pytest.raises(ConfigError):
       parity_cell.get_config(bad)
+
+
+@pytest.mark.parametrize('halting', ['act', 'pondernet'])
+def test_cell_loop_equals_the_reference_driver(halting):
+  """halting.drive (the reference depth loop every policy is specified against) with the
+  cell as its block and the halting unit / head as its signals gives the model's outputs."""
+  spec = config_lib.resolve(_cell_config(halting, num_steps=5, d_model=16, kind='gru'))
+  model = make_model(spec)
+  x = jnp.asarray(_all_vectors())
+  params = model.init({'params': jax.random.PRNGKey(7)}, x)['params']
+  unit = params['stack']['halt_unit']  # a steeper halting unit: rows stop at different steps
+  params['stack']['halt_unit'] = {'kernel': unit['kernel'] * 10.0, 'bias': unit['bias'] * 0.0}
+  logits, aux = model.apply({'params': params}, x)
+  stack, head = params['stack'], {'w_DV': params['head_kernel'], 'b_V': params['head_bias']}
+  x_BLI = x[:, None, :]
+  cell = step_cell.STEP_CELLS['gru'](16)
+  block_fn = lambda h, i: cell.apply({'params': stack['cell']}, h, x_BLI)[0]
+  signal_fn = lambda h, i: {
+      'halt_logit': (h @ stack['halt_unit']['kernel'] + stack['halt_unit']['bias'])[..., 0],
+      'exit_logits': step_cell.head_logits(head, h)}
+  h_out, ref = halting_lib.drive(spec.policy, jnp.zeros((x.shape[0], 1, 16)), block_fn,
+                                 signal_fn)
+  np.testing.assert_allclose(np.asarray(logits),
+                             np.asarray(step_cell.head_logits(head, h_out)), atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(aux['exit_step']), np.asarray(ref['exit_step']))
+  np.testing.assert_array_equal(np.asarray(aux['layers']), np.asarray(ref['num_layers']))
+  assert len(np.unique(np.asarray(aux['exit_step']))) > 1  # rows really halt apart
