@@ -25,11 +25,14 @@ from act_jax.model import halting as halting_lib
 from act_jax.model import moe as moe_lib
 from act_jax.model.moe import fallback as moe_fallback
 from act_jax.model import quant as quant_lib
+from act_jax.model import step_cell as step_cell_lib
 from act_jax.errors import ConfigError
 from act_jax.spec import (DataSpec, HaltingSpec, MeshSpec, MoESpec, ModelSpec, Spec,
                           TrainSpec)
 
 DTYPES = ('float32', 'bfloat16')
+# model.kind: the byte-token transformer, or a registered step cell (model/step_cell.py)
+MODEL_KINDS = ('transformer',) + tuple(step_cell_lib.STEP_CELLS)
 REMAT_POLICIES = ('none', 'full', 'dots')
 NONFINITE_ACTIONS = ('abort', 'skip')
 
@@ -45,7 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
       vocab_size=260, d_model=128, num_heads=4, head_dim=0, d_ff=384, num_layers=6,
       causal=True, share_weights=False, tie_embeddings=True, max_len=0, rope_base=10000.0,
       dtype='float32', param_dtype='float32', remat='none', group_size=0, scan_unroll=1,
-      layer_dropout=0.0, loss_tiles=1))
+      layer_dropout=0.0, loss_tiles=1, kind='transformer'))
   # bias_init negative: with b >= 0 ACT halts every token after ~2 steps at init
   c.halting = ml_collections.ConfigDict(dict(
       name='none', threshold=0.9, eps=0.01, bias_init=-2.0, ponder_cost=0.01, beta=0.01,
@@ -226,8 +229,8 @@ def resolve(config: Any, device_count: Optional[int] = None) -> Spec:
                                'max_len': m.max_len or c.data.seq_len,
                                'group_size': len(kinds)},
                    layer_kinds=kinds, num_steps=m.num_layers // len(kinds))
-  _require(model.head_dim % 2 == 0, 'model.head_dim', model.head_dim,
-           'must be even (RoPE rotates feature pairs)')
+  _require(model.head_dim % 2 == 0 or model.kind in step_cell_lib.STEP_CELLS,
+           'model.head_dim', model.head_dim, 'must be even (RoPE rotates feature pairs)')
   moe_values = {**c.moe.to_dict(), 'd_ff': c.moe.d_ff or m.d_ff}
   moe = _section(MoESpec, moe_values)
   if moe_lib.ROUTERS[moe.router].routed:
@@ -307,7 +310,7 @@ def _check(config: ml_collections.ConfigDict) -> None:
     _pos_int(config, f)
   _require(isinstance(m.head_dim, int) and m.head_dim >= 0, 'model.head_dim', m.head_dim,
            'must be 0 (= d_model/num_heads) or a positive integer')
-  if m.head_dim == 0:
+  if m.head_dim == 0 and m.kind not in step_cell_lib.STEP_CELLS:  # attention heads only
     _require(m.d_model % m.num_heads == 0, 'model.num_heads', m.num_heads,
              f'must divide model.d_model={m.d_model} (or set model.head_dim)')
   _require(m.dtype in DTYPES, 'model.dtype', m.dtype, f'allowed: {", ".join(DTYPES)}')
@@ -357,10 +360,40 @@ def _check(config: ml_collections.ConfigDict) -> None:
     _pos_int(config, 'moe.every')
     _require(m.group_size == 0 or m.group_size % config.moe.every == 0, 'model.group_size',
              m.group_size, f'must be a multiple of moe.every={config.moe.every}')
+  _check_model_kind(config)
   kinds = _layer_kinds(config)
   _require(m.num_layers % len(kinds) == 0, 'model.num_layers', m.num_layers,
            f'must be a multiple of the scan group size {len(kinds)} '
            f'(moe.every / model.group_size)')
+
+
+def _check_model_kind(config: ml_collections.ConfigDict) -> None:
+  """model.kind is known; step cells run the vector tasks and only them, with a halting
+  policy over steps and none of the transformer-only options."""
+  m, kind = config.model, config.model.kind
+  _require(kind in MODEL_KINDS, 'model.kind', kind, f'allowed: {", ".join(MODEL_KINDS)}')
+  cell = kind in step_cell_lib.STEP_CELLS
+  vector = config.data.name in data_lib.VECTOR_TASKS
+  if vector and not cell:
+    raise ConfigError(f'data.name={config.data.name!r} feeds float vectors to a step cell; '
+                      f'set model.kind to one of {", ".join(step_cell_lib.STEP_CELLS)}')
+  if not cell:
+    return
+  _require(vector, 'data.name', config.data.name,
+           f'model.kind={kind!r} reads a ±1/0 vector; allowed: {", ".join(data_lib.VECTOR_TASKS)}')
+  _require(not halting_lib.POLICIES[config.halting.name].gates_blocks, 'halting.name',
+           config.halting.name, f'routes tokens of a sequence through blocks; model.kind='
+           f'{kind!r} has one cell and one prediction per example')
+  _require(not moe_lib.ROUTERS[config.moe.router].routed, 'moe.router', config.moe.router,
+           f'model.kind={kind!r} has no FFN to route; allowed: none')
+  _require(m.layer_dropout == 0, 'model.layer_dropout', m.layer_dropout,
+           f'must be 0 with model.kind={kind!r} (a transformer option)')
+  exit_aware = config.halting.exit_aware
+  if 'exit_aware' in _where_supported_names(config.halting):
+    exit_aware = where_supported_values(config.halting)['exit_aware']
+  _require(exit_aware == 0, 'halting.exit_aware', exit_aware,
+           f'must be 0 with model.kind={kind!r} (it shows exited tokens\' keys and values to '
+           f'later tokens; a cell has no attention)')
 
 
 def mesh_shape(mesh_cfg, n: int) -> tuple[int, int, int, int]:

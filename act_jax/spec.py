@@ -61,6 +61,9 @@ class ModelSpec:
   scan_unroll: int       # depth-scan steps per loop iteration (XLA scheduling; 1 = rolled)
   layer_dropout: float   # LayerSkip: training drops step i per row w.p. p·(2^(i/(N-1)) - 1)
   loss_tiles: int        # length tiles of each head's training CE: one tile's logits at a time
+  # 'transformer' (byte tokens) or a step cell of model/step_cell.py ('gru' | 'elman') that
+  # reads a whole ±1/0 vector every step (the vector tasks, data.name='parity_vector')
+  kind: str
   layer_kinds: tuple[str, ...] = _derived()  # 'dense' | 'moe' for the layers of one step
   num_steps: int = _derived()                 # scan steps (= halting steps) over depth
 

@@ -7,6 +7,8 @@ held-out set. Datasets:
   stdlib    causal LM on the running interpreter's stdlib source ('code') and docs ('prose')
   files     causal LM on files matching data.files ('.py' -> code, others -> prose)
   parity    ACT parity task, difficulty = number of bits (works for bidirectional models)
+  parity_vector  the same task as ±1/0 float vectors [B, num_bits] with one class target per
+            example, for the step cells (model.kind gru | elman); seq_len = num_bits
   addition  multi-digit addition with reversed answers, difficulty = number of digits
   hops      pointer chasing through a random permutation, difficulty = number of hops
 Everything is numpy; device placement and sharding happen in the trainer.
@@ -21,19 +23,25 @@ import numpy as np
 
 from act_jax.data.corpus import (BOS, EOS, PAD, SEP, VOCAB_SIZE, Dataset, TextDataset,
                                  build_splits, decode, encode, file_documents, stdlib_corpus)
-from act_jax.data.synthetic import AdditionDataset, HopsDataset, ParityDataset
+from act_jax.data.synthetic import (AdditionDataset, HopsDataset, ParityDataset,
+                                   ParityVectorDataset, parity_of)
 from act_jax.errors import ConfigError
 from act_jax.spec import DataSpec
 
 __all__ = ['BOS', 'EOS', 'PAD', 'SEP', 'VOCAB_SIZE', 'Dataset', 'DataSpec', 'decode', 'encode',
-           'make_dataset', 'validate', 'difficulty_ranges', 'KNOWN_NAMES', 'CAUSAL_ONLY']
+           'make_dataset', 'validate', 'difficulty_ranges', 'KNOWN_NAMES', 'CAUSAL_ONLY',
+           'VECTOR_TASKS', 'parity_of']
 
-KNOWN_NAMES = ('stdlib', 'files', 'parity', 'addition', 'hops')
+KNOWN_NAMES = ('stdlib', 'files', 'parity', 'addition', 'hops', 'parity_vector')
+# Tasks whose inputs are float vectors [B, seq_len] with one target per example: a step
+# cell's (model.kind != 'transformer') data, and only theirs.
+VECTOR_TASKS = ('parity_vector',)
 # Tasks whose targets are only valid for a causal model (teacher forcing / next token).
 CAUSAL_ONLY = ('stdlib', 'files', 'addition')
 # Synthetic tasks: the config field that sets the largest difficulty (non-zero entries,
 # digits per operand, hops).
-DIFFICULTY_FIELD = {'parity': 'num_bits', 'addition': 'max_digits', 'hops': 'max_hops'}
+DIFFICULTY_FIELD = {'parity': 'num_bits', 'addition': 'max_digits', 'hops': 'max_hops',
+                    'parity_vector': 'num_bits'}
 
 def as_data_spec(data_cfg: DataSpec | Mapping[str, Any]) -> DataSpec:
   """A DataSpec as it is; a complete mapping of the config.data fields (e.g. a config's
@@ -99,6 +107,11 @@ def validate(data_cfg: DataSpec | Mapping[str, Any]) -> None:
     if seq_len < bits + 2:  # BOS + bits + '='
       raise ConfigError(f'data.seq_len={seq_len}: parity with data.num_bits={bits} needs '
                         f'seq_len >= num_bits + 2 = {bits + 2}')
+  elif name == 'parity_vector':
+    bits = data_cfg.num_bits
+    if seq_len != bits:
+      raise ConfigError(f'data.seq_len={seq_len}: parity_vector inputs are the vector itself; '
+                        f'set seq_len = data.num_bits = {bits}')
   elif name == 'hops':
     nodes, hops = data_cfg.num_nodes, data_cfg.max_hops
     if nodes > 26:
@@ -142,6 +155,8 @@ def make_dataset(data_cfg: DataSpec | Mapping[str, Any], seed: int) -> Dataset:
   train_max = int(data_cfg.train_max_difficulty)
   if name == 'parity':
     return ParityDataset(int(data_cfg.num_bits), seq_len, batch_size, seed, train_max)
+  if name == 'parity_vector':
+    return ParityVectorDataset(int(data_cfg.num_bits), batch_size, seed, train_max)
   if name == 'hops':
     return HopsDataset(int(data_cfg.num_nodes), int(data_cfg.max_hops),
                        seq_len, batch_size, seed, train_max)

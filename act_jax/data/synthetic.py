@@ -11,6 +11,14 @@ addition BOS "a+b=" then the digits of a+b REVERSED (least significant first, so
          [1, max_digits]; difficulty = d. Next-token targets are in the inputs, so
          causal_only=True.
 
+parity_vector  the same task as Graves and PonderNet state it (Graves 2016 sec. 3.1;
+         Banino et al. 2021 sec. 3.1): inputs are float32 [B, num_bits] vectors whose d
+         non-zero entries (d uniform in [1, num_bits], at random places) are +1 or -1 with
+         probability 1/2 each, the rest 0; the target, one per example ([B, 1], class 0 / 1),
+         is 1 when the number of +1 entries is odd. It is recomputed from the vector itself
+         (parity_of). For the step cells of act_jax/model/step_cell.py, which read the
+         whole vector at every step. difficulty = d.
+
 hops     pointer chasing: BOS, the edges of a random permutation f of num_nodes letters written
          as 'xy' pairs (x -> y) in random order, then a start letter s, the hop count k as a
          digit, then '='. The scored target at '=' is f^k(s). Every hop is one more lookup,
@@ -85,6 +93,31 @@ class ParityDataset(_SyntheticDataset):
     weights[:, pos] = 1.0
     return {'inputs': inputs, 'targets': targets, 'weights': weights,
             'domain': np.zeros(b, np.int32), 'difficulty': d.astype(np.int32)}
+
+
+def parity_of(vectors: np.ndarray) -> np.ndarray:
+  """int32 [B]: 1 when a ±1/0 vector has an odd number of +1 entries, else 0."""
+  return ((np.asarray(vectors) > 0).sum(axis=-1) % 2).astype(np.int32)
+
+
+class ParityVectorDataset(_SyntheticDataset):
+  name = 'parity_vector'
+  domains = ('parity',)
+  causal_only = False
+
+  def __init__(self, num_bits: int, batch_size: int, seed: int, train_max_difficulty: int = 0):
+    self.num_bits = self.max_difficulty = num_bits
+    super().__init__(num_bits, batch_size, seed, train_max_difficulty)
+
+  def _batch(self, rng: np.random.Generator, max_d: int) -> dict[str, np.ndarray]:
+    b, n = self._batch_size, self.num_bits
+    d = rng.integers(1, max_d + 1, size=b)
+    rank = np.argsort(np.argsort(rng.random((b, n)), axis=1), axis=1)
+    signs = np.where(rng.integers(0, 2, size=(b, n)) == 1, 1.0, -1.0)
+    vectors = np.where(rank < d[:, None], signs, 0.0).astype(np.float32)
+    return {'inputs': vectors, 'targets': parity_of(vectors)[:, None],
+            'weights': np.ones((b, 1), np.float32), 'domain': np.zeros(b, np.int32),
+            'difficulty': d.astype(np.int32)}
 
 
 class AdditionDataset(_SyntheticDataset):

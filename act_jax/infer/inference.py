@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from act_jax import config as config_lib
 from act_jax.errors import ConfigError
 from act_jax.model.layers import project_kv, rms_norm
+from act_jax.model import step_cell
 from act_jax.model.transformer import (DepthStep, dtype_of, finish_outputs, init_cache, make_model,
                            prepare_inputs)
 from act_jax.spec import NEVER_EXIT, OperatingPoint, Spec, threshold_per_step  # noqa: F401
@@ -241,6 +242,8 @@ def forward_while(config: Any, variables: dict, tokens_BL: jax.Array,
   OperatingPoint, [N] or scalar; default: the spec's default operating point). retrieval:
   the datastore's arrays when spec.retrieval is set (act_jax/retrieval)."""
   spec = config_lib.as_spec(config)
+  if step_cell.is_step_cell(spec):  # the vector tasks' cell: tokens_BL are the vectors
+    return step_cell.forward_while(spec, variables, tokens_BL, threshold_arg(spec, threshold))
   carry, bcast = prepare_inputs(spec, top_variables(variables), tokens_BL,
                                 threshold_arg(spec, threshold), retrieval=retrieval)
   carry, ys, _ = _depth_while(spec, variables, carry, bcast)

@@ -42,6 +42,7 @@ from act_jax.model.layers import Attention, GatedMLP, RMSNorm
 from act_jax.model.layers.head import head_logits, tiled_rows, token_stats
 from act_jax.model.moe import MoEFFN
 from act_jax.model.retrieval import arm as retrieval_arm
+from act_jax.model import step_cell
 from act_jax.scale.sharding import constrain
 from act_jax.spec import Spec, threshold_at, threshold_per_step
 
@@ -410,8 +411,11 @@ def _require_spec(spec: Any, fn: str) -> Spec:
 
 
 def make_model(spec: Spec, train: bool = False, keep_states: bool = False
-               ) -> AdaptiveTransformer:
-  """The model of a resolved Spec."""
+               ) -> AdaptiveTransformer | step_cell.StepCellModel:
+  """The model of a resolved Spec: the transformer, or the step cell of the vector tasks
+  (model.kind in step_cell.STEP_CELLS; same call and (logits, aux) outputs)."""
+  if step_cell.is_step_cell(_require_spec(spec, 'make_model')):
+    return step_cell.StepCellModel(spec, train=train)
   return AdaptiveTransformer(_require_spec(spec, 'make_model'), train=train,
                              keep_states=keep_states)
 

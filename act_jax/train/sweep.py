@@ -6,6 +6,8 @@ resumes like `experiments.train`), then each run's held-out evaluation becomes o
   accuracy, sequence accuracy   held-out, at the run's default threshold
   steps                         mean layers executed per scored token, and vs full depth
   Spearman                      rank correlation of steps with difficulty, over examples
+  expected steps, its Spearman  the continuous count (PonderNet Σ n·p_n at full depth, ACT
+                                N + R; training.continuous_steps): no ties between examples
   ranges                        the same for the in-distribution / extrapolation splits
                                 (data.train_max_difficulty; PonderNet's 1-48 vs 49-96)
   collapsed                     telemetry.collapse on the exit-depth histogram: >= 90 % of
@@ -46,13 +48,16 @@ def seed_row(spec, seed: int, res: dict[str, float]) -> dict[str, Any]:
          'sequence_accuracy': res.get('sequence_accuracy', math.nan),
          'steps': res['layers_mean'], 'full': full,
          'spearman': res.get('spearman_layers_difficulty', math.nan),
+         'expected_steps': res.get('expected_steps_mean', math.nan),
+         'spearman_expected': res.get('spearman_expected_steps_difficulty', math.nan),
          'collapse': telemetry.collapse(training.depth_hist(res), full, COLLAPSE_FRAC),
          'steps_by_difficulty': {str(d): v for d, v in per_diff.items()},
          'accuracy_by_difficulty': {str(d): v for d, v in acc_diff.items()},
          'ranges': {}}
   for name in data_lib.difficulty_ranges(spec.data):
-    row['ranges'][name] = {k: res[f'range_{name}/{k}'] for k in
-                           ('accuracy', 'sequence_accuracy', 'layers_mean', 'spearman')}
+    row['ranges'][name] = {k: res.get(f'range_{name}/{k}', math.nan) for k in
+                           ('accuracy', 'sequence_accuracy', 'layers_mean', 'spearman',
+                            'expected_steps', 'spearman_expected')}
   return row
 
 
@@ -100,7 +105,7 @@ def format_sweep(sweep: dict[str, Any]) -> str:
   ranges = list(sweep.get('ranges') or {})
   head = f'{"seed":>4} {"acc":>6} {"seq acc":>7} {"steps":>11} {"Spearman":>8}'
   for name in ranges:
-    head += f' | {name[:8]:>8} acc steps rho'
+    head += f' | {name[:8]:>8} acc steps rho E[N]rho'
   head += '  collapsed'
   lines = [f'== {sweep["task"]} / {sweep["halting"]}: {len(rows)} seed(s) ==', head]
   for r in rows:
@@ -108,12 +113,15 @@ def format_sweep(sweep: dict[str, Any]) -> str:
             f'{r["steps"]:>5.2f} of {r["full"]:<3} {r["spearman"]:>8.3f}')
     for name in ranges:
       g = r['ranges'][name]
-      line += f' | {g["accuracy"]:>12.3f} {g["layers_mean"]:>5.2f} {g["spearman"]:>5.2f}'
+      line += (f' | {g["accuracy"]:>12.3f} {g["layers_mean"]:>5.2f} {g["spearman"]:>5.2f} '
+               f'{g.get("spearman_expected", math.nan):>7.2f}')
     lines.append(line + f'  {r["collapse"] or "no"}')
   mean = lambda k: float(np.nanmean([r[k] for r in rows]))
   lines.append(f'mean: accuracy {mean("accuracy"):.3f}, steps {mean("steps"):.2f} of '
                f'{rows[0]["full"]} ({rows[0]["full"] / max(mean("steps"), 1e-9):.2f}x fewer '
-               f'than the maximum), Spearman {mean("spearman"):.3f}; collapse rate '
+               f'than the maximum), Spearman {mean("spearman"):.3f} (on expected steps '
+               f'{float(np.nanmean([r.get("spearman_expected", math.nan) for r in rows])):.3f})'
+               f'; collapse rate '
                f'{sweep["collapse_rate"]:.0%} ({sum(bool(r["collapse"]) for r in rows)}/'
                f'{len(rows)})')
   return '\n'.join(lines)

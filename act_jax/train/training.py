@@ -37,7 +37,7 @@ from act_jax.scale import sharding as sharding_lib
 from act_jax import telemetry
 from act_jax.model.layers.head import token_stats
 from act_jax.model.transformer import make_model
-from act_jax.spec import OperatingPoint, Spec
+from act_jax.spec import NEVER_EXIT, OperatingPoint, Spec
 
 State = state_lib.State
 
@@ -179,10 +179,25 @@ def make_train_step(config: Any) -> Callable:
   return train_step
 
 
+def continuous_steps(model, variables: dict, inputs: jax.Array, aux: dict) -> jax.Array | None:
+  """f32 [B,L]: a halting policy's continuous step count, or None when it has none.
+  PonderNet: the expected number of steps Σ_n n·p_n under its halting distribution, which
+  needs λ_n at every step, so it is read from a full-depth forward (threshold NEVER_EXIT;
+  the thresholded forward fills p only up to the exit step). ACT: its ponder cost ρ = N + R.
+  Unlike the integer halting step it has no ties, so its Spearman with difficulty is not
+  capped by them."""
+  if 'expected_steps' in aux:
+    _, full = model.apply(variables, inputs, threshold=NEVER_EXIT,
+                          rngs={'halting': jax.random.PRNGKey(0)})
+    return full['expected_steps']
+  return aux.get('ponder')
+
+
 def make_eval_step(config: Any) -> Callable:
   """Per-example sums so the host can aggregate by domain and difficulty."""
   spec = config_lib.as_spec(config)
   model = make_model(spec, train=False)
+  by_difficulty = spec.data.name in data_lib.DIFFICULTY_FIELD
 
   def eval_step(state: State, batch: dict, threshold=None):
     params = quant_lib.fake_quant(state['params'], spec.quant)  # QAT: what training sees
@@ -194,6 +209,11 @@ def make_eval_step(config: Any) -> Callable:
     correct = (jnp.argmax(logits, -1) == batch['targets']) * w
     out = {'loss_sum': ce.sum(-1), 'weight_sum': w.sum(-1), 'correct_sum': correct.sum(-1),
            'layers_sum': (aux['layers'] * w).sum(-1), 'layers': aux['layers']}
+    if by_difficulty:  # synthetic tasks: the continuous step count too (Spearman without ties)
+      cont = continuous_steps(model, {'params': params, 'moe_state': state['moe_state']},
+                              batch['inputs'], aux)
+      if cont is not None:
+        out['expected_steps_sum'] = (cont * w).sum(-1)
     if 'moe' in aux:
       out['moe_load'] = aux['moe']['load']                # [layers, E]
       out['moe_dropped'] = aux['moe']['dropped_frac']     # [layers]
@@ -235,14 +255,16 @@ def evaluate(config: Any, state, eval_step, batches, domains, threshold=None,
 
   If `histograms` is a dict, it is filled with per-token arrays for TensorBoard."""
   spec = config_lib.as_spec(config)
-  rows = {k: [] for k in ('loss_sum', 'weight_sum', 'correct_sum', 'layers_sum')}
+  rows = {k: [] for k in ('loss_sum', 'weight_sum', 'correct_sum', 'layers_sum',
+                          'expected_steps_sum')}
   dom, diff, load, dropped, tok_layers, tok_w, top1 = [], [], [], [], [], [], []
   fallback = []
   for b in batches:
     dev = put(b) if put is not None else {k: jnp.asarray(v) for k, v in b.items()}
     out = _fetch(eval_step(state, dev, threshold))
     for k in rows:
-      rows[k].append(np.asarray(out[k]))
+      if k in out:
+        rows[k].append(np.asarray(out[k]))
     tok_layers.append(np.asarray(out['layers']).ravel())
     tok_w.append(np.asarray(b['weights']).ravel())
     dom.append(b['domain'])
@@ -252,7 +274,7 @@ def evaluate(config: Any, state, eval_step, batches, domains, threshold=None,
       dropped.append(out['moe_dropped'])
       fallback.append(out['moe_fallback'])
       top1.append(np.asarray(out['top1_expert']).reshape(out['top1_expert'].shape[0], -1))
-  r = {k: np.concatenate(v) for k, v in rows.items()}
+  r = {k: np.concatenate(v) for k, v in rows.items() if v}
   top1_all = np.concatenate(top1, axis=1) if top1 else None  # [layers, tokens]
   dom, diff = np.concatenate(dom), np.concatenate(diff)
   w = np.maximum(r['weight_sum'].sum(), 1.0)
@@ -286,6 +308,12 @@ def evaluate(config: Any, state, eval_step, batches, domains, threshold=None,
         r['correct_sum'] / np.maximum(r['weight_sum'], 1.0), diff).items()):
       res[f'difficulty_{int(d)}/accuracy'] = v
     res['spearman_layers_difficulty'] = telemetry.spearman(per_ex_layers, diff)
+    # the continuous count (PonderNet Σ n·p_n, ACT N + R): ranks without ties
+    expected = r.get('expected_steps_sum')
+    per_ex_expected = None if expected is None else expected / np.maximum(r['weight_sum'], 1.0)
+    if per_ex_expected is not None:
+      res['expected_steps_mean'] = expected.sum() / w
+      res['spearman_expected_steps_difficulty'] = telemetry.spearman(per_ex_expected, diff)
     scored = r['weight_sum'] > 0
     # an example is right when every scored token is (addition: every answer digit and EOS)
     seq_ok = scored & (r['correct_sum'] >= r['weight_sum'] - 1e-6)
@@ -297,6 +325,10 @@ def evaluate(config: Any, state, eval_step, batches, domains, threshold=None,
       res[f'range_{name}/sequence_accuracy'] = seq_ok[sel].sum() / max(sel.sum(), 1)
       res[f'range_{name}/layers_mean'] = r['layers_sum'][sel].sum() / ws
       res[f'range_{name}/spearman'] = telemetry.spearman(per_ex_layers[sel], diff[sel])
+      if per_ex_expected is not None:
+        res[f'range_{name}/expected_steps'] = r['expected_steps_sum'][sel].sum() / ws
+        res[f'range_{name}/spearman_expected'] = telemetry.spearman(per_ex_expected[sel],
+                                                                    diff[sel])
   if load:
     load_arr = np.sum(np.stack(load), 0)  # [layers, E]
     res['moe/dropped_frac'] = float(np.mean(np.stack(dropped)))
@@ -523,13 +555,20 @@ def difficulty_lines(res: dict[str, float], full: int, max_buckets: int = 12) ->
   lines = ['difficulty -> mean layers (accuracy): ' + ' '.join(cells),
            f'Spearman(layers, difficulty) = {res["spearman_layers_difficulty"]:.3f}; '
            f'sequence accuracy {res["sequence_accuracy"]:.4f}']
+  if 'spearman_expected_steps_difficulty' in res:
+    lines.append(f'expected steps (PonderNet Σ n·p_n, ACT N + R) {res["expected_steps_mean"]:.2f}, '
+                 f'Spearman(expected steps, difficulty) = '
+                 f'{res["spearman_expected_steps_difficulty"]:.3f}')
   for k in list(res):  # evaluate's order: in-distribution, then extrapolation
     if k.startswith('range_') and k.endswith('/accuracy'):
       name = k[len('range_'):-len('/accuracy')]
       lines.append(f'  {name:>16}: accuracy {res[k]:.4f} (sequences '
                    f'{res[f"range_{name}/sequence_accuracy"]:.4f}), layers '
                    f'{res[f"range_{name}/layers_mean"]:.2f}/{full}, Spearman '
-                   f'{res[f"range_{name}/spearman"]:.3f}')
+                   f'{res[f"range_{name}/spearman"]:.3f}'
+                   + (f' (expected steps {res[f"range_{name}/expected_steps"]:.2f}, Spearman '
+                      f'{res[f"range_{name}/spearman_expected"]:.3f})'
+                      if f'range_{name}/spearman_expected' in res else ''))
   verdict = telemetry.collapse(depth_hist(res), full)
   if verdict:
     lines.append(f'depth collapsed: {verdict}')
