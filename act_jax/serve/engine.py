@@ -216,8 +216,8 @@ class Engine:
     self.max_len = spec.model.max_len
     chunk = prefill_chunk or self.max_len
     self.prefill_chunk = chunk
-    self.buckets = tuple(b for b in prefill_buckets(self.max_len) if b < chunk) + (
-        min(chunk, self.max_len),)
+    self.buckets = tuple(sorted({b for b in prefill_buckets(self.max_len) if b < chunk}
+                                | {min(chunk, self.max_len)}))
     self.row_buckets = row_buckets(slots)
     # exact mode drafts a window past a request's last position: room for it
     cache_len = (self.max_len if mode == 'threshold'
