@@ -64,16 +64,7 @@ def served(shared_runs):
   thread = threading.Thread(target=srv.run, daemon=True)
   thread.start()
   url = f'http://127.0.0.1:{port}'
-  deadline = time.time() + 300
-  while time.time() < deadline:
-    try:
-      if httpx.get(f'{url}/healthz').status_code == 200:
-        break
-    except httpx.TransportError:
-      pass
-    time.sleep(0.2)
-  else:
-    raise AssertionError('the server never became ready')
+  loadgen.wait_ready(url)
   yield url, spec, variables, ops, app
   srv.should_exit = True
   thread.join(10)
@@ -260,15 +251,7 @@ def test_sigterm_drains_then_exits_zero(shared_runs, tmp_path):
       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   url = f'http://127.0.0.1:{port}'
   try:
-    deadline = time.time() + 300
-    while time.time() < deadline:
-      try:
-        if httpx.get(f'{url}/healthz').status_code == 200:
-          break
-      except httpx.TransportError:
-        pass
-      assert proc.poll() is None, proc.stdout.read()
-      time.sleep(0.2)
+    loadgen.wait_ready(url, alive=lambda: proc.poll() is None, why=proc.stdout.read)
     n = 48  # one slot, one byte per call: the queue takes seconds to drain
     with concurrent.futures.ThreadPoolExecutor(n) as pool:
       futs = [pool.submit(httpx.post, f'{url}/v1/completions',

@@ -109,6 +109,23 @@ def send(url: str, requests: Sequence[Request], concurrency: int = 64,
   return asyncio.run(_run(url.rstrip('/'), requests, concurrency, timeout_s))
 
 
+def wait_ready(url: str, timeout_s: float = 300.0, alive: Callable[[], bool] = lambda: True,
+               why: Callable[[], str] = lambda: '') -> None:
+  """Polls GET /healthz until it says 200; RuntimeError if `alive()` turns False (a server
+  process that exited: `why()` says what it printed) or after timeout_s."""
+  deadline = time.time() + timeout_s
+  while time.time() < deadline:
+    if not alive():
+      raise RuntimeError(f'the server exited before it was ready: {why()}')
+    try:
+      if httpx.get(f'{url.rstrip("/")}/healthz').status_code == 200:
+        return
+    except httpx.TransportError:
+      pass
+    time.sleep(0.2)
+  raise RuntimeError(f'{url} was not ready after {timeout_s:g}s')
+
+
 def _pcts(xs: Sequence[float]) -> dict[str, Optional[float]]:
   a = np.asarray([x for x in xs if x is not None], np.float64)
   return {f'p{q}': (1e3 * float(np.percentile(a, q)) if len(a) else None) for q in PERCENTILES}
@@ -156,4 +173,5 @@ def format_summary(s: dict[str, Any], budgets: Optional[dict[str, float]] = None
   return '\n'.join(lines)
 
 
-__all__ = ['Result', 'as_text_requests', 'format_summary', 'send', 'summarize', 'text_of']
+__all__ = ['Result', 'as_text_requests', 'format_summary', 'send', 'summarize', 'text_of',
+           'wait_ready']

@@ -178,15 +178,8 @@ def http_part(workdir: str, spec: Spec, variables: Any, points: Sequence[slo.Poi
     cmd.append('--allow_uncertified')
   proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   try:
-    while True:
-      if proc.poll() is not None:
-        raise RuntimeError(f'the server exited: {proc.stderr.read()[-2000:]}')
-      try:
-        if httpx.get(f'{url}/healthz').status_code == 200:
-          break
-      except httpx.TransportError:
-        pass
-      time.sleep(0.2)
+    loadgen.wait_ready(url, alive=lambda: proc.poll() is None,
+                       why=lambda: proc.stderr.read()[-2000:])
     log(f'http: {len(reqs)} requests to {" ".join(cmd[2:])}, at most {concurrency} '
         f'connections ...')
     results = loadgen.send(url, reqs, concurrency)
