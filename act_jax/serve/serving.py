@@ -162,13 +162,21 @@ class ServeOptions:
   prefill_chunk: int = 64              # prompt tokens per prefill call (0: whole prompts)
 
   def class_budgets(self) -> list[tuple[str, Optional[float]]]:
-    """[(class name, p95 budget in s)]: the --classes, else one class '' at --slo_p95_ms."""
+    """[(class name, p95 budget in s)]: the --classes, else one class '' at --slo_p95_ms.
+    ConfigError for an entry that is not NAME=P95_MS."""
     if not self.classes:
       return [('', None if self.slo_p95_ms is None else self.slo_p95_ms / 1e3)]
     out = []
     for c in self.classes:
-      name, ms = (c.split('=', 1) if isinstance(c, str) else c)
-      out.append((name, float(ms) / 1e3))
+      name, sep, ms = c.partition('=') if isinstance(c, str) else (c[0], '=', str(c[1]))
+      try:
+        budget = float(ms) if sep and name.isidentifier() else -1.0
+      except ValueError:
+        budget = -1.0
+      if not budget > 0:
+        raise ConfigError(f'--classes={c}: must be NAME=P95_MS, NAME an identifier, P95_MS '
+                          f'> 0')
+      out.append((name, budget / 1e3))
     return out
 
   def validate(self) -> None:
@@ -200,17 +208,7 @@ class ServeOptions:
       raise ConfigError('--controller=slo needs --slo_p95_ms (the p95 latency budget) or '
                         '--classes (a budget per latency class)')
     if self.classes:
-      names = []
-      for c in self.classes:
-        name, sep, ms = c.partition('=') if isinstance(c, str) else (c[0], '=', str(c[1]))
-        try:
-          ok = bool(sep) and name.isidentifier() and float(ms) > 0
-        except ValueError:
-          ok = False
-        if not ok:
-          raise ConfigError(f'--classes={c}: must be NAME=P95_MS, NAME an identifier, P95_MS '
-                            f'> 0')
-        names.append(name)
+      names = [name for name, _ in self.class_budgets()]
       if len(set(names)) != len(names):
         raise ConfigError(f'--classes: {", ".join(names)}: each class once')
       if self.slo_p95_ms is not None:
