@@ -5,7 +5,10 @@ r"""Picks an early-exit operating point on held-out data (Learn-then-Test) or by
   python -m experiments.calibrate --workdir=RUN --max_layers=7   # thresholds under a depth cap
   python -m experiments.calibrate --workdir=RUN --measure=accuracy --tolerance=0.01 --max_layers=8
   python -m experiments.calibrate --workdir=RUN --caps=0,4,2   # certified points for serving
-Writes RUN/calibration.json (the frontier + the chosen threshold) and RUN/calibration.png.
+  python -m experiments.calibrate --workdir=RUN --from_serving=SERVE_OUT  # from live traffic
+Writes RUN/calibration.json (the frontier + the chosen threshold) and RUN/calibration.png
+(--from_serving: the JSON only, certified on the shadow tokens of SERVE_OUT/shadow.jsonl that
+`serve --shadow_fraction` wrote).
 """
 import json
 
@@ -30,11 +33,23 @@ _MAX_LAYERS = vocab.define('max_layers', help='Pick thresholds under this depth 
 _CAPS = vocab.define('caps', help='Certify under each of these depth caps (0 = none), the risk '
                      'split over them (Bonferroni); calibration.json then lists every certified '
                      'point for experiments.serve.')
+_FROM = vocab.define('from_serving')
 
 
 def main(argv):
   del argv
   quiet_logs()
+  if _FROM.present:  # live shadow tokens instead of held-out data: no sweep, no timing
+    for holder in (_BUDGET, _METHOD, _BATCHES, _THR, _MAX_LAYERS, _CAPS):
+      if holder.present:
+        raise ConfigError(f'--{holder.name}: applies to held-out calibration, not '
+                          f'--from_serving (which re-tests the points the server scored)')
+    certify.certify_from_serving(_WORKDIR.value, _FROM.value,
+                                 _TOL.value if _TOL.present else None,
+                                 _RISK.value if _RISK.present else None,
+                                 _MEASURE.value if _MEASURE.present else None)
+    print(f'wrote {_WORKDIR.value}/calibration.json')
+    return
   if _BUDGET.present:  # a layer budget picks without a test: these would be ignored
     for holder in (_TOL, _RISK, _MEASURE, _METHOD):
       if holder.present:

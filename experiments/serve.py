@@ -9,6 +9,9 @@ r"""Replays a request trace through a continuous-batching early-exit server on a
       --controller=fixed --mode=exact      # self-speculative: full-depth output
   python -m experiments.serve --workdir=RUN --listen=127.0.0.1:8000 \
       --classes=interactive=800,batch=8000  # an HTTP server (act_jax/serve/server.py)
+  python -m experiments.serve --workdir=RUN --trace=traffic.jsonl --controller=fixed \
+      --shadow_fraction=0.25 --out=OUT   # drift monitor (act_jax/serve/monitor.py)
+  python -m experiments.calibrate --workdir=RUN --from_serving=OUT  # re-certify from it
   curl -s localhost:8000/v1/completions -d '{"prompt": "def f(", "max_tokens": 32}'
 --listen serves until SIGTERM (in-flight requests finish, new ones get 503, exit 0);
 experiments.loadgen sends a trace to it.
@@ -16,7 +19,8 @@ Traces: `poisson:rate=R,duration=D`, `bursty:base=B,peak=P,duration=D[,period=20
 (both: seed=, prompt=16-64, new=16-48, code=0.5), or a JSONL file with one request per line:
 {"arrival_s": 0.5, "prompt": "def f(", "max_new": 32} (or "prompt_len" + "domain").
 Writes requests.jsonl, steps.jsonl, summary.json and serve.png into --out (default
-RUN/serve-<time>/) and prints the summary and the per-exit latency table.
+RUN/serve-<time>/) and prints the summary and the per-exit latency table; with
+--shadow_fraction also shadow.jsonl (with --listen, --out holds only that, written on exit).
 """
 from experiments import quiet_logs, run
 from experiments import vocabulary as vocab
@@ -46,6 +50,8 @@ _MODE = vocab.define('mode', help='threshold: early exit at operating points; ex
                      'self-speculative decoding (full-depth output; --controller=fixed).')
 _DRAFT_LAYER = vocab.define('draft_layer')
 _DRAFT_LEN = vocab.define('draft_len')
+_SHADOW = vocab.define('shadow_fraction')
+_WINDOW = vocab.define('monitor_window')
 
 
 def main(argv):
@@ -57,14 +63,18 @@ def main(argv):
       kv_fill=_KV_FILL.value, compact=_COMPACT.value, steps_per_call=_PER_CALL.value,
       static_batches=_STATIC.value, quality=_QUALITY.value, mode=_MODE.value,
       draft_layer=_DRAFT_LAYER.value, draft_len=_DRAFT_LEN.value,
-      classes=tuple(_CLASSES.value), prefill_chunk=_CHUNK.value)
+      classes=tuple(_CLASSES.value), prefill_chunk=_CHUNK.value,
+      shadow_fraction=_SHADOW.value, monitor_window=_WINDOW.value)
   if (_TRACE.value is None) == (_LISTEN.value is None):
     raise ConfigError('give --trace=... (replay a trace) or --listen=host:port (an HTTP '
                       'server), one of them')
   if _LISTEN.value is not None:
-    if _OUT.value is not None or _STATIC.value:
-      raise ConfigError('--out/--static_batches apply to a trace replay, not --listen')
-    serving.serve_http(_WORKDIR.value, _LISTEN.value, options)
+    if _STATIC.value:
+      raise ConfigError('--static_batches applies to a trace replay, not --listen')
+    if _OUT.value is not None and not _SHADOW.value:
+      raise ConfigError('--out with --listen holds the drift monitor\'s shadow.jsonl: give '
+                        '--shadow_fraction > 0 too')
+    serving.serve_http(_WORKDIR.value, _LISTEN.value, options, out=_OUT.value)
     return
   serving.serve_run(_WORKDIR.value, _TRACE.value, options, out=_OUT.value)
 

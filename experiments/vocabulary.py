@@ -379,6 +379,14 @@ _CONCEPTS = [
             'request names its class, each class has its own controller and point.'),
     Concept('prefill_chunk', _int(0), 64, 'Prompt tokens per prefill call (0: whole prompts); '
             'a decode step waits for at most one chunk.'),
+    Concept('shadow_fraction', _float(0.0, 1.0), 0.0, 'Fraction of finished requests whose '
+            'prompt is scored at every operating point in idle rounds (drift monitoring, '
+            'act_jax/serve/monitor.py; 0: off).'),
+    Concept('monitor_window', _int(1), 4096, 'Shadow tokens in the drift monitor\'s sliding '
+            'window (the live Learn-then-Test).'),
+    Concept('from_serving', _Text('a directory', _directory, nonempty=True), None,
+            'A serving output folder with shadow.jsonl (serve --shadow_fraction): certify from '
+            'its live shadow tokens instead of held-out data.'),
     Concept('url', _Text('http://host:port', _url), None, 'The server to send requests to.'),
     Concept('concurrency', _int(1), 64, 'Connections the load generator keeps open at most.'),
     Concept('allow_uncertified', _Bool(), False, 'Let the controller use points that failed '

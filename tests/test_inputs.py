@@ -77,6 +77,10 @@ def _cases(root: str) -> dict[str, list[tuple[list[str], str]]]:
            '--tolerance=0.05: applies to Learn-then-Test'),
           ([f'--workdir={good}', '--num_batches=2', '--tolerance=0.001', '--risk=0.01'],
            'binomial Learn-then-Test at tolerance=0.001'),  # too little data
+          ([f'--workdir={good}', f'--from_serving={p("stuff")}'],
+           f'--from_serving={p("stuff")}: no shadow.jsonl there'),
+          ([f'--workdir={good}', f'--from_serving={p("stuff")}', '--caps=0,2'],
+           '--caps: applies to held-out calibration, not --from_serving'),
       ],
       'evaluate': [
           ([f'--workdir={p("bad_cal")}'],
@@ -114,6 +118,12 @@ def _cases(root: str) -> dict[str, list[tuple[list[str], str]]]:
            f'--out={p("stuff")}: a non-empty directory that is not the output of a serve run'),
           ([f'--workdir={p("bad_cal")}', trace, '--controller=fixed'],
            f'{p("bad_cal", "calibration.json")}: chosen_threshold=7.5'),
+          ([f'--workdir={good}', trace, '--controller=fixed', '--shadow_fraction=1.5'],
+           '--shadow_fraction=1.5'),
+          ([f'--workdir={good}', trace, '--controller=fixed', '--mode=exact',
+            '--shadow_fraction=0.5'], '--shadow_fraction: exact mode serves full-depth'),
+          ([f'--workdir={good}', '--listen=127.0.0.1:8000', '--controller=fixed',
+            f'--out={p("new_listen")}'], '--out with --listen holds the drift monitor'),
       ],
       'quantize': [
           ([f'--workdir={good}', f'--out={p("stuff")}'],

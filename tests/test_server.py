@@ -29,6 +29,7 @@ from act_jax.data import EOS
 from act_jax.infer import inference
 from act_jax.run import directory as run_lib
 from act_jax.serve import engine as engine_lib
+from act_jax.serve import monitor
 from act_jax.serve import scheduler
 from act_jax.serve import server as server_lib
 from act_jax.serve import slo
@@ -56,7 +57,14 @@ def served(shared_runs):
   classes = [server_lib.LatencyClass('interactive', slo.FixedController(points, 1), 0.5),
              server_lib.LatencyClass('batch', slo.FixedController(points, 0), 5.0)]
   engine = engine_lib.Engine(spec, variables, slots=3, steps_per_call=2, prefill_chunk=16)
-  app = server_lib.build(engine, spec, points, ops, classes, 'lm', log=lambda s: None)
+  # the drift monitor scores every finished request; at tolerance 0.9 it never moves a
+  # point, so every byte-equality test below also shows that shadowing changes no byte
+  shadow = monitor.Shadow(monitor.ShadowScorer(spec, variables, ops),
+                          monitor.Monitor([True, True], 'consistency', 0.9, 0.2, 64),
+                          monitor.ShadowOptions(1.0, 64), [p.label for p in points])
+  shadow.scorer.warmup()
+  app = server_lib.build(engine, spec, points, ops, classes, 'lm', log=lambda s: None,
+                         shadow=shadow)
   app.loop.start()
   port = _free_port()
   srv = uvicorn.Server(uvicorn.Config(app.asgi, host='127.0.0.1', port=port,
@@ -221,6 +229,19 @@ def test_metrics_exposition_and_health(served):
   assert 0 < count <= m[('act_jax_generated_bytes_total', ())]
   assert m[('act_jax_layers_per_token_bucket', (('le', f'{spec.model.num_layers:.1f}'),))] == \
       count
+  # the drift monitor: every finished request is shadowed once the server is idle
+  for _ in range(100):
+    m = _metrics(url)
+    if m[('act_jax_shadow_requests_total', ())] >= 1 and not app.loop.shadow.pending:
+      break
+    time.sleep(0.05)
+  sh = app.loop.shadow
+  assert m[('act_jax_shadow_requests_total', ())] == len(sh.rows) >= 1
+  assert m[('act_jax_drift_alarms_total', ())] == 0
+  assert m[('act_jax_point_certified', (('point', '0.6'),))] == 1
+  assert m[('act_jax_window_agreement', (('point', 'full depth'),))] == 1.0
+  assert m[('act_jax_monitor_window_tokens', ())] == sh.monitor.window.n > 0
+  assert m[('act_jax_compiles_after_warmup', ())] == 0
 
 
 def test_loadgen_open_loop_against_the_server(served):

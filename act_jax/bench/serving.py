@@ -14,6 +14,8 @@ a CPU a prefill costs the same whatever the point, and early exit does not short
    request) at the same Poisson load: bytes/s and p95.
 4-6. prefill (alone vs batched and chunked), classes (latency classes on a mixed bursty
    trace) and http (the same over HTTP with the load generator): act_jax/bench/server.py.
+7. drift: a trace that switches domain, the fixed certified point with and without the drift
+   monitor (act_jax/bench/drift.py).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
+from act_jax.bench import drift as drift_bench
 from act_jax.bench import server as server_bench
 from act_jax.calibrate import operating_point
 from act_jax.errors import ConfigError
@@ -34,7 +37,7 @@ from act_jax.serve import summary as serve_summary
 from act_jax.serve import trace as trace_lib
 from act_jax.spec import NEVER_EXIT, OperatingPoint
 
-PARTS = ('efficiency', 'bursty', 'batching') + server_bench.PARTS
+PARTS = ('efficiency', 'bursty', 'batching') + server_bench.PARTS + ('drift',)
 
 
 def decode_efficiency(engine: serve_engine.Engine, prompts: Sequence[Sequence[int]],
@@ -118,6 +121,13 @@ def benchmark(workdir: str, trace: Optional[str] = None, slo_p95_ms: Optional[fl
     raise ConfigError(f'--parts={",".join(parts)}: allowed: {", ".join(PARTS)}')
   if trace is not None:
     trace_lib.load(trace)  # a bad trace fails now, not after minutes of measuring
+  drift = None
+  if 'drift' in parts:  # its own trace and calibrated copy: needs no capacity measurement
+    log('7. drift: a domain switch, the fixed certified point with and without the monitor')
+    drift = drift_bench.drift_part(workdir, duration_s=duration_s, slots=slots,
+                                   steps_per_call=steps_per_call, log=log)
+    if set(parts) == {'drift'}:
+      return {'drift': drift}
   spec, variables, step = run_lib.load(workdir)
   points = serving.load_points(workdir, spec)
   usable = [p for p in points if p.certified or allow_uncertified]
@@ -203,6 +213,8 @@ def benchmark(workdir: str, trace: Optional[str] = None, slo_p95_ms: Optional[fl
     log('6. the same over HTTP ...')
     extra['http'] = server_bench.http_part(workdir, spec, variables, points, ops, slots, mixed,
                                            budgets, allow_uncertified, steps_per_call, log=log)
+  if drift is not None:
+    extra['drift'] = drift
   return {**extra, 'efficiency': eff, 'capacity_rps': capacity,
           'capacity_cheapest_rps': caps[cheapest], 'lone_request_ms': 1e3 * lone_s,
           'trace': trace, 'slo_p95_ms': slo_p95_ms, 'bursty': dict(named),

@@ -6,17 +6,22 @@
 - `train_and_certify` (the `train` binary): train, then (train.certify_tolerance > 0) certify
   with `calibrate_run(measure='accuracy')` and print the layers it saves per domain, so the
   default run ends at a guaranteed point, not a guess.
+- `certify_from_serving` (`calibrate --from_serving=DIR`): the same Learn-then-Test on the
+  shadow tokens a server scored on live traffic (DIR/shadow.jsonl, act_jax/serve/monitor.py)
+  instead of held-out data, so last week's traffic becomes a new calibration.json.
 
 Dims: B batch, L length.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
 from typing import Callable, Optional, Sequence
 
 import jax
+import numpy as np
 
 from act_jax import config as config_lib
 from act_jax import data as data_lib
@@ -235,6 +240,134 @@ def train_and_certify(config, workdir: str, log: Callable[[str], None] = print,
     if f'{d}/layers_mean' in at:
       res[f'certified/{d}/layers_mean'] = at[f'{d}/layers_mean']
   return res
+
+
+SHADOW_LOG = 'shadow.jsonl'
+
+
+def read_shadow_log(serving_dir: str) -> tuple[dict, list[dict]]:
+  """(header, request rows) of DIR/shadow.jsonl; ConfigError naming the file and line."""
+  file = os.path.join(serving_dir, SHADOW_LOG)
+  if not os.path.isfile(file):
+    raise ConfigError(f'--from_serving={serving_dir}: no {SHADOW_LOG} there (serve with '
+                      f'--shadow_fraction > 0 and --out writes it)')
+  header, rows = None, []
+  with open(file) as f:
+    for i, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        d = json.loads(line)
+        kind = d['kind']
+        if kind == 'header':
+          points = [(float(p['threshold']), p['max_layers']) for p in d['points']]
+          header = d
+        elif kind == 'request':
+          k = len(header['points']) if header else -1
+          if any(len(d[key]) != k for key in ('errors', 'broken', 'fixed', 'layers')) or \
+              int(d['n']) < 1:
+            raise ValueError('counts do not match the header\'s points')
+          rows.append(d)
+      except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f'{file}:{i}: not a shadow log line ({e}); serve writes this file')
+  if header is None or not points:
+    raise ConfigError(f'{file}: no header line; serve writes this file')
+  if len(rows) < 2:
+    raise ConfigError(f'{file}: {len(rows)} shadowed requests; need at least 2 (one to '
+                      f'certify on, one to report on)')
+  return header, rows
+
+
+def certify_from_serving(workdir: str, serving_dir: str, tolerance: Optional[float] = None,
+                         risk: Optional[float] = None, measure: Optional[str] = None,
+                         log: Callable[[str], None] = print) -> dict:
+  """Learn-then-Test on a serving log's shadow tokens; writes RUN/calibration.json.
+
+  Requests alternate between a calibration half (even) and a test half (odd), as calibrate
+  splits its held-out batches. The points are tested in the log's order (the chain serve
+  used, most accurate first, by offline cost: fixed before this data was seen), every point
+  the server scored, not only the previously certified ones. tolerance / risk / measure
+  default to the log's (those of the calibration the server monitored). The chosen point is
+  the cheapest certified one; the file lists every point with its `certified` flag, like
+  calibrate's, so every binary reads it alike."""
+  spec = run_lib.read_config(workdir)
+  header, rows = read_shadow_log(serving_dir)
+  measure = measure or header['measure']
+  tolerance = float(header['tolerance'] if tolerance is None else tolerance)
+  risk = float(header['risk'] if risk is None else risk)
+  if measure not in MEASURES:
+    raise ConfigError(f'--measure={measure!r}: allowed: {", ".join(MEASURES)}')
+  for name, v in (('tolerance', tolerance), ('risk', risk)):
+    if not 0 < v < 1:
+      raise ConfigError(f'--{name}={v}: must be in (0, 1)')
+  points = header['points']
+  for p in points[1:]:
+    OperatingPoint(float(p['threshold']), p['max_layers']).validate(
+        spec, f'{SHADOW_LOG}: threshold', f'{SHADOW_LOG}: max_layers')
+
+  def total(part: list[dict]) -> dict:
+    t = {k: np.sum([r[k] for r in part], axis=0) for k in ('errors', 'broken', 'fixed',
+                                                            'layers')}
+    t.update(n=int(sum(r['n'] for r in part)),
+             full_correct=int(sum(r['full_correct'] for r in part)))
+    return t
+
+  cal, tst = total(rows[0::2]), total(rows[1::2])
+  chain = list(range(1, len(points)))
+  order = np.arange(len(chain), 0, -1, dtype=np.float64)  # test in the log's order
+  n = cal['n']
+  if measure == 'accuracy':
+    sel = calibration.ltt_select_accuracy(order, n, cal['broken'][1:], cal['fixed'][1:],
+                                          tolerance * cal['full_correct'] / n, risk)
+    method = 'bernstein'
+  else:
+    sel = calibration.ltt_select(order, None, n, tolerance, risk, 'binomial',
+                                 num_errors=cal['errors'][1:])
+    method = 'binomial'
+  valid = [True] + [bool(v) for v in sel['valid']]
+  index = max(i for i, v in enumerate(valid) if v)
+
+  def at(t: dict, i: int) -> dict:
+    m = max(t['n'], 1)
+    return {'mean_layers': float(t['layers'][i]) / m,
+            'accuracy': (t['full_correct'] + float(t['fixed'][i]) - float(t['broken'][i])) / m,
+            'consistency': 1.0 - float(t['errors'][i]) / m}
+
+  chosen = None if index == 0 else points[index]
+  listed = [{'threshold': float(p['threshold']), 'max_layers': p['max_layers'],
+             'certified': valid[i], 'pvalue': float(sel['pvalues'][i - 1]),
+             'calib_mean_layers': at(cal, i)['mean_layers'], **at(tst, i)}
+            for i, p in enumerate(points) if i > 0]
+  result = {
+      'workdir': os.path.abspath(workdir), 'step': None, 'policy': spec.halting.name,
+      'mode': 'ltt', 'method': method, 'measure': measure, 'tolerance': tolerance,
+      'risk': risk, 'budget_layers': None,
+      'max_layers': None if chosen is None else chosen['max_layers'], 'caps': None,
+      'chosen_threshold': None if chosen is None else float(chosen['threshold']),
+      'full_layers': float(spec.model.num_layers),
+      'n_calib_tokens': n, 'n_test_tokens': tst['n'],
+      'full_depth': {'accuracy': tst['full_correct'] / max(tst['n'], 1)},
+      'calib': at(cal, index), 'test': at(tst, index),
+      'frontier': {'thresholds': [p['threshold'] for p in listed],
+                   'pvalues': [p['pvalue'] for p in listed],
+                   'mean_layers': [p['mean_layers'] for p in listed],
+                   'accuracy': [p['accuracy'] for p in listed],
+                   'consistency': [p['consistency'] for p in listed],
+                   'calib_mean_layers': [p['calib_mean_layers'] for p in listed]},
+      'points': listed,
+      'source': {'from_serving': os.path.abspath(serving_dir), 'requests': len(rows),
+                 'shadow_fraction': header.get('fraction')},
+  }
+  run_lib.write_calibration(workdir, result)  # atomic, as calibrate's
+  got = ('full depth (no point certified)' if chosen is None else
+         f'threshold {chosen["threshold"]:g}' + ('' if chosen['max_layers'] is None else
+                                                 f' cap {chosen["max_layers"]}'))
+  log(f'{len(rows)} shadowed requests ({n} calibration + {tst["n"]} test tokens): '
+      f'{sum(valid) - 1} of {len(chain)} points certified at {measure} tolerance '
+      f'{tolerance:g}, risk {risk:g}; chosen {got}; test half: '
+      f'{result["test"]["mean_layers"]:.2f} layers, consistency '
+      f'{result["test"]["consistency"]:.4f}')
+  return result
 
 
 def _rel(x: float, ref: float) -> str:

@@ -239,13 +239,15 @@ def forward_while(config: Any, variables: dict, tokens_BL: jax.Array,
                   threshold: Any = None, retrieval: Optional[dict] = None
                   ) -> tuple[jax.Array, dict]:
   """Batch forward that stops the depth loop once every token has exited (threshold: an
-  OperatingPoint, [N] or scalar; default: the spec's default operating point). retrieval:
+  OperatingPoint, [N] or scalar, or [B, N] one point per row (the shadow scorer of
+  act_jax/serve/monitor.py); default: the spec's default operating point). retrieval:
   the datastore's arrays when spec.retrieval is set (act_jax/retrieval)."""
   spec = config_lib.as_spec(config)
   if step_cell.is_step_cell(spec):  # the vector tasks' cell: tokens_BL are the vectors
     return step_cell.forward_while(spec, variables, tokens_BL, threshold_arg(spec, threshold))
   carry, bcast = prepare_inputs(spec, top_variables(variables), tokens_BL,
-                                threshold_arg(spec, threshold), retrieval=retrieval)
+                                threshold_arg(spec, threshold, per_row=True),
+                                retrieval=retrieval)
   carry, ys, _ = _depth_while(spec, variables, carry, bcast)
   return finish_outputs(spec, carry, ys, bcast['head'], tokens_BL)
 

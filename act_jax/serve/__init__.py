@@ -5,6 +5,8 @@
   scheduler.py  requests and records; continuous (or static) batching over the engine,
                 latency classes (a controller per class)
   slo.py        the SLO controller: moves along certified points to hold p95 latency
+  monitor.py    drift: shadow scoring of live requests at every point, Learn-then-Test on a
+                sliding window, alarms that restrict the controllers to certified points
   trace.py      request traces (arrival times, prompt/answer lengths, domains)
   summary.py    latency percentiles, agreement with full depth, the exit-latency table, plots
   metrics.py    the Prometheus metrics of the HTTP server

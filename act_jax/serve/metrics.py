@@ -19,6 +19,15 @@ the tests, do not collide). The engine thread updates it; the exposition reads i
   act_jax_operating_point_mean_layers{cls}    the point's calibrated cost
   act_jax_compiles_after_warmup_total         programs lowered since ready (should stay 0)
   act_jax_ready                               1 once warm-up is done, 0 while draining
+
+With the drift monitor (serve --shadow_fraction, act_jax/serve/monitor.py), label `point`:
+  act_jax_shadow_requests_total               requests scored at every point
+  act_jax_shadow_seconds_total                seconds spent scoring them
+  act_jax_drift_alarms_total                  a point in use lost its certificate
+  act_jax_point_certified{point}              1 if certified on the live window (or offline,
+                                              until the window suffices)
+  act_jax_window_agreement{point}             the window's agreement with full depth
+  act_jax_monitor_window_tokens               shadow tokens in the window
 """
 from __future__ import annotations
 
@@ -71,12 +80,31 @@ class ServerMetrics:
                                'Programs lowered since the server became ready.', registry=r)
     self.ready = prom.Gauge('act_jax_ready', '1 when serving, 0 while warming up or draining.',
                             registry=r)
+    self.drift_points: tuple[str, ...] = ()
     for c in classes:  # every series exists from the start (rate() needs a zero)
       for outcome in ('ok', 'refused', 'cancelled', 'draining'):
         self.requests.labels(c, outcome)
       self.violations.labels(c)
       self.latency.labels(c)
       self.ttfb.labels(c)
+
+  def monitor(self, points: Sequence[str]) -> None:
+    """Registers the drift monitor's metrics for these point labels."""
+    r = self.registry
+    self.drift_points = tuple(points)
+    self.shadowed = prom.Counter('act_jax_shadow_requests', 'Requests scored at every point.',
+                                 registry=r)
+    self.shadow_s = prom.Counter('act_jax_shadow_seconds', 'Seconds spent shadow scoring.',
+                                 registry=r)
+    self.alarms = prom.Counter('act_jax_drift_alarms', 'A point in use lost its certificate '
+                               'on the live window.', registry=r)
+    self.certified = prom.Gauge('act_jax_point_certified', '1 if the point is certified on '
+                                'the live window (offline until the window suffices).',
+                                ['point'], registry=r)
+    self.agreement = prom.Gauge('act_jax_window_agreement', 'The live window\'s agreement '
+                                'with full depth, per point.', ['point'], registry=r)
+    self.window_tokens = prom.Gauge('act_jax_monitor_window_tokens', 'Shadow tokens in the '
+                                    'drift monitor\'s window.', registry=r)
 
   def finished(self, cls: str, latency_s: Optional[float], ttfb_s: Optional[float],
                budget_s: Optional[float]) -> None:

@@ -9,7 +9,11 @@ and runs it to its longest request. Each round: every latency class's controller
 (act_jax/serve/slo.py) picks its point from its queue and the latencies completed; one
 batched prefill call advances every prompt not yet in the cache by at most one chunk; one
 decode call advances every other row, each at its class's point. A request the engine cannot
-serve is refused alone (`check_request`); the others are served.
+serve is refused alone (`check_request`); the others are served. With a `shadow`
+(act_jax/serve/monitor.py), a sampled finished request's prompt is scored at every point,
+one per round and only while no request waits for a slot. When the point in use loses its
+certificate on the live window, every controller is restricted to the certified points
+(an 'alarm' event).
 """
 from __future__ import annotations
 
@@ -67,6 +71,7 @@ class Record:
   experts: dict = dataclasses.field(default_factory=dict)  # first-choice expert -> count
   points: dict = dataclasses.field(default_factory=dict)   # point index -> decode steps
   fallbacks: int = 0  # (byte, MoE layer) pairs the generalist served (moe.fallback)
+  events: list = dataclasses.field(default_factory=list)  # drift monitor events it triggered
 
   @property
   def latency_s(self) -> Optional[float]:
@@ -89,6 +94,8 @@ class Record:
            'full_layers': full_layers}
     if self.error:
       out['error'] = self.error
+    if self.events:
+      out['events'] = self.events
     return out
 
 
@@ -140,7 +147,8 @@ class Scheduler:
   def __init__(self, engine: Engine, points: Sequence[OperatingPoint], classes: Any = None,
                *, static_batches: bool = False, log: Callable[[str], None] = lambda s: None,
                on_bytes: Optional[Callable[[Record, list, bool], None]] = None,
-               clock: Callable[[], float] = time.perf_counter, prefill_batch: bool = True):
+               clock: Callable[[], float] = time.perf_counter, prefill_batch: bool = True,
+               shadow: Any = None):
     # one controller for everyone: requests keep their class in their records (summaries
     # report per class) but share its point
     self.one_class = classes is None or not isinstance(classes, dict)
@@ -152,6 +160,7 @@ class Scheduler:
     # False: the baseline that prefills each admitted prompt in its own call(s) before the
     # next decode step (how serving worked before batched, chunked prefill)
     self.prefill_batch = prefill_batch
+    self.shadow = shadow  # monitor.Shadow: live certification of the points (or None)
     # prompt tokens prefilled since the last decode step: in all, and the most of one row
     self._prefilled_tokens = self._prefilled_row_max = 0
     slots = engine.slots
@@ -167,7 +176,8 @@ class Scheduler:
 
   @property
   def busy(self) -> bool:
-    return bool(self.queue) or any(a is not None for a in self.active)
+    return (bool(self.queue) or any(a is not None for a in self.active)
+            or bool(self.shadow is not None and self.shadow.pending))
 
   def class_of(self, r: Request) -> str:
     return r.cls if r.cls and not self.one_class else next(iter(self.classes))
@@ -206,6 +216,9 @@ class Scheduler:
     rec.done_s = t
     if completed:
       self.completed[self.class_of(r)].append(rec.latency_s)
+      if self.shadow is not None:  # the point it spent most steps at, for the record
+        point = max(rec.points, key=rec.points.get) if rec.points else -1
+        self.shadow.offer(r.id, r.prompt, point if r.point is None else -1)
     self.active[slot] = None
     self.filled[slot] = 0
     self.tokens_B[slot], self.pos_B[slot] = PAD_ID, 0
@@ -231,8 +244,49 @@ class Scheduler:
     return r.point if r.point is not None else self.points[self.index[self.class_of(r)]]
 
   def iterate(self, now: Callable[[], float], more_coming: bool = False) -> bool:
-    """One round: controllers, admission, one prefill call, one decode call. False when
-    there was nothing to run (static batches waiting to fill up, or idle)."""
+    """One round: controllers, admission, one prefill call, one decode call, and one shadow
+    call when no request waits for a slot. False when there was nothing to run (static
+    batches waiting to fill up, or idle)."""
+    ran = self._serve_round(now, more_coming)
+    if self.shadow is not None and self.shadow.pending and not self.queue:
+      self._shadow_round(now())
+      ran = True
+    return ran
+
+  def _shadow_round(self, t: float) -> None:
+    """Scores one shadow prompt; applies the monitor's certificate to every controller."""
+    sh = self.shadow
+    rid = sh.pending[0][0]
+    lost, gained = sh.run_one(t)
+    if not lost and not gained:
+      return
+    before = dict(self.index)
+    for c, ctl in self.classes.items():
+      if hasattr(ctl, 'restrict'):
+        ctl.restrict(sh.monitor.certified, t)
+        self.index[c] = ctl.index
+    in_use = set(before.values())
+    names = lambda idx: [sh.labels[i] for i in idx]  # noqa: E731
+    events = []
+    if lost:
+      events.append({'event': 'alarm' if in_use & set(lost) else 'decertified',
+                     'points': names(lost)})
+    if gained:
+      events.append({'event': 'recertified', 'points': names(gained)})
+    w = sh.monitor.window
+    for e in events:
+      e.update(t=t, request=rid, window_tokens=w.n,
+               moved={c: [before[c], self.index[c]] for c in self.classes
+                      if before[c] != self.index[c]})
+      sh.events.append(e)
+      if rid in self.records:
+        self.records[rid].events.append(e)
+      self.log(f'drift monitor {e["event"]} at {t:.1f}s ({w.n} window tokens): '
+               f'{", ".join(e["points"])}' + ''.join(
+                   f'; class {c or "(all)"} moves to {sh.labels[j]}'
+                   for c, (_, j) in e['moved'].items()))
+
+  def _serve_round(self, now: Callable[[], float], more_coming: bool) -> bool:
     engine, slots = self.engine, self.engine.slots
     t = now()
     busy = sum(a is not None for a in self.active)
@@ -344,7 +398,8 @@ def replay(engine: Engine, requests: Sequence[Request], points: Sequence[Operati
            controller: Any = None, *, realtime: bool = True, static_batches: bool = False,
            clock: Callable[[], float] = time.perf_counter,
            sleep: Callable[[float], None] = time.sleep,
-           log: Callable[[str], None] = lambda s: None, prefill_batch: bool = True) -> dict:
+           log: Callable[[str], None] = lambda s: None, prefill_batch: bool = True,
+           shadow: Any = None) -> dict:
   """Serves `requests` (sorted by arrival) through the engine's slots; returns
   {'records': [Record], 'steps': [per decode step dict]}.
 
@@ -353,9 +408,10 @@ def replay(engine: Engine, requests: Sequence[Request], points: Sequence[Operati
   waits for a full batch of slots (or the end of the trace) and runs it to its longest
   request before admitting anyone else. controller: act_jax.serve.slo-style `.update(now_s,
   queue_len=, oldest_wait_s=, completed=)` -> index into points (None: points[0]), or
-  {latency class: controller} for requests with classes (Scheduler)."""
+  {latency class: controller} for requests with classes (Scheduler). shadow: a
+  monitor.Shadow that scores sampled requests in idle rounds (drift monitoring)."""
   sched = Scheduler(engine, points, controller, static_batches=static_batches, log=log,
-                    clock=clock, prefill_batch=prefill_batch)
+                    clock=clock, prefill_batch=prefill_batch, shadow=shadow)
   pending = collections.deque(sorted(requests, key=lambda r: r.arrival_s))
   t0 = clock()
   now = lambda: clock() - t0 if realtime else 0.0  # noqa: E731

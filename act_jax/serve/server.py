@@ -84,12 +84,17 @@ class EngineLoop:
 
   def __init__(self, engine: engine_lib.Engine, points: Sequence[Any],
                ops: Sequence[OperatingPoint], classes: Sequence[LatencyClass],
-               metrics: ServerMetrics, log: Callable[[str], None] = print):
+               metrics: ServerMetrics, log: Callable[[str], None] = print,
+               shadow: Any = None):
     self.engine, self.points, self.ops, self.metrics, self.log = (engine, points, ops, metrics,
                                                                   log)
     self.classes = {c.name: c for c in classes}
     self.scheduler = Scheduler(engine, ops, {c.name: c.controller for c in classes},
-                               log=log, on_bytes=self._on_bytes)
+                               log=log, on_bytes=self._on_bytes, shadow=shadow)
+    self.shadow = shadow  # monitor.Shadow (warmed up by the caller) or None
+    self._shadow_seen = (0, 0, 0.0)  # rows, events, seconds already in the metrics
+    if shadow is not None:
+      metrics.monitor(shadow.labels)
     self.inbox: queue.SimpleQueue = queue.SimpleQueue()
     self.sinks: dict[int, _Sink] = {}
     self._seen: dict[int, tuple[int, dict, int]] = {}
@@ -201,6 +206,19 @@ class EngineLoop:
       m.point.labels(c).set(i)
       m.point_layers.labels(c).set(float(getattr(self.points[i], 'mean_layers', 0.0)))
     m.compiles.set(engine_lib.lowerings() - self.lowerings_at_ready)
+    sh = self.shadow
+    if sh is not None:
+      rows, events, secs = self._shadow_seen
+      m.shadowed.inc(len(sh.rows) - rows)
+      m.shadow_s.inc(sh.busy_s - secs)
+      m.alarms.inc(sum(e['event'] == 'alarm' for e in sh.events[events:]))
+      self._shadow_seen = (len(sh.rows), len(sh.events), sh.busy_s)
+      w = sh.monitor.window
+      m.window_tokens.set(0 if w is None else w.n)
+      for i, lab in enumerate(sh.labels):
+        m.certified.labels(lab).set(float(sh.monitor.certified[i]))
+        if w is not None:
+          m.agreement.labels(lab).set(1.0 - float(w.errors[i]) / max(w.n, 1))
 
 
 # ----------------------------------------------------------------------------- requests
@@ -401,10 +419,11 @@ class App:
 
 def build(engine: engine_lib.Engine, spec: Spec, points: Sequence[Any],
           ops: Sequence[OperatingPoint], classes: Sequence[LatencyClass], model_name: str,
-          log: Callable[[str], None] = print) -> App:
-  """The engine thread (not started) and the app over it."""
+          log: Callable[[str], None] = print, shadow: Any = None) -> App:
+  """The engine thread (not started) and the app over it. shadow: the drift monitor
+  (monitor.Shadow, already warmed up) or None."""
   metrics = ServerMetrics(spec.model.num_layers, engine.slots, [c.name for c in classes])
-  return App(EngineLoop(engine, points, ops, classes, metrics, log), spec, model_name)
+  return App(EngineLoop(engine, points, ops, classes, metrics, log, shadow), spec, model_name)
 
 
 def serve(app: App, host: str, port: int, log: Callable[[str], None] = print) -> None:

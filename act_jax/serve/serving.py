@@ -5,7 +5,9 @@
 controller of act_jax/serve/slo.py; or one fixed point; or exact mode), build the engine
 (engine.py), replay the trace through the scheduler (scheduler.py), decode every request
 again at full depth for the agreement, and write what summary.py computes into a directory:
-requests.jsonl, steps.jsonl, summary.json, serve.png. `ServeOptions` holds its flags.
+requests.jsonl, steps.jsonl, summary.json, serve.png. `ServeOptions` holds its flags. With
+--shadow_fraction the drift monitor (monitor.py: `make_shadow`, `warm_shadow`) re-tests the
+certificate on live traffic and the directory also gets shadow.jsonl.
 
 Prompts come from the trace, or (`heldout_prompts`) from the held-out split of the run's own
 data, so a served prompt was never trained on.
@@ -28,6 +30,7 @@ from act_jax.errors import ConfigError
 from act_jax.infer import draft as draft_lib
 from act_jax.infer import inference, speculative
 from act_jax.run import directory as run_lib
+from act_jax.serve import monitor as monitor_lib
 from act_jax.serve import server, slo
 from act_jax.serve import trace as trace_lib
 from act_jax.serve.engine import Engine, MODES
@@ -160,6 +163,8 @@ class ServeOptions:
   draft_len: Optional[int] = None
   classes: tuple = ()                  # latency classes 'name=p95_ms', tightest first
   prefill_chunk: int = 64              # prompt tokens per prefill call (0: whole prompts)
+  shadow_fraction: float = 0.0         # of finished requests scored at every point (drift)
+  monitor_window: int = 4096           # the drift monitor's window, in shadow tokens
 
   def class_budgets(self) -> list[tuple[str, Optional[float]]]:
     """[(class name, p95 budget in s)]: the --classes, else one class '' at --slo_p95_ms.
@@ -225,6 +230,13 @@ class ServeOptions:
     if self.controller == 'slo' and (self.threshold is not None or self.max_layers is not None):
       raise ConfigError('--threshold/--max_layers fix the point: use them with '
                         '--controller=fixed (slo picks from calibration.json)')
+    self.shadow_options().validate()
+    if self.shadow_fraction > 0 and self.mode == 'exact':
+      raise ConfigError('--shadow_fraction: exact mode serves full-depth output; there is no '
+                        'operating point to monitor')
+
+  def shadow_options(self) -> monitor_lib.ShadowOptions:
+    return monitor_lib.ShadowOptions(self.shadow_fraction, self.monitor_window)
 
 
 @dataclasses.dataclass
@@ -241,6 +253,7 @@ class Setup:
   engine: Engine
   draft_layer: Optional[int]
   draft_len: Optional[int]
+  shadow: Optional[monitor_lib.Shadow] = None   # the drift monitor (--shadow_fraction > 0)
 
 
 def prepare(workdir: str, o: ServeOptions, log: Callable[[str], None] = print,
@@ -265,29 +278,106 @@ def prepare(workdir: str, o: ServeOptions, log: Callable[[str], None] = print,
     log(f'exact mode: draft_layer={draft_layer} draft_len={draft_len} ({how})')
   else:
     op, source = operating_point.run_operating_point(workdir, spec, o.threshold, o.max_layers)
+    label = ('full depth' if op.threshold >= NEVER_EXIT else
+             f'{op.threshold:g}' + ('' if op.max_layers is None else f' cap {op.max_layers}'))
     points = [slo.Point(op.threshold, op.max_layers, True, float(spec.model.num_layers), None,
-                        'full depth' if op.threshold >= NEVER_EXIT else
-                        f'{op.threshold:g}' + ('' if op.max_layers is None
-                                               else f' cap {op.max_layers}'))]
-    classes = {name: slo.FixedController(points) for name in budgets}
-    log(f'fixed operating point {points[0].label} ({source})')
+                        label)]
+    home = 0
+    if o.shadow_fraction > 0:  # the monitor needs the chain to fall back along
+      points, home = chain_with(load_points(workdir, spec), op, workdir)
+    classes = {name: slo.FixedController(points, home) for name in budgets}
+    log(f'fixed operating point {points[home].label} ({source})')
   ops = [OperatingPoint(p.threshold, p.max_layers) for p in points]
   engine = Engine(spec, variables, o.slots, o.kv_fill, o.compact, o.steps_per_call, o.mode,
                   draft_layer, draft_len, prefill_chunk=o.prefill_chunk)
-  return Setup(spec, variables, points, ops, classes, budgets, engine, draft_layer, draft_len)
+  shadow = None
+  if o.shadow_fraction > 0:
+    shadow = make_shadow(workdir, spec, variables, points, o.shadow_options(), log)
+  return Setup(spec, variables, points, ops, classes, budgets, engine, draft_layer, draft_len,
+               shadow)
+
+
+def chain_with(points: list, op: OperatingPoint, workdir: str) -> tuple[list, int]:
+  """The chain of points with the fixed point `op` in it (inserted by its calibrated cost
+  if pruned away): (points, its index). ConfigError when calibration.json never tried it."""
+  for i, p in enumerate(points):
+    if OperatingPoint(p.threshold, p.max_layers) == op:
+      return points, i
+  saved = run_lib.read_calibration(workdir) or {}
+  for p in saved.get('points') or ():
+    if float(p['threshold']) == op.threshold and p.get('max_layers') == op.max_layers:
+      new = slo.Point(op.threshold, op.max_layers, bool(p['certified']),
+                      float(p['calib_mean_layers']), p.get('consistency'),
+                      f'{op.threshold:g}' + ('' if op.max_layers is None
+                                             else f' cap {op.max_layers}'))
+      out = sorted(points[1:] + [new], key=lambda q: -q.mean_layers)
+      return [points[0]] + out, 1 + out.index(new)
+  raise ConfigError(f'--shadow_fraction with --controller=fixed monitors the fixed point '
+                    f'against calibration.json\'s points; threshold={op.threshold:g}, '
+                    f'max_layers={op.max_layers} is not one of them (calibrate with it, or '
+                    f'serve the certified point)')
+
+
+def make_shadow(workdir: str, spec: Spec, variables: Any, points: Sequence[slo.Point],
+                options: monitor_lib.ShadowOptions,
+                log: Callable[[str], None] = print) -> monitor_lib.Shadow:
+  """The drift monitor over the chain `points`, testing calibration.json's measure,
+  tolerance and risk on live shadow tokens (act_jax/serve/monitor.py)."""
+  saved = run_lib.read_calibration(workdir)
+  if saved is None:
+    raise ConfigError(f'--shadow_fraction: {run_lib.path(workdir, run_lib.CALIBRATION)} is '
+                      f'missing; the monitor re-tests its certificate on live traffic '
+                      f'(run experiments.calibrate first)')
+  measure = saved.get('measure') or 'consistency'
+  mon = monitor_lib.Monitor([p.certified for p in points], measure,
+                            float(saved['tolerance']), float(saved['risk']),
+                            options.window_tokens)
+  scorer = monitor_lib.ShadowScorer(spec, variables,
+                                    [OperatingPoint(p.threshold, p.max_layers) for p in points])
+  labels = [p.label or f'{p.threshold:g}' for p in points]
+  log(f'drift monitor: {options.fraction:.0%} of requests shadowed at {len(points)} points, '
+      f'{measure} tolerance {mon.tolerance:g} risk {mon.risk:g} on a window of '
+      f'{options.window_tokens} tokens')
+  return monitor_lib.Shadow(scorer, mon, options, labels, log)
+
+
+def warm_shadow(shadow: monitor_lib.Shadow, spec: Spec, log: Callable[[str], None] = print
+                ) -> dict:
+  """Compiles the shadow scorer and measures the drift statistics on held-out windows of
+  the run's own data (the reference the live window is compared with; {} without text)."""
+  secs = shadow.scorer.warmup()
+  ref = {}
+  ds = data_lib.make_dataset(spec.data, spec.seed)
+  if set(getattr(ds, 'domains', ())) >= {'code', 'prose'}:
+    rows = [x[x != PAD_ID] for x in ds.eval_batches(1)[0]['inputs']][:16]
+    ref = monitor_lib.reference(shadow.scorer, rows)
+  shadow.reference = ref
+  log(f'drift monitor: scorer compiled in {secs:.1f}s; reference agreement on held-out '
+      f'data: ' + ', '.join(f'{lab} {a:.3f}' for lab, a in
+                            zip(shadow.labels, ref.get('agreement', ()))))
+  return ref
 
 
 def serve_http(workdir: str, listen: str, options: ServeOptions = ServeOptions(),
-               log: Callable[[str], None] = print) -> None:
+               log: Callable[[str], None] = print, out: Optional[str] = None) -> None:
   """Serves the run over HTTP on listen='host:port' until SIGTERM (act_jax/serve/server.py):
-  the same engine, scheduler and controllers as serve_run, requests from clients."""
+  the same engine, scheduler and controllers as serve_run, requests from clients. With the
+  drift monitor on, `out` receives shadow.jsonl when the server exits."""
   host, _, port = listen.rpartition(':')
+  if out is not None:
+    run_lib.check_output_dir(out, '--out', ('shadow.jsonl',), 'a drift monitor log')
   st = prepare(workdir, options, log)
+  if st.shadow is not None:  # compiled before the server listens: nothing compiles after
+    warm_shadow(st.shadow, st.spec, log)
   classes = [server.LatencyClass(name, ctl, st.budgets[name])
              for name, ctl in st.classes.items()]
   app = server.build(st.engine, st.spec, st.points, st.ops, classes,
-                     os.path.basename(os.path.abspath(workdir)), log)
+                     os.path.basename(os.path.abspath(workdir)), log, st.shadow)
   server.serve(app, host, int(port), log)
+  if st.shadow is not None and out is not None:
+    os.makedirs(out, exist_ok=True)
+    monitor_lib.write_jsonl(st.shadow, os.path.join(out, 'shadow.jsonl'))
+    log(f'wrote {out}/shadow.jsonl ({len(st.shadow.rows)} shadowed requests)')
 
 
 def serve_run(workdir: str, trace: str, options: ServeOptions = ServeOptions(),
@@ -325,9 +415,14 @@ def serve_run(workdir: str, trace: str, options: ServeOptions = ServeOptions(),
     raise ConfigError(f'--trace={trace}: all {len(requests)} requests would be refused, '
                       f'e.g. request 0: {check_request(requests[0], spec.model.max_len)}')
   secs = engine.warmup(ops[0])
+  if st.shadow is not None:
+    warm_shadow(st.shadow, spec, log)
   log(f'{trace_lib.describe(trace)}: {len(requests)} requests; {o.slots} slots, compiled in '
       f'{secs:.1f}s; replaying ...')
-  result = replay(engine, requests, ops, ctl, static_batches=o.static_batches, log=log)
+  t_replay = time.perf_counter()
+  result = replay(engine, requests, ops, ctl, static_batches=o.static_batches, log=log,
+                  shadow=st.shadow)
+  t_replay = time.perf_counter() - t_replay
   end = max([r.done_s for r in result['records'] if r.done_s is not None] or [0.0])
   first = next(iter(st.classes.values()))
   time_at = first.time_at_points(end) if hasattr(first, 'time_at_points') else None
@@ -348,6 +443,8 @@ def serve_run(workdir: str, trace: str, options: ServeOptions = ServeOptions(),
                  latency_classes=list(o.classes),
                  prefill_chunk=o.prefill_chunk,
                  points=[dataclasses.asdict(p) for p in points])
+  if st.shadow is not None:
+    summary['drift'] = st.shadow.summary(t_replay)
   table = exit_latency_table(result['steps'], spec.model.num_layers)
   summary['exit_latency'] = table
   if out is None:
@@ -364,10 +461,12 @@ def serve_run(workdir: str, trace: str, options: ServeOptions = ServeOptions(),
   with open(os.path.join(out, 'steps.jsonl'), 'w') as f:
     for s in result['steps']:
       f.write(json.dumps(s) + '\n')
+  if st.shadow is not None:  # what calibrate --from_serving re-certifies from
+    monitor_lib.write_jsonl(st.shadow, os.path.join(out, 'shadow.jsonl'))
   run_lib.write_json(os.path.join(out, 'summary.json'), summary, default=json_default)
   plot([r.as_json(spec.model.num_layers) for r in result['records']], result['steps'],
        [p.label or str(i) for i, p in enumerate(points)], o.slo_p95_ms,
-       os.path.join(out, 'serve.png'))
+       os.path.join(out, 'serve.png'), summary.get('drift'))
   summary['out'] = out
   summary['text'] = format_summary(summary, table)
   log(summary['text'])

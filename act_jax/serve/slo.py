@@ -56,7 +56,13 @@ up, and a load between two points' capacities makes a latency-only controller os
   occupancy this makes the oscillation between two points rarer (tests/test_slo.py),
   it cannot remove it.
 
-`FixedController` has the same interface and never moves (baselines, benchmarks).
+`FixedController` has the same interface and never moves on load (baselines, benchmarks).
+
+Live certification: `restrict(allowed, now_s)` (the drift monitor, act_jax/serve/monitor.py)
+leaves usable only the points certified on a window of live traffic. A controller whose
+point lost its certificate moves at once to the nearest usable point more accurate than it.
+The SLO controller then moves only among the usable points. A fixed controller goes back to
+its own point once that point is certified again.
 """
 from __future__ import annotations
 
@@ -135,6 +141,33 @@ class _Controller:
     self._index = int(start)
     self.history: list[tuple[float, int]] = []  # (time, index) at every change
     self._now = -math.inf
+    self._offline_usable = self.usable  # before any live restriction (restrict)
+    self.home = self._index  # where a fixed controller returns once its point is usable
+
+  def restrict(self, allowed: Sequence[bool], now_s: float) -> None:
+    """Only points certified on live traffic stay usable (act_jax/serve/monitor.py:
+    allowed[i], index 0 always allowed). If the point in use is not, move to the nearest
+    usable one more accurate than it: the cheapest certified, for a prefix-shaped set."""
+    if len(allowed) != len(self.points):
+      raise ConfigError(f'{len(allowed)} certificates for {len(self.points)} points')
+    self.usable = tuple(u and (bool(a) or i == 0)
+                        for i, (u, a) in enumerate(zip(self._offline_usable, allowed)))
+    if not self.usable[0]:
+      self.usable = (True,) + self.usable[1:]  # full depth is always certified
+    j = self._target()
+    if j != self._index:
+      self._force(now_s, j)
+
+  def _target(self) -> int:
+    """Where the controller should be under the current usable set."""
+    j = self._index
+    while not self.usable[j]:
+      j -= 1
+    return j
+
+  def _force(self, now_s: float, j: int) -> None:
+    self._index = j
+    self.history.append((now_s, j))
 
   @property
   def index(self) -> int:
@@ -177,6 +210,12 @@ class FixedController(_Controller):
   def __init__(self, points: Sequence[Point], index: int = 0, *,
                allow_uncertified: bool = False):
     super().__init__(points, allow_uncertified, index, 'index')
+
+  def _target(self) -> int:
+    j = self.home  # back home once it is certified again
+    while not self.usable[j]:
+      j -= 1
+    return j
 
   def update(self, now_s: float, *, queue_len: int, oldest_wait_s: float,
              completed: Sequence[float] = (), occupancy: float | None = None) -> int:
@@ -239,6 +278,10 @@ class SLOController(_Controller):
   def up_dwell_now(self) -> float:
     """The up dwell in force (up_dwell_s times the backoff of failed probes)."""
     return self._up_dwell
+
+  def _force(self, now_s: float, j: int) -> None:
+    # a move the monitor forced: the windows describe the old point, as after any move
+    self._move(now_s, j, 0, 0)
 
   def _neighbour(self, step: int) -> int | None:
     """The next usable point in direction step (+1 cheaper, -1 more accurate), if any."""

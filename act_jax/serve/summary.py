@@ -147,6 +147,8 @@ def format_summary(s: dict, table: Sequence[dict]) -> str:
   if 'time_at_points_s' in s:
     lines.append('time at each point: ' + ', '.join(
         f'{k}: {v:.1f}s' for k, v in s['time_at_points_s'].items()))
+  if 'drift' in s:
+    lines += format_drift(s['drift'])
   lines.append('| slowest row exits at layer | steps | ms / step (mean) | ms / step (p50) | '
                'ms / layer |')
   lines.append('|---|---|---|---|---|')
@@ -156,14 +158,41 @@ def format_summary(s: dict, table: Sequence[dict]) -> str:
   return '\n'.join(lines)
 
 
+def format_drift(d: dict) -> list[str]:
+  """The drift monitor's lines of the serving summary (monitor.Shadow.summary)."""
+  f = lambda v, fmt='{:.3f}': '-' if v is None else fmt.format(v)  # noqa: E731
+  w, ref, labels = d['window'], d.get('reference') or {}, d['labels']
+  lines = [f'drift monitor: {d["shadowed"]} requests shadowed ({d["shadow_tokens"]} tokens, '
+           f'{d["dropped"]} dropped), {d["busy_s"]:.1f}s scoring'
+           + (f' ({d["busy_fraction"]:.1%} of the replay)' if 'busy_fraction' in d else '')
+           + f'; {len(d["alarms"])} alarm(s); window {w["window_tokens"]} tokens, '
+           f'{w["status"]}']
+  for e in d['events']:
+    lines.append(f'  {e["t"]:7.1f}s {e["event"]:<12} {", ".join(e["points"])}'
+                 + ''.join(f'; {c or "(all)"} -> {labels[j]}' for c, (_, j) in
+                           e.get('moved', {}).items()))
+  if 'agreement' in w:
+    ra = ref.get('agreement') or [None] * len(labels)
+    lines.append('  point         certified  agreement window / held-out')
+    for i, lab in enumerate(labels):
+      lines.append(f'  {lab:<14}{str(w["certified"][i]):<11}{f(w["agreement"][i])} / '
+                   f'{f(ra[i])}')
+    lines.append(f'  first-exit confidence {f(w.get("confidence"))} / {f(ref.get("confidence"))}'
+                 f'; MoE dropped {f(w.get("dropped"), "{:.2%}")} / '
+                 f'{f(ref.get("dropped"), "{:.2%}")}')
+  return lines
+
+
 def plot(requests: Sequence[dict], steps: Sequence[dict], labels: Sequence[str],
-         budget_ms: Optional[float], path: str) -> str:
+         budget_ms: Optional[float], path: str, drift: Optional[dict] = None) -> str:
   """Load, latency and operating point over time (PNG) from requests.jsonl / steps.jsonl
-  rows, so the report binary can redraw a finished replay."""
+  rows, so the report binary can redraw a finished replay. With the drift monitor's summary:
+  a fourth panel, the window's agreement with full depth per point, and its alarms on every
+  panel."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
+  fig, ax = plt.subplots(4 if drift else 3, 1, figsize=(9, 10.5 if drift else 8), sharex=True)
   arr = [r['arrival_s'] for r in requests]
   t = [s['t'] for s in steps]
   if arr:
@@ -186,6 +215,20 @@ def plot(requests: Sequence[dict], steps: Sequence[dict], labels: Sequence[str],
   ax[2].set_ylabel('operating point')
   ax[2].set_xlabel('time (s)')
   ax[2].invert_yaxis()
+  if drift:
+    tl = drift.get('timeline') or []
+    for i, lab in enumerate(drift['labels'][1:], 1):
+      line, = ax[3].plot([x['t'] for x in tl], [x['agreement'][i] for x in tl], label=lab)
+      ref = (drift.get('reference') or {}).get('agreement')
+      if ref:
+        ax[3].axhline(ref[i], color=line.get_color(), ls=':', lw=0.8)
+    ax[3].set_ylabel('window agreement\nwith full depth')
+    ax[3].set_xlabel('time (s)  (dotted: held-out reference)')
+    ax[3].legend(loc='lower left', fontsize=7, ncol=3)
+    for e in drift.get('events', ()):
+      for a in ax:
+        a.axvline(e['t'], color='tab:red' if e['event'] == 'alarm' else 'tab:green',
+                  ls='--', lw=0.8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -201,7 +244,7 @@ def plot_dir(serve_dir: str, path: str) -> str:
     summary = json.load(f)
   labels = [p.get('label') or str(i) for i, p in enumerate(summary.get('points', []))]
   return plot(read('requests.jsonl'), read('steps.jsonl'), labels, summary.get('slo_p95_ms'),
-              path)
+              path, summary.get('drift'))
 
 
 def json_default(x: Any) -> Any:
