@@ -25,6 +25,7 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from act_jax.bench import loadgen
+from act_jax.calibrate import certify
 from act_jax.data import EOS
 from act_jax.infer import inference
 from act_jax.run import directory as run_lib
@@ -264,15 +265,26 @@ def test_loadgen_open_loop_against_the_server(served):
 
 def test_sigterm_drains_then_exits_zero(shared_runs, tmp_path):
   """The binary: SIGTERM while requests are in flight -> they complete, a new request gets
-  503, /healthz says draining, and the process exits 0."""
+  503, /healthz says draining, and the process exits 0, writing the drift monitor's
+  shadow.jsonl into --out."""
+  run = shared_runs.copy('lm', str(tmp_path / 'run'))
+  certify.calibrate_run(run, tolerance=0.5, risk=0.2, num_batches=4, log=lambda s: None)
+  out = tmp_path / 'out'
   port = _free_port()
   proc = subprocess.Popen(
-      [sys.executable, '-m', 'experiments.serve', f'--workdir={shared_runs.path("lm")}',
-       f'--listen=127.0.0.1:{port}', '--controller=fixed', '--slots=1', '--steps_per_call=1'],
+      [sys.executable, '-m', 'experiments.serve', f'--workdir={run}',
+       f'--listen=127.0.0.1:{port}', '--controller=fixed', '--slots=1', '--steps_per_call=1',
+       '--shadow_fraction=1', '--monitor_window=64', f'--out={out}'],
       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   url = f'http://127.0.0.1:{port}'
   try:
     loadgen.wait_ready(url, alive=lambda: proc.poll() is None, why=proc.stdout.read)
+    httpx.post(f'{url}/v1/completions', json={'prompt': 'def shadow(x):', 'max_tokens': 2},
+               timeout=60)
+    for _ in range(200):  # scored in the idle time after it
+      if _metrics(url)[('act_jax_shadow_requests_total', ())] >= 1:
+        break
+      time.sleep(0.05)
     n = 48  # one slot, one byte per call: the queue takes seconds to drain
     with concurrent.futures.ThreadPoolExecutor(n) as pool:
       futs = [pool.submit(httpx.post, f'{url}/v1/completions',
@@ -298,6 +310,10 @@ def test_sigterm_drains_then_exits_zero(shared_runs, tmp_path):
     assert proc.wait(60) == 0, proc.stdout.read()
     log = proc.stdout.read()
     assert 'draining' in log and 'drained; exiting' in log, log
+    lines = [json.loads(x) for x in open(out / 'shadow.jsonl')]
+    assert lines[0]['kind'] == 'header' and lines[0]['fraction'] == 1.0
+    assert len(lines) >= 2 and all(x['kind'] == 'request' for x in lines[1:])
+    assert lines[1]['n'] == len('def shadow(x):') - 1
   finally:
     if proc.poll() is None:
       proc.kill()
