@@ -12,8 +12,8 @@ decode call advances every other row, each at its class's point. A request the e
 serve is refused alone (`check_request`); the others are served. With a `shadow`
 (act_jax/serve/monitor.py), a sampled finished request's prompt is scored at every point,
 one per round and only while no request waits for a slot. When the point in use loses its
-certificate on the live window, every controller is restricted to the certified points
-(an 'alarm' event).
+certificate on the live window, every controller is restricted to the points still in
+force (an 'alarm' event).
 """
 from __future__ import annotations
 

@@ -59,8 +59,9 @@ up, and a load between two points' capacities makes a latency-only controller os
 `FixedController` has the same interface and never moves on load (baselines, benchmarks).
 
 Live certification: `restrict(allowed, now_s)` (the drift monitor, act_jax/serve/monitor.py)
-leaves usable only the points certified on a window of live traffic. A controller whose
-point lost its certificate moves at once to the nearest usable point more accurate than it.
+leaves usable only the points whose certificate is in force on live traffic. A controller
+whose point lost its certificate moves at once to the nearest usable point more accurate
+than it.
 The SLO controller then moves only among the usable points. A fixed controller goes back to
 its own point once that point is certified again.
 """
@@ -145,9 +146,9 @@ class _Controller:
     self.home = self._index  # where a fixed controller returns once its point is usable
 
   def restrict(self, allowed: Sequence[bool], now_s: float) -> None:
-    """Only points certified on live traffic stay usable (act_jax/serve/monitor.py:
-    allowed[i], index 0 always allowed). If the point in use is not, move to the nearest
-    usable one more accurate than it: the cheapest certified, for a prefix-shaped set."""
+    """Only points whose certificate is in force on live traffic stay usable
+    (act_jax/serve/monitor.py: allowed[i]; index 0, full depth, always). If the point in use
+    is not, move to the nearest usable one more accurate than it."""
     if len(allowed) != len(self.points):
       raise ConfigError(f'{len(allowed)} certificates for {len(self.points)} points')
     self.usable = tuple(u and (bool(a) or i == 0)
