@@ -247,3 +247,28 @@ def test_from_serving_writes_a_calibration_every_reader_takes(model, shared_runs
   (out / 'shadow.jsonl').write_text(open(out / 'shadow.jsonl').read() + '{"kind": "request"}\n')
   with pytest.raises(ConfigError, match=r'shadow.jsonl:42: not a shadow log line'):
     certify.certify_from_serving(run, str(out), log=lambda s: None)
+
+
+def test_shadow_time_counts_in_the_controllers_occupancy(model):
+  """Half of the time since the last round spent scoring: 1 busy slot of 4 reads as 0.5."""
+  spec, v = model
+  seen = []
+
+  class Recording(slo.FixedController):
+    def update(self, now_s, **kw):
+      seen.append(kw['occupancy'])
+      return super().update(now_s, **kw)
+
+  points = [slo.Point(NEVER_EXIT, None, True, 4.0, label='full depth')]
+  probe = monitor.ShadowScorer(spec, v, [OperatingPoint.full_depth()])
+  sh = monitor.Shadow(probe, monitor.Monitor([True], 'consistency', 0.5, 0.2, 64),
+                      monitor.ShadowOptions(1.0, 64), ['full depth'])
+  sched = scheduler.Scheduler(Engine(spec, v, slots=4), [OperatingPoint.full_depth()],
+                              Recording(points), shadow=sh)
+  sched.submit(scheduler.Request(0, 0.0, [65, 66, 67], 8))
+  sched.iterate(lambda: 1.0)   # admitted, prefilled, one decode step
+  sched._shadow_s, sched._last_round_t = 0.05, 0.9  # 50 ms of the last 100 ms scoring
+  sched.iterate(lambda: 1.0)
+  assert seen[-1] == pytest.approx(0.25 / 0.5)
+  sched.iterate(lambda: 1.1)   # no shadow work since: the plain fraction
+  assert seen[-1] == pytest.approx(0.25)

@@ -11,7 +11,9 @@ batched prefill call advances every prompt not yet in the cache by at most one c
 decode call advances every other row, each at its class's point. A request the engine cannot
 serve is refused alone (`check_request`); the others are served. With a `shadow`
 (act_jax/serve/monitor.py), a sampled finished request's prompt is scored at every point,
-one per round and only while no request waits for a slot. When the point in use loses its
+one per round and only while no request waits for a slot; the time it takes raises the
+occupancy the controllers see (the slots serve less while it runs). When the point in use
+loses its
 certificate on the live window, every controller is restricted to the points still in
 force (an 'alarm' event).
 """
@@ -161,6 +163,7 @@ class Scheduler:
     # next decode step (how serving worked before batched, chunked prefill)
     self.prefill_batch = prefill_batch
     self.shadow = shadow  # monitor.Shadow: live certification of the points (or None)
+    self._shadow_s, self._last_round_t = 0.0, 0.0  # shadow seconds since the last round
     # prompt tokens prefilled since the last decode step: in all, and the most of one row
     self._prefilled_tokens = self._prefilled_row_max = 0
     slots = engine.slots
@@ -257,7 +260,9 @@ class Scheduler:
     """Scores one shadow prompt; applies the monitor's certificate to every controller."""
     sh = self.shadow
     rid = sh.pending[0][0]
+    busy_s = sh.busy_s
     lost, gained = sh.run_one(t)
+    self._shadow_s += sh.busy_s - busy_s
     if not lost and not gained:
       return
     before = dict(self.index)
@@ -290,11 +295,20 @@ class Scheduler:
     engine, slots = self.engine, self.engine.slots
     t = now()
     busy = sum(a is not None for a in self.active)
+    occupancy = busy / slots
+    if self.shadow is not None:
+      # shadow scoring takes engine time from decoding: the slots serve at (1 - s) of the
+      # capacity, s its share of the time since the last round, so occupancy / (1 - s) is
+      # what they would show without it (the controller's up moves account for it)
+      elapsed = t - self._last_round_t
+      share = min(self._shadow_s / elapsed, 0.999) if elapsed > 0 else 0.0
+      occupancy = min(1.0, occupancy / (1.0 - share))
+      self._shadow_s, self._last_round_t = 0.0, t
     for c, ctl in self.classes.items():
       waiting = [r for r in self.queue if self.class_of(r) == c]
       oldest = max(t - waiting[0].arrival_s, 0.0) if waiting else 0.0
       self.index[c] = ctl.update(t, queue_len=len(waiting), oldest_wait_s=oldest,
-                                 completed=self.completed[c], occupancy=busy / slots)
+                                 completed=self.completed[c], occupancy=occupancy)
       self.completed[c] = []
     # Admission: continuous batching fills any free slot now; static batches wait until
     # the batch is empty and then for a full batch (or the end of the trace).
