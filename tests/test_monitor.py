@@ -201,6 +201,15 @@ def test_synthetic_drift_alarms_after_the_switch_and_never_without(model):
   after = [r for r in res['records'] if r.admitted_s > alarms[0]['t']]
   assert after and all(set(r.points) == {0} for r in after)
   assert all(set(r.points) == {1} for r in res['records'][:len(easy)])
+  # the traffic returns: the point is certified again on the window and served again
+  sh = shadow()
+  res, ctl = _serve(model, easy + hard + easy, sh, points)
+  kinds = [e['event'] for e in sh.events]
+  assert kinds[0] == 'alarm' and kinds[-1] == 'recertified', kinds
+  back = sh.events[-1]
+  assert back['request'] >= len(easy) + len(hard) and back['moved'] == {'': [0, 1]}
+  assert ctl.index == 1
+  assert all(set(r.points) == {1} for r in res['records'] if r.admitted_s > back['t'])
 
 
 def test_from_serving_writes_a_calibration_every_reader_takes(model, shared_runs, tmp_path):

@@ -3,19 +3,19 @@ point with and without the drift monitor (act_jax/serve/monitor.py), side by sid
 
 - The run is copied, and the copy is calibrated for consistency at `tolerance`, with
   uncapped thresholds; the user's run is untouched. The chosen point is the one served.
-- The trace: Poisson arrivals at `rate` for `duration_s`. Before `switch` x duration, the
-  prompts are held-out windows of the run's own corpus. After it, they are windows of the
-  installed packages' READMEs: the METADATA files of every *.dist-info folder in this
-  interpreter's site-packages (Markdown/reStructuredText prose the run never trained on; any
-  virtualenv has them; nothing downloaded).
+- The trace: Poisson arrivals at `rate` for `duration_s`, in three equal phases. 'before'
+  and 'back' prompts are held-out windows of the run's own corpus. The middle phase,
+  'drift', uses windows of the installed packages' READMEs: the METADATA files of every
+  *.dist-info folder in this interpreter's site-packages (Markdown/reStructuredText prose
+  the run never trained on; any virtualenv has them; nothing downloaded).
 - Both runs serve the same requests in real time, one after the other. Afterwards every
   request's prompt is scored (untimed) at every point of the chain. Each request's agreement
   with full depth is then read at the point it was served at: measured on ALL prompt tokens,
   not only the shadow sample.
-- Reported per run: agreement before and after the switch against the certified level
-  1 - tolerance, alarms before the switch (false alarms), the delay of the first alarm after
-  it (seconds and requests), the shadow's scoring time as a share of the replay, and the p95
-  latency of both runs.
+- Reported per run: agreement in each phase against the certified level 1 - tolerance,
+  alarms before the switch (false alarms), the delay of the first alarm after it (seconds
+  and requests), the delay of the recertification after the traffic returns, the shadow's
+  scoring time as a share of the replay, and the p95 latency of both runs.
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def _served_index(rec: scheduler.Record, home: int) -> int:
   return max(rec.points, key=rec.points.get) if rec.points else home
 
 
-def drift_part(workdir: str, rate: float = 6.0, duration_s: float = 60.0, switch: float = 0.5,
+def drift_part(workdir: str, rate: float = 6.0, duration_s: float = 90.0,
                tolerance: float = 0.17, fraction: float = 0.25, window: int = 2048,
                slots: int = 8, steps_per_call: int = 4,
                log: Callable[[str], None] = print) -> dict:
@@ -77,20 +77,25 @@ def drift_part(workdir: str, rate: float = 6.0, duration_s: float = 60.0, switch
       raise RuntimeError(f'nothing certified at consistency tolerance {tolerance}: raise it')
     gen = trace_lib.generate('poisson', rate=rate, duration=duration_s, seed=5,
                              prompt='64-112', new='8-16')
-    t_switch = switch * duration_s
-    before = [t for t in gen if t.arrival_s < t_switch]
-    after = [t for t in gen if t.arrival_s >= t_switch]
+    t_switch, t_back = duration_s / 3, 2 * duration_s / 3
+    phase = lambda t: ('before' if t.arrival_s < t_switch else  # noqa: E731
+                       'drift' if t.arrival_s < t_back else 'back')
+    after = [t for t in gen if phase(t) == 'drift']
     base = serving.ServeOptions(controller='fixed', slots=slots, steps_per_call=steps_per_call,
                                 quality=False)
     st = serving.prepare(run, base, log=lambda s: None)
-    reqs = serving.heldout_prompts(st.spec, before)
-    drift = drift_corpus_prompts(len(after), [t.prompt_len for t in after])
-    reqs += [scheduler.Request(t.id, t.arrival_s, p, t.max_new, 'readme', 'after')
-             for t, p in zip(after, drift)]
-    for r in reqs[:len(before)]:
-      r.phase = 'before'
-    log(f'  {len(reqs)} requests ({len(before)} before the switch at {t_switch:g}s), point '
-        f'{cal["chosen_threshold"]:g}, shadow {fraction:.0%}, window {window} tokens')
+    held = iter(serving.heldout_prompts(st.spec, [t for t in gen if phase(t) != 'drift']))
+    drift = iter(drift_corpus_prompts(len(after), [t.prompt_len for t in after]))
+    reqs = []
+    for t in gen:
+      if phase(t) == 'drift':
+        reqs.append(scheduler.Request(t.id, t.arrival_s, next(drift), t.max_new, 'readme'))
+      else:
+        reqs.append(next(held))
+      reqs[-1].phase = phase(t)
+    log(f'  {len(reqs)} requests: held-out until {t_switch:g}s, READMEs until {t_back:g}s, '
+        f'held-out again; point {cal["chosen_threshold"]:g}, shadow {fraction:.0%}, window '
+        f'{window} tokens')
     runs = {}
     for name, frac in (('fixed certified point', 0.0), ('monitored', fraction)):
       o = serving.ServeOptions(controller='fixed', slots=slots, steps_per_call=steps_per_call,
@@ -115,16 +120,17 @@ def drift_part(workdir: str, rate: float = 6.0, duration_s: float = 60.0, switch
     for name, (st, res, wall, home) in runs.items():
       served = {r.id: chain.index(st.ops[_served_index(r, home)]) for r in res['records']}
       agree = {}
-      for phase in ('before', 'after'):
-        ids = [r.id for r in reqs if r.phase == phase]
+      for ph in ('before', 'drift', 'back'):
+        ids = [r.id for r in reqs if r.phase == ph]
         err = sum(int(counts[i].errors[served[i]]) for i in ids)
         n = sum(counts[i].n for i in ids)
-        agree[phase] = 1.0 - err / max(n, 1)
+        agree[ph] = 1.0 - err / max(n, 1)
       p95 = lambda recs: 1e3 * float(np.percentile(  # noqa: E731
           [r.latency_s for r in recs if r.latency_s is not None], 95))
       layers = [x for r in res['records'] for x in r.layers]
       row = {'run': name, 'agreement_before': agree['before'],
-             'agreement_after': agree['after'], 'certified_level': 1.0 - tolerance,
+             'agreement_drift': agree['drift'], 'agreement_back': agree['back'],
+             'certified_level': 1.0 - tolerance,
              'p95_ms': p95(res['records']),
              # before the switch both runs serve the same point: the gap is the shadow's cost
              'p95_before_ms': p95([r for r in res['records'] if r.phase == 'before']),
@@ -133,6 +139,11 @@ def drift_part(workdir: str, rate: float = 6.0, duration_s: float = 60.0, switch
       if sh is not None:
         alarms = [e for e in sh.events if e['event'] == 'alarm']
         late = [e for e in alarms if e['t'] >= t_switch]
+        own = st.points[home].label  # the fixed point the monitor moved away from
+        back = [e for e in sh.events if e['event'] == 'recertified' and e['t'] >= t_back
+                and own in e['points']]
+        if back:
+          row['recertified_after_s'] = back[0]['t'] - t_back
         row.update(false_alarms=len(alarms) - len(late), shadowed=len(sh.rows),
                    shadow_share=sh.busy_s / wall,
                    events=[(round(e['t'], 2), e['event'], e['points']) for e in sh.events])
@@ -140,7 +151,7 @@ def drift_part(workdir: str, rate: float = 6.0, duration_s: float = 60.0, switch
           row['alarm_delay_s'] = late[0]['t'] - t_switch
           row['alarm_delay_requests'] = sum(1 for t in after if t.arrival_s <= late[0]['t'])
           ids = [r.id for r in res['records']
-                 if r.phase == 'after' and r.admitted_s is not None
+                 if r.phase == 'drift' and r.admitted_s is not None
                  and r.admitted_s > late[0]['t']]
           row['agreement_after_alarm'] = 1.0 - sum(
               int(counts[i].errors[served[i]]) for i in ids) / max(
@@ -148,6 +159,7 @@ def drift_part(workdir: str, rate: float = 6.0, duration_s: float = 60.0, switch
       rows.append(row)
       log(format_row(row))
     return {'rows': rows, 'rate': rate, 'duration_s': duration_s, 'switch_s': t_switch,
+            'back_s': t_back,
             'tolerance': tolerance, 'point': cal['chosen_threshold'], 'fraction': fraction,
             'window': window, 'requests': len(reqs),
             'drift_corpus': 'site-packages/*.dist-info/METADATA'}
@@ -156,13 +168,16 @@ def drift_part(workdir: str, rate: float = 6.0, duration_s: float = 60.0, switch
 
 
 def format_row(r: dict) -> str:
-  s = (f'  {r["run"]:<22} agreement before {r["agreement_before"]:.4f} after '
-       f'{r["agreement_after"]:.4f} (certified >= {r["certified_level"]:.2f}); p95 '
+  s = (f'  {r["run"]:<22} agreement before {r["agreement_before"]:.4f}, drift '
+       f'{r["agreement_drift"]:.4f}, back {r["agreement_back"]:.4f} (certified >= '
+       f'{r["certified_level"]:.2f}); p95 '
        f'{r["p95_ms"]:.0f} ms ({r["p95_before_ms"]:.0f} before the switch); '
        f'{r["mean_layers"]:.2f} layers')
   if 'shadowed' in r:
     s += (f'; {r["shadowed"]} shadowed, {r["shadow_share"]:.1%} of the replay scoring; false '
           f'alarms {r["false_alarms"]}; first alarm after the switch: '
           + (f'{r["alarm_delay_s"]:.1f}s ({r["alarm_delay_requests"]} requests), agreement '
-             f'after it {r["agreement_after_alarm"]:.4f}' if 'alarm_delay_s' in r else 'none'))
+             f'after it {r["agreement_after_alarm"]:.4f}' if 'alarm_delay_s' in r else 'none')
+          + '; back at its point ' + (f'{r["recertified_after_s"]:.1f}s after the traffic '
+                                      f'returned' if 'recertified_after_s' in r else 'never'))
   return s

@@ -124,7 +124,7 @@ def benchmark(workdir: str, trace: Optional[str] = None, slo_p95_ms: Optional[fl
   drift = None
   if 'drift' in parts:  # its own trace and calibrated copy: needs no capacity measurement
     log('7. drift: a domain switch, the fixed certified point with and without the monitor')
-    drift = drift_bench.drift_part(workdir, duration_s=duration_s, slots=slots,
+    drift = drift_bench.drift_part(workdir, duration_s=1.5 * duration_s, slots=slots,
                                    steps_per_call=steps_per_call, log=log)
     if set(parts) == {'drift'}:
       return {'drift': drift}

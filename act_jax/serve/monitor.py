@@ -62,10 +62,12 @@ Rules, stated:
 
 Shadow work (`Shadow`). A fraction of finished requests is sampled (a hash of (seed, id),
 reproducible), and their prompts wait in a bounded queue (the oldest are dropped past
-`max_pending`, and counted). The scheduler runs one shadow call per round, and only when no
-request is waiting for a slot. So shadowing uses idle capacity and never delays admission,
-but a decode step can wait for one shadow call, like one prefill chunk. Its cost is in the
-latencies the SLO controller sees, and its seconds are counted (`busy_s`).
+`max_pending`, and counted). The scheduler runs one shadow call per round, never while a
+request waits for a slot, and while rows are decoding only once half of `max_pending` is
+used; otherwise it waits for an idle engine. So shadowing uses idle capacity first and
+never delays admission. A busy server still scores: a decode step can then wait for one
+shadow call, like one prefill chunk. Its cost is in the latencies the SLO controller sees
+and in the occupancy it judges up moves on, and its seconds are counted (`busy_s`).
 
 Dims: K points (rows), N depth steps, L bucketed prompt length.
 """

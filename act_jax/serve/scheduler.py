@@ -11,7 +11,8 @@ batched prefill call advances every prompt not yet in the cache by at most one c
 decode call advances every other row, each at its class's point. A request the engine cannot
 serve is refused alone (`check_request`); the others are served. With a `shadow`
 (act_jax/serve/monitor.py), a sampled finished request's prompt is scored at every point,
-one per round and only while no request waits for a slot; the time it takes raises the
+one per round, never while a request waits for a slot, and while rows decode only once half
+the shadow queue's room is used (idle slots first); the time it takes raises the
 occupancy the controllers see (the slots serve less while it runs). When the point in use
 loses its
 certificate on the live window, every controller is restricted to the points still in
@@ -251,7 +252,13 @@ class Scheduler:
     call when no request waits for a slot. False when there was nothing to run (static
     batches waiting to fill up, or idle)."""
     ran = self._serve_round(now, more_coming)
-    if self.shadow is not None and self.shadow.pending and not self.queue:
+    sh = self.shadow
+    # idle slots first: a shadow call while rows decode delays their next step, so it
+    # waits for an idle engine unless half the pending room is used up (a busy server
+    # must still score some traffic); never while a request waits for a slot
+    if sh is not None and sh.pending and not self.queue and (
+        all(a is None for a in self.active)
+        or len(sh.pending) >= max(1, sh.options.max_pending // 2)):
       self._shadow_round(now())
       ran = True
     return ran
