@@ -48,7 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
       vocab_size=260, d_model=128, num_heads=4, head_dim=0, d_ff=384, num_layers=6,
       causal=True, share_weights=False, tie_embeddings=True, max_len=0, rope_base=10000.0,
       dtype='float32', param_dtype='float32', remat='none', group_size=0, scan_unroll=1,
-      layer_dropout=0.0, loss_tiles=1, kind='transformer'))
+      layer_dropout=0.0, loss_tiles=1, kind='transformer', inject_input=False))
   # bias_init negative: with b >= 0 ACT halts every token after ~2 steps at init
   c.halting = ml_collections.ConfigDict(dict(
       name='none', threshold=0.9, eps=0.01, bias_init=-2.0, ponder_cost=0.01, beta=0.01,
@@ -323,6 +323,11 @@ def _check(config: ml_collections.ConfigDict) -> None:
   _require(m.max_len == 0 or m.max_len >= config.data.seq_len, 'model.max_len', m.max_len,
            f'must be >= data.seq_len={config.data.seq_len}')
   _require(m.rope_base > 0, 'model.rope_base', m.rope_base, 'must be > 0')
+  # A looped transformer (Fan et al. 2024) re-reads its input with ONE shared block; with a
+  # stack of distinct layers re-injection is a different model nobody reported.
+  _require(not m.inject_input or (m.share_weights and m.kind == 'transformer'),
+           'model.inject_input', m.inject_input,
+           'needs model.share_weights=True and model.kind=\'transformer\' (a looped transformer)')
   _require(isinstance(m.scan_unroll, int) and m.scan_unroll >= 1, 'model.scan_unroll',
            m.scan_unroll, 'must be a positive integer (scan steps per loop iteration)')
   _require(isinstance(m.loss_tiles, int) and not isinstance(m.loss_tiles, bool)

@@ -64,6 +64,8 @@ class ModelSpec:
   # 'transformer' (byte tokens) or a step cell of model/step_cell.py ('gru' | 'elman') that
   # reads a whole ±1/0 vector every step (the vector tasks, data.name='parity_vector')
   kind: str
+  # looped transformer (Fan et al. 2024): step n >= 2 reads h_{n-1} + the input embedding
+  inject_input: bool
   layer_kinds: tuple[str, ...] = _derived()  # 'dense' | 'moe' for the layers of one step
   num_steps: int = _derived()                 # scan steps (= halting steps) over depth
 

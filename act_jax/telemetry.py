@@ -183,10 +183,14 @@ def depth_histogram(layers: Any, num_layers: int, mask: Any = None) -> np.ndarra
 def collapse(depth_hist: Mapping[int, float] | Sequence[float], num_steps: int,
              frac: float = 0.9) -> str:
   """'' or why the depth distribution collapsed: at least `frac` of the (scored) tokens ran
-  one step ('all at step 1') or every step ('all at the maximum'). depth_hist maps steps run
-  to the fraction of tokens (a dict, or a sequence indexed by steps, e.g. depth_histogram's
-  output); fractions are renormalised, so counts work too. A policy that adapts puts mass
-  in between; the reported failure of Universal Transformer + ACT runs is ~1 step everywhere."""
+  the same number of steps. depth_hist maps steps run to the fraction of tokens (a dict, or
+  a sequence indexed by steps, e.g. depth_histogram's output); fractions are renormalised,
+  so counts work too. A policy that adapts puts mass on several depths; the reported failure
+  of Universal Transformer + ACT runs is ~1 step everywhere, and a PonderNet cell that never
+  learns can halt every input at one fixed middle step, which is just as non-adaptive.
+
+  Step 1 (k <= 1) and the maximum (k >= num_steps) keep their own messages and take
+  precedence; any other depth d with mass >= frac reads 'all at step d'."""
   hist = dict(depth_hist) if isinstance(depth_hist, Mapping) else dict(enumerate(depth_hist))
   total = float(sum(hist.values()))
   if total <= 0:
@@ -197,6 +201,11 @@ def collapse(depth_hist: Mapping[int, float] | Sequence[float], num_steps: int,
     return f'all at step 1 ({early:.0%} of tokens)'
   if late >= frac:
     return f'all at the maximum {num_steps} ({late:.0%} of tokens)'
+  # Why a separate pass: a constant depth strictly between 1 and the maximum is as
+  # non-adaptive as either end (the PonderNet cell at 96 entries halted every row at 6).
+  for k, v in sorted(hist.items()):
+    if 1 < k < num_steps and v / total >= frac:
+      return f'all at step {k} ({v / total:.0%} of tokens)'
   return ''
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from act_jax import config as config_lib
+from act_jax.errors import ConfigError
 from act_jax.model import halting
 from act_jax.model.transformer import Layer, head_logits, init_cache, make_model
 
@@ -44,9 +45,9 @@ def test_bidirectional_encoder_sees_the_future():
   assert not np.allclose(logits[:, 0], logits2[:, 0])
 
 
-@pytest.mark.parametrize('share', [False, True])
-def test_kv_cache_decoding_equals_full_forward(share):
-  config = small_config(share_weights=share)
+@pytest.mark.parametrize('share,inject', [(False, False), (True, False), (True, True)])
+def test_kv_cache_decoding_equals_full_forward(share, inject):
+  config = small_config(share_weights=share, inject_input=inject)
   model, variables, tokens = init(config)
   full, _ = model.apply(variables, tokens)
   cache = init_cache(config_lib.resolve(config), batch=2, max_len=16)
@@ -77,6 +78,38 @@ def test_scan_equals_explicitly_unrolled_stack():
           'unembed_DV': p['embedding'].T / jnp.sqrt(32.0)}
   np.testing.assert_allclose(logits, head_logits(head, h), atol=1e-5, rtol=1e-5)
   np.testing.assert_array_equal(aux['layers'], np.full((2, 16), 3.0))
+
+
+def test_looped_transformer_reinjects_the_embedding_every_step():
+  # Fan et al. 2024: h_in^n = h^{n-1} + e, h^0 = 0, one shared block (step 1 reads e).
+  config = small_config(share_weights=True, inject_input=True, causal=False)
+  model, variables, tokens = init(config)
+  logits, _ = model.apply(variables, tokens)
+  p = variables['params']
+  e = jnp.take(p['embedding'], tokens, axis=0)
+  pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
+  running = jnp.ones((2, 16), bool)
+  h = jnp.zeros_like(e)
+  for _ in range(config.model.num_layers):
+    h, _, _ = Layer(model.config, 'dense').apply({'params': p['stack']['layer_0']}, h + e,
+                                                 pos, running, tokens, None, None, None)
+  head = {'norm_scale': p['final_norm_scale'],
+          'unembed_DV': p['embedding'].T / jnp.sqrt(32.0)}
+  np.testing.assert_allclose(logits, head_logits(head, h), atol=1e-5, rtol=1e-5)
+  # the same parameters without re-injection: step 1 is identical, later steps are not
+  plain = make_model(config_lib.resolve(small_config(share_weights=True, causal=False)))
+  assert not np.allclose(plain.apply(variables, tokens)[0], logits, atol=1e-3)
+  one = small_config(share_weights=True, causal=False)
+  one_inj = small_config(share_weights=True, causal=False, inject_input=True)
+  one.model.num_layers = one_inj.model.num_layers = 1
+  np.testing.assert_allclose(make_model(config_lib.resolve(one)).apply(variables, tokens)[0],
+                             make_model(config_lib.resolve(one_inj)).apply(variables, tokens)[0],
+                             atol=1e-6)
+
+
+def test_inject_input_needs_one_shared_block():
+  with pytest.raises(ConfigError, match='model.inject_input'):
+    config_lib.resolve(small_config(inject_input=True))
 
 
 def test_shared_weights_have_one_block_of_parameters():

@@ -206,6 +206,13 @@ def test_collapse_on_hand_made_histograms():
   assert tm.collapse({1: 0.89, 5: 0.11}, 8, frac=0.85) != ''
   assert tm.collapse([0, 19, 1, 0], 3) == 'all at step 1 (95% of tokens)'  # counts work too
   assert tm.collapse([0, 0, 0, 0], 3) == ''                 # nothing scored: no verdict
+  # any constant depth collapses, not only the two ends (a cell halting every row at 6)
+  assert tm.collapse({6: 1.0}, 20) == 'all at step 6 (100% of tokens)'
+  assert tm.collapse({5: 0.05, 6: 0.92, 7: 0.03}, 20) == 'all at step 6 (92% of tokens)'
+  assert tm.collapse([0, 0, 1, 18, 1], 4) == 'all at step 3 (90% of tokens)'  # counts
+  assert tm.collapse({3: 0.5, 4: 0.5}, 8) == ''              # two depths: adapts
+  assert tm.collapse({3: 0.85, 4: 0.15}, 8) == ''            # under the 90 % line
+  assert tm.collapse({3: 0.85, 4: 0.15}, 8, frac=0.8) == 'all at step 3 (85% of tokens)'
   # the same verdict from per-token layers through depth_histogram
   layers = np.array([[8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 3]])
   assert tm.collapse(tm.depth_histogram(layers, 8), 8) == 'all at the maximum 8 (91% of tokens)'

@@ -3,7 +3,9 @@
 The layer stack is a single `nn.scan` over *steps*; a step is a group of layers (e.g.
 [dense, moe] for MoE every other layer) so that the scanned body is identical at every
 step. Parameters are stacked on a leading 'layers' axis (`share_weights=True` broadcasts one
-step's parameters instead: a Universal Transformer, Dehghani 2019).
+step's parameters instead: a Universal Transformer, Dehghani 2019). `inject_input=True` on
+top makes it a looped transformer (Fan et al. 2024, "Looped Transformers for Length
+Generalization"): step n reads h^{n-1} + e, e the input embedding, h^0 = 0.
 
 Dynamic depth is a *masked* scan: the halting policy (act_jax/model/halting) keeps a `running`
 mask in the carry; tokens that stopped keep their state (`where`), still cost compute in
@@ -134,6 +136,14 @@ class DepthStep(nn.Module):
     # earlier step show later tokens the K/V of their exit state, as decoding will.
     exited_BL = carry['state']['met'] if 'h_exit' in carry else None
     h = h_prev
+    if 'inject' in bcast:
+      # Looped transformer (Fan et al. 2024, "Looped Transformers for Length
+      # Generalization", input injection): every iteration of the shared block reads its
+      # state plus the input embedding e, h_in^n = h^{n-1} + e with h^0 = 0. The carry starts
+      # at h^0 := e, so step 1 reads e and steps n >= 2 add it. Only running tokens: a halted
+      # token's keys/values stay those of its frozen state, as inference.py's fill computes.
+      add_BL1 = (running_BL & (carry['i'] > 0))[..., None]
+      h = h_prev + jnp.where(add_BL1, bcast['inject'], 0).astype(h_prev.dtype)
     caches, layer_aux = [], []
     for j, kind in enumerate(kinds):
       cache_j = None if xs is None else xs[j]
@@ -391,6 +401,8 @@ def prepare_inputs(spec: Spec, top_params: dict, tokens_BL, threshold=None, posi
            'threshold': threshold_per_step(threshold, m.num_steps)}
   carry = {'h': h_BLD, 'running': valid_BL, 'state': policy.init(h_BLD),
            'i': jnp.zeros((), jnp.int32)}
+  if m.inject_input:  # the looped transformer re-reads the embedding every step (DepthStep)
+    bcast['inject'] = h_BLD
   if retrieval_arm.active(spec):
     retrieval_arm.check_model(spec)
     if retrieval is None:

@@ -11,7 +11,8 @@ resumes like `experiments.train`), then each run's held-out evaluation becomes o
   ranges                        the same for the in-distribution / extrapolation splits
                                 (data.train_max_difficulty; PonderNet's 1-48 vs 49-96)
   collapsed                     telemetry.collapse on the exit-depth histogram: >= 90 % of
-                                scored tokens at step 1 or at the maximum
+                                scored tokens at one depth (step 1, the maximum, or any
+                                constant step in between)
 
 collapse rate = collapsed seeds / seeds. ACT and Universal-Transformer ACT runs are known to
 collapse on most seeds without a deep-start halting bias and a warmed-up ponder cost

@@ -17,6 +17,8 @@ for the extrapolation range bits/2+1..bits separately.
       --config=experiments/configs/synthetic.py:task=parity,bits=16,halting=pondernet \
       --num_seeds=5 --workdir=runs/sweep_p16_pn
   Per seed: accuracy, steps, Spearman and whether the depth collapsed; the collapse rate.
+  The looped transformer (Fan et al. 2024: the shared block re-reads the input embedding
+  every step) is the same config with --config.model.inject_input=True.
   Measured results (times, accuracy, steps, Spearman, collapse, extrapolation):
   docs/results.md ("Compute vs difficulty").
 
