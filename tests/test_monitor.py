@@ -190,25 +190,24 @@ def test_synthetic_drift_alarms_after_the_switch_and_never_without(model):
   assert len(sh.rows) == len(easy) and not sh.events and ctl.index == 1
   plain, _ = _serve(model, easy, None, points)
   assert [r.tokens for r in calm['records']] == [r.tokens for r in plain['records']]
-  # the switch: easy then hard. The alarm comes after it, and the point moves to full depth
-  sh = shadow()
-  res, ctl = _serve(model, easy + hard, sh, points)
-  alarms = [e for e in sh.events if e['event'] == 'alarm']
-  assert alarms and all(e['request'] >= len(easy) for e in sh.events)
-  assert alarms[0]['moved'] == {'': [1, 0]} and ctl.index == 0
-  assert any(e['event'] == 'alarm' for r in res['records'] for e in r.events)
-  # requests admitted after the alarm decode at full depth, those before at the point
-  after = [r for r in res['records'] if r.admitted_s > alarms[0]['t']]
-  assert after and all(set(r.points) == {0} for r in after)
-  assert all(set(r.points) == {1} for r in res['records'][:len(easy)])
-  # the traffic returns: the point is certified again on the window and served again
+  # the switch (easy, hard) and the return (easy again), one trace: the alarm comes after
+  # the switch, the point moves to full depth; the window certifies it again after the return
   sh = shadow()
   res, ctl = _serve(model, easy + hard + easy, sh, points)
+  alarms = [e for e in sh.events if e['event'] == 'alarm']
+  assert alarms and all(e['request'] >= len(easy) for e in sh.events)
+  assert alarms[0]['moved'] == {'': [1, 0]}
+  assert any(e['event'] == 'alarm' for r in res['records'] for e in r.events)
+  assert all(set(r.points) == {1} for r in res['records'][:len(easy)])
   kinds = [e['event'] for e in sh.events]
   assert kinds[0] == 'alarm' and kinds[-1] == 'recertified', kinds
   back = sh.events[-1]
   assert back['request'] >= len(easy) + len(hard) and back['moved'] == {'': [0, 1]}
   assert ctl.index == 1
+  # between the alarm and the recertification every admitted request decodes at full depth
+  between = [r for r in res['records'] if alarms[0]['t'] < r.admitted_s
+             and r.done_s is not None and r.done_s < back['t']]
+  assert between and all(set(r.points) == {0} for r in between)
   assert all(set(r.points) == {1} for r in res['records'] if r.admitted_s > back['t'])
 
 
