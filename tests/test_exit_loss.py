@@ -82,7 +82,15 @@ def _loss(spec, model, variables, batch, stacked: bool, targets: bool = False):
   return f
 
 
-@pytest.mark.parametrize('variant', sorted(VARIANTS))
+# slow (~30 s each): plain confidence and learned_exit (their exit paths run in the
+# exit_aware+distill and pondernet variants and in the training-step test below), and
+# layer dropout with uniform weights
+SLOW_VARIANTS = ('confidence', 'confidence+layer_dropout+uniform', 'learned_exit')
+
+
+@pytest.mark.parametrize('variant', [
+    pytest.param(v, marks=pytest.mark.slow) if v in SLOW_VARIANTS else v
+    for v in sorted(VARIANTS)])
 def test_tiled_exit_losses_equal_the_stacked_logits_path(variant):
   spec, model, variables, batch = _setup(VARIANTS[variant])
   ref_fn = _loss(spec, model, variables, batch, stacked=True)
