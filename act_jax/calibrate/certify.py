@@ -314,16 +314,10 @@ def certify_from_serving(workdir: str, serving_dir: str, tolerance: Optional[flo
 
   cal, tst = total(rows[0::2]), total(rows[1::2])
   chain = list(range(1, len(points)))
-  order = np.arange(len(chain), 0, -1, dtype=np.float64)  # test in the log's order
   n = cal['n']
-  if measure == 'accuracy':
-    sel = calibration.ltt_select_accuracy(order, n, cal['broken'][1:], cal['fixed'][1:],
-                                          tolerance * cal['full_correct'] / n, risk)
-    method = 'bernstein'
-  else:
-    sel = calibration.ltt_select(order, None, n, tolerance, risk, 'binomial',
-                                 num_errors=cal['errors'][1:])
-    method = 'binomial'
+  sel = calibration.select_in_order(measure, n, cal['errors'][1:], cal['broken'][1:],
+                                    cal['fixed'][1:], cal['full_correct'], tolerance, risk)
+  method = 'bernstein' if measure == 'accuracy' else 'binomial'
   valid = [True] + [bool(v) for v in sel['valid']]
   index = max(i for i, v in enumerate(valid) if v)
 

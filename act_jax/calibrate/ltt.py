@@ -267,6 +267,27 @@ def ltt_select_accuracy(thresholds: Any, n: int, broken: Any, fixed: Any, tolera
           'pvalues': pvalues, 'valid': valid}
 
 
+def select_in_order(measure: str, n: int, num_errors: Any, broken: Any, fixed: Any,
+                    full_correct: int, tolerance: float, risk_level: float) -> dict[str, Any]:
+  """Fixed-sequence Learn-then-Test of K points in the given order (most accurate first) from
+  their summed counts over n tokens: 'consistency' bounds num_errors / n by tolerance
+  (binomial); 'accuracy' bounds the drop (broken - fixed) / n by tolerance x the full-depth
+  accuracy full_correct / n (empirical Bernstein), as calibrate does. Returns ltt_select's
+  dict; raises InsufficientCalibrationData when n cannot certify anything."""
+  k = np.asarray(num_errors).size
+  order = np.arange(k, 0, -1, dtype=np.float64)  # stand-in thresholds: test in this order
+  if measure == 'consistency':
+    return ltt_select(order, None, n, tolerance, risk_level, 'binomial',
+                      num_errors=num_errors)
+  if measure != 'accuracy':
+    raise ValueError(f'measure={measure!r}: must be consistency or accuracy')
+  if full_correct <= 0:
+    raise InsufficientCalibrationData('no token is right at full depth: a relative accuracy '
+                                      'drop is undefined')
+  return ltt_select_accuracy(order, n, broken, fixed, tolerance * full_correct / n,
+                             risk_level)
+
+
 def budget_select(thresholds: Any, mean_layers: Any, budget_layers: float) -> float | None:
   """The most conservative (largest) threshold whose mean_layers <= budget; None if none.
 

@@ -222,19 +222,9 @@ def certify_counts(counts: ShadowCounts, chain: Sequence[int], measure: str, tol
     raise ConfigError(f'measure={measure!r}: allowed: {", ".join(MEASURES)}')
   if not chain:
     return {'valid': np.zeros(0, bool), 'pvalues': np.zeros(0)}
-  # the chain's positions as strictly decreasing stand-in thresholds: ltt tests in this order
-  order = np.arange(len(chain), 0, -1, dtype=np.float64)
   idx = np.asarray(chain)
-  if measure == 'consistency':
-    sel = ltt.ltt_select(order, None, counts.n, tolerance, risk, 'binomial',
-                         num_errors=counts.errors[idx])
-  else:
-    full_acc = counts.full_correct / max(counts.n, 1)
-    if full_acc <= 0:
-      raise ltt.InsufficientCalibrationData('the window has no token full depth gets right: '
-                                            'a relative accuracy drop is undefined')
-    sel = ltt.ltt_select_accuracy(order, counts.n, counts.broken[idx], counts.fixed[idx],
-                                  tolerance * full_acc, risk)
+  sel = ltt.select_in_order(measure, counts.n, counts.errors[idx], counts.broken[idx],
+                            counts.fixed[idx], counts.full_correct, tolerance, risk)
   return {'valid': np.asarray(sel['valid'], bool), 'pvalues': np.asarray(sel['pvalues'])}
 
 
