@@ -99,6 +99,30 @@ def test_early_exit_decoding_equals_masked_scan_decoding():
   np.testing.assert_array_equal(comp['layers'], out['layers'])
 
 
+@pytest.mark.parametrize('per_row_index', [False, True])
+def test_compacted_decode_step_writes_the_same_cache(per_row_index):
+  """A row gathered out of the bucket after it exited runs no later step, so those steps'
+  K/V at this position are never written by the loop: the fill must write them (from the
+  exit state, as the frozen row in the full batch writes them). At threshold 0.28 row 0
+  exits after step 0 and row 1 runs all 4 steps (the middle of the range 0.26-0.30 where
+  they split), so rows are gathered after step 0."""
+  c, model, v, tokens = setup('confidence')
+  cache = init_cache(config_lib.resolve(c), 2, 16)
+  _, aux = model.apply(v, tokens[:2, :4], threshold=1.0, cache=cache, cache_index=0)
+  index = jnp.full((2,), 4, jnp.int32) if per_row_index else jnp.int32(4)
+  step = jax.jit(lambda cache, compact: inference.decode_step(
+      c, v, cache, tokens[:2, 4:5], index, 0.28, compact=compact), static_argnums=1)
+  lg, a = step(aux['cache'], False)
+  lg_c, a_c = step(aux['cache'], True)
+  np.testing.assert_array_equal(np.asarray(a['exit_step'])[:, -1], [0, 3])
+  np.testing.assert_array_equal(np.asarray(a_c['exit_step']), np.asarray(a['exit_step']))
+  np.testing.assert_allclose(np.asarray(lg_c), np.asarray(lg), rtol=1e-6, atol=1e-6)
+  for g, (full, comp) in enumerate(zip(a['cache'], a_c['cache'])):
+    for name in ('k', 'v'):
+      np.testing.assert_allclose(np.asarray(comp[name]), np.asarray(full[name]), rtol=1e-6,
+                                 atol=1e-6, err_msg=f'layer {g} {name}')
+
+
 def _exit_state_and_cache(kv_fill):
   c, model, v, tokens = setup('confidence')
   cache = init_cache(config_lib.resolve(c), 2, 8)

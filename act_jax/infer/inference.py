@@ -256,12 +256,15 @@ def _run_compacted(spec: Spec, variables, carry, bcast, cache=None, min_rows: in
                    lazy=None):
   """Depth loop over buckets B, B/2, ...: when at most half of a bucket's rows still run,
   those rows are gathered into the next bucket (exited rows stop costing compute).
-  With lazy (kv_fill='lazy') the third result is (cache, lazy), as for _depth_while."""
+  With lazy (kv_fill='lazy') the third result is (cache, lazy), as for _depth_while.
+  carry['executed_B']: the steps each row's bucket ran (a row gathered out at step i has no
+  K/V written at steps >= i: decode_step's fill writes them, as for an exited row)."""
   b = carry['h'].shape[0]
   sizes = [b]
   while sizes[-1] // 2 >= max(min_rows, 1) and sizes[-1] % 2 == 0:
     sizes.append(sizes[-1] // 2)
   rows = jnp.arange(b)
+  executed_B = jnp.zeros((b,), jnp.int32)
   full_carry, full_ys, ys = None, None, None
   row_keys = ('positions', 'tokens', 'key_mask')
   if jnp.ndim(bcast['cache_index']) == 1:  # continuous batching: a position per row
@@ -273,6 +276,7 @@ def _run_compacted(spec: Spec, variables, carry, bcast, cache=None, min_rows: in
                                     rows=None if s == 0 else rows, lazy=lazy)
     if lazy is not None:
       cache, lazy = cache
+    executed_B = executed_B.at[rows].set(carry['i'])  # a later bucket overwrites its rows
     if full_carry is None:
       full_carry, full_ys = carry, ys
     else:  # scatter this bucket's rows back into the full-size results
@@ -289,6 +293,7 @@ def _run_compacted(spec: Spec, variables, carry, bcast, cache=None, min_rows: in
              for k, v in bcast.items()}
     ys = jax.tree.map(lambda x: x[:, keep], ys)  # the bucket carries its earlier steps
   full_carry['i'] = carry['i']
+  full_carry['executed_B'] = executed_B
   full_ys = dict(full_ys)
   full_ys['layer_aux'] = []  # per-layer MoE telemetry is not tracked across buckets
   return full_carry, full_ys, (cache if lazy is None else (cache, lazy))
@@ -311,15 +316,18 @@ def forward_compact(config: Any, variables: dict, tokens_BL: jax.Array,
 # ----------------------------------------------------------------------------- decoding
 def _fill_skipped_kv(spec: Spec, variables, cache, h_BLD, exit_step_BL, executed, index,
                      positions_BL, kv_fill: str):
-  """Writes K/V at `index` for every layer past each token's exit step (see module doc)."""
+  """Writes K/V at `index` for every layer past each token's exit step (see module doc).
+  executed: the steps the loop ran, for the batch or per row [B] (compaction); a step a
+  row ran already holds the K/V of its frozen exit state."""
   m = spec.model
   n, kinds = m.num_steps, m.layer_kinds
   kv_params = _kv_params(spec, variables)
   e_B = exit_step_BL[:, -1]
   per_row = jnp.ndim(index) == 1  # continuous batching: each row at its own position
   rows_B = jnp.arange(e_B.shape[0])
+  executed_B = jnp.broadcast_to(executed, e_B.shape)
   if kv_fill == 'project':
-    start = executed  # steps before this ran with the frozen exit state: already projected
+    start = jnp.min(executed_B)  # steps a row ran with its frozen exit state: projected
   else:
     start = jnp.min(e_B) + 1
     last = len(kinds) - 1  # the exit layer: last layer of the exit step
@@ -332,7 +340,7 @@ def _fill_skipped_kv(spec: Spec, variables, cache, h_BLD, exit_step_BL, executed
       v_exit = jax.lax.dynamic_slice_in_dim(v_exit, index, 1, axis=1)
 
   def body(j, kv):
-    skipped_B = j > e_B
+    skipped_B = (j > e_B) & ((j >= executed_B) | (kv_fill != 'project'))
     new = []
     for g in range(len(kinds)):
       if kv_fill == 'project':
@@ -395,7 +403,8 @@ def decode_step(config: Any, variables: dict, cache: list, token_B1: jax.Array,
     aux['cache'] = cache
     return logits, aux
   aux['cache'] = _fill_skipped_kv(spec, variables, cache, carry['h'], aux['exit_step'],
-                                  carry['i'], index, bcast['positions'], kv_fill)
+                                  carry.get('executed_B', carry['i']), index,
+                                  bcast['positions'], kv_fill)
   return logits, aux
 
 
