@@ -13,6 +13,7 @@ import pytest
 
 from act_jax import config as config_lib
 from act_jax.calibrate import certify, ltt
+from act_jax.calibrate import counts as counts_lib
 from act_jax.calibrate.operating_point import run_operating_point, sweep
 from act_jax.data import PAD as PAD_ID
 from act_jax.errors import ConfigError
@@ -280,3 +281,29 @@ def test_shadow_time_counts_in_the_controllers_occupancy(model):
   assert seen[-1] == pytest.approx(0.25 / 0.5)
   sched.iterate(lambda: 1.1)   # no shadow work since: the plain fraction
   assert seen[-1] == pytest.approx(0.25)
+
+
+def test_shadow_log_round_trip_and_a_failed_write_keeps_the_old_log(tmp_path):
+  """The log's writer and reader (calibrate/counts.py) agree, sums and statistics have known
+  answers, and a write that fails half way leaves the previous log whole."""
+  header = {'measure': 'consistency', 'tolerance': 0.1, 'risk': 0.1,
+            'points': [{'threshold': 2.0, 'max_layers': None}, {'threshold': 0.5,
+                                                                 'max_layers': None}]}
+  a, b = _counts([0, 3], [0, 2], [0, 1], n=10, full_correct=6), _counts([0, 1], n=5,
+                                                                        full_correct=5)
+  rows = [{'id': 0, 't': 0.0, 'point': 1, **a.as_json()}, {'id': 1, 't': 1.0, 'point': 1,
+                                                            **b.as_json()}]
+  counts_lib.write_shadow_log(str(tmp_path / counts_lib.SHADOW_LOG), header, rows)
+  got_header, got = counts_lib.read_shadow_log(str(tmp_path))
+  assert got_header['points'] == header['points'] and len(got) == 2
+  st = counts_lib.stats(counts_lib.add(*got))
+  assert st['tokens'] == 15 and st['full_accuracy'] == pytest.approx(11 / 15)
+  np.testing.assert_allclose(st['agreement'], [1.0, 1 - 4 / 15])
+  np.testing.assert_allclose(st['accuracy'], [11 / 15, (11 + 1 - 2) / 15])
+  st = counts_lib.stats(counts_lib.add(counts_lib.add(*got), got[1], -1))  # b leaves again
+  np.testing.assert_allclose(st['agreement'], [1.0, 0.7])
+  before = (tmp_path / counts_lib.SHADOW_LOG).read_bytes()
+  with pytest.raises(TypeError):  # not JSON: the write fails after the header
+    counts_lib.write_shadow_log(str(tmp_path / counts_lib.SHADOW_LOG), header,
+                                rows + [{'id': object()}])
+  assert (tmp_path / counts_lib.SHADOW_LOG).read_bytes() == before

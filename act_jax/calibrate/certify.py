@@ -14,18 +14,19 @@ Dims: B batch, L length.
 """
 from __future__ import annotations
 
-import json
+import functools
 import math
 import os
 import time
 from typing import Callable, Optional, Sequence
 
 import jax
-import numpy as np
 
 from act_jax import config as config_lib
 from act_jax import data as data_lib
+from act_jax.calibrate import counts as counts_lib
 from act_jax.calibrate import ltt as calibration
+from act_jax.calibrate.counts import MEASURES, SHADOW_LOG
 from act_jax.calibrate.frontier import plot_frontier
 from act_jax.calibrate.operating_point import (DEFAULT_THRESHOLDS, eval_prompts, require_exits,
                                                sweep, time_decode)
@@ -36,7 +37,6 @@ from act_jax.spec import NEVER_EXIT, OperatingPoint, Spec
 from act_jax.train import training
 
 
-MEASURES = ('consistency', 'accuracy')  # what calibrate's tolerance bounds
 
 
 # The end-of-training certification (train_and_certify): every other candidate, to keep the
@@ -242,42 +242,6 @@ def train_and_certify(config, workdir: str, log: Callable[[str], None] = print,
   return res
 
 
-SHADOW_LOG = 'shadow.jsonl'
-
-
-def read_shadow_log(serving_dir: str) -> tuple[dict, list[dict]]:
-  """(header, request rows) of DIR/shadow.jsonl; ConfigError naming the file and line."""
-  file = os.path.join(serving_dir, SHADOW_LOG)
-  if not os.path.isfile(file):
-    raise ConfigError(f'--from_serving={serving_dir}: no {SHADOW_LOG} there (serve with '
-                      f'--shadow_fraction > 0 and --out writes it)')
-  header, rows = None, []
-  with open(file) as f:
-    for i, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        d = json.loads(line)
-        kind = d['kind']
-        if kind == 'header':
-          points = [(float(p['threshold']), p['max_layers']) for p in d['points']]
-          header = d
-        elif kind == 'request':
-          k = len(header['points']) if header else -1
-          if any(len(d[key]) != k for key in ('errors', 'broken', 'fixed', 'layers')) or \
-              int(d['n']) < 1:
-            raise ValueError('counts do not match the header\'s points')
-          rows.append(d)
-      except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f'{file}:{i}: not a shadow log line ({e}); serve writes this file')
-  if header is None or not points:
-    raise ConfigError(f'{file}: no header line; serve writes this file')
-  if len(rows) < 2:
-    raise ConfigError(f'{file}: {len(rows)} shadowed requests; need at least 2 (one to '
-                      f'certify on, one to report on)')
-  return header, rows
-
-
 def certify_from_serving(workdir: str, serving_dir: str, tolerance: Optional[float] = None,
                          risk: Optional[float] = None, measure: Optional[str] = None,
                          log: Callable[[str], None] = print) -> dict:
@@ -291,7 +255,7 @@ def certify_from_serving(workdir: str, serving_dir: str, tolerance: Optional[flo
   the cheapest certified one; the file lists every point with its `certified` flag, like
   calibrate's, so every binary reads it alike."""
   spec = run_lib.read_config(workdir)
-  header, rows = read_shadow_log(serving_dir)
+  header, rows = counts_lib.read_shadow_log(serving_dir)
   measure = measure or header['measure']
   tolerance = float(header['tolerance'] if tolerance is None else tolerance)
   risk = float(header['risk'] if risk is None else risk)
@@ -305,32 +269,25 @@ def certify_from_serving(workdir: str, serving_dir: str, tolerance: Optional[flo
     OperatingPoint(float(p['threshold']), p['max_layers']).validate(
         spec, f'{SHADOW_LOG}: threshold', f'{SHADOW_LOG}: max_layers')
 
-  def total(part: list[dict]) -> dict:
-    t = {k: np.sum([r[k] for r in part], axis=0) for k in ('errors', 'broken', 'fixed',
-                                                            'layers')}
-    t.update(n=int(sum(r['n'] for r in part)),
-             full_correct=int(sum(r['full_correct'] for r in part)))
-    return t
-
-  cal, tst = total(rows[0::2]), total(rows[1::2])
+  cal, tst = (functools.reduce(counts_lib.add, rows[h::2]) for h in (0, 1))
   chain = list(range(1, len(points)))
-  n = cal['n']
-  sel = calibration.select_in_order(measure, n, cal['errors'][1:], cal['broken'][1:],
-                                    cal['fixed'][1:], cal['full_correct'], tolerance, risk)
+  n = cal.n
+  sel = calibration.select_in_order(measure, n, cal.errors[1:], cal.broken[1:], cal.fixed[1:],
+                                    cal.full_correct, tolerance, risk)
   method = 'bernstein' if measure == 'accuracy' else 'binomial'
   valid = [True] + [bool(v) for v in sel['valid']]
   index = max(i for i, v in enumerate(valid) if v)
 
-  def at(t: dict, i: int) -> dict:
-    m = max(t['n'], 1)
-    return {'mean_layers': float(t['layers'][i]) / m,
-            'accuracy': (t['full_correct'] + float(t['fixed'][i]) - float(t['broken'][i])) / m,
-            'consistency': 1.0 - float(t['errors'][i]) / m}
+  cal_st, tst_st = counts_lib.stats(cal), counts_lib.stats(tst)
+
+  def at(st: dict, i: int) -> dict:
+    return {'mean_layers': st['mean_layers'][i], 'accuracy': st['accuracy'][i],
+            'consistency': st['agreement'][i]}
 
   chosen = None if index == 0 else points[index]
   listed = [{'threshold': float(p['threshold']), 'max_layers': p['max_layers'],
              'certified': valid[i], 'pvalue': float(sel['pvalues'][i - 1]),
-             'calib_mean_layers': at(cal, i)['mean_layers'], **at(tst, i)}
+             'calib_mean_layers': cal_st['mean_layers'][i], **at(tst_st, i)}
             for i, p in enumerate(points) if i > 0]
   result = {
       'workdir': os.path.abspath(workdir), 'step': None, 'policy': spec.halting.name,
@@ -339,9 +296,9 @@ def certify_from_serving(workdir: str, serving_dir: str, tolerance: Optional[flo
       'max_layers': None if chosen is None else chosen['max_layers'], 'caps': None,
       'chosen_threshold': None if chosen is None else float(chosen['threshold']),
       'full_layers': float(spec.model.num_layers),
-      'n_calib_tokens': n, 'n_test_tokens': tst['n'],
-      'full_depth': {'accuracy': tst['full_correct'] / max(tst['n'], 1)},
-      'calib': at(cal, index), 'test': at(tst, index),
+      'n_calib_tokens': n, 'n_test_tokens': tst.n,
+      'full_depth': {'accuracy': tst_st['full_accuracy']},
+      'calib': at(cal_st, index), 'test': at(tst_st, index),
       'frontier': {'thresholds': [p['threshold'] for p in listed],
                    'pvalues': [p['pvalue'] for p in listed],
                    'mean_layers': [p['mean_layers'] for p in listed],
@@ -356,7 +313,7 @@ def certify_from_serving(workdir: str, serving_dir: str, tolerance: Optional[flo
   got = ('full depth (no point certified)' if chosen is None else
          f'threshold {chosen["threshold"]:g}' + ('' if chosen['max_layers'] is None else
                                                  f' cap {chosen["max_layers"]}'))
-  log(f'{len(rows)} shadowed requests ({n} calibration + {tst["n"]} test tokens): '
+  log(f'{len(rows)} shadowed requests ({n} calibration + {tst.n} test tokens): '
       f'{sum(valid) - 1} of {len(chain)} points certified at {measure} tolerance '
       f'{tolerance:g}, risk {risk:g}; chosen {got}; test half: '
       f'{result["test"]["mean_layers"]:.2f} layers, consistency '

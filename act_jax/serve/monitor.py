@@ -23,7 +23,8 @@ no layer. In this teacher-forced forward they do count toward an MoE group's cap
 calibrate's padded held-out windows: the counts equal calibrate's sweep on the same padded
 window (tests/test_monitor.py).
 
-The monitor (`Monitor`). It sums those counts over a sliding window of the last W shadow
+The monitor (`Monitor`). It sums those counts (act_jax/calibrate/counts.py, as `calibrate
+--from_serving` does) over a sliding window of the last W shadow
 tokens; whole requests leave, the oldest first, while at least W tokens remain. On every
 update it runs two one-sided tests per point, at RUN/calibration.json's measure, tolerance
 and risk δ (accuracy: the tolerance relative to the window's full-depth accuracy, as
@@ -76,7 +77,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import json
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -84,43 +84,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from act_jax.calibrate import counts as counts_lib
 from act_jax.calibrate import ltt
+from act_jax.calibrate.counts import MEASURES, ShadowCounts
 from act_jax.data import PAD as PAD_ID
 from act_jax.errors import ConfigError
 from act_jax.infer import inference
 from act_jax.serve.engine import prefill_buckets
 from act_jax.spec import OperatingPoint, Spec
 
-MEASURES = ('consistency', 'accuracy')
-
 
 # ----------------------------------------------------------------------------- scoring
-@dataclasses.dataclass
-class ShadowCounts:
-  """One shadowed prompt's counts per point (index = the serving chain; 0 = full depth)."""
-  n: int                  # scored tokens (prompt length - 1)
-  errors: np.ndarray      # [K] tokens whose prediction differs from full depth
-  broken: np.ndarray      # [K] full depth right, the point wrong
-  fixed: np.ndarray       # [K] full depth wrong, the point right
-  layers: np.ndarray      # [K] layers run, summed over the scored tokens
-  full_correct: int       # tokens full depth predicts right
-  confidence: float       # summed first-exit confidence (max softmax) at full depth
-  dropped: Optional[float] = None  # MoE tokens over capacity, mean over layers (None: no MoE)
-
-  def as_json(self) -> dict:
-    return {'n': self.n, 'errors': self.errors.tolist(), 'broken': self.broken.tolist(),
-            'fixed': self.fixed.tolist(), 'layers': self.layers.tolist(),
-            'full_correct': self.full_correct, 'confidence': self.confidence,
-            'dropped': self.dropped}
-
-  @classmethod
-  def from_json(cls, d: dict) -> 'ShadowCounts':
-    arr = lambda k: np.asarray(d[k], np.int64)  # noqa: E731
-    return cls(int(d['n']), arr('errors'), arr('broken'), arr('fixed'),
-               np.asarray(d['layers'], np.float64), int(d['full_correct']),
-               float(d['confidence']), d.get('dropped'))
-
-
 @functools.partial(jax.jit, static_argnums=(0,))
 def _score(spec: Spec, variables, tokens_KL, threshold_KN, count):
   """Every row the same prompt at its own point: per row predictions and layers [K, L], the
@@ -187,28 +161,10 @@ def reference(scorer: ShadowScorer, prompts: Sequence[Sequence[int]]) -> dict:
   for p in prompts:
     c = scorer.score(p)
     if c is not None:
-      total = c if total is None else _add(total, c)
+      total = c if total is None else counts_lib.add(total, c)
   if total is None:
     return {}
-  return _stats(total)
-
-
-def _add(a: ShadowCounts, b: ShadowCounts, sign: int = 1) -> ShadowCounts:
-  drop = None
-  if a.dropped is not None and b.dropped is not None:  # token-weighted mean
-    drop = (a.dropped * a.n + sign * b.dropped * b.n) / max(a.n + sign * b.n, 1)
-  return ShadowCounts(a.n + sign * b.n, a.errors + sign * b.errors, a.broken + sign * b.broken,
-                      a.fixed + sign * b.fixed, a.layers + sign * b.layers,
-                      a.full_correct + sign * b.full_correct,
-                      a.confidence + sign * b.confidence, drop)
-
-
-def _stats(c: ShadowCounts) -> dict:
-  n = max(c.n, 1)
-  return {'tokens': c.n, 'agreement': (1.0 - c.errors / n).tolist(),
-          'accuracy': ((c.full_correct + c.fixed - c.broken) / n).tolist(),
-          'mean_layers': (c.layers / n).tolist(), 'full_accuracy': c.full_correct / n,
-          'confidence': c.confidence / n, 'dropped': c.dropped}
+  return counts_lib.stats(total)
 
 
 # ----------------------------------------------------------------------------- the monitor
@@ -289,9 +245,9 @@ class Monitor:
     """Adds one request's counts, slides the window, retests. Returns (points that lost
     their certificate, points that regained it)."""
     self._window.append(counts)
-    self._sum = counts if self._sum is None else _add(self._sum, counts)
+    self._sum = counts if self._sum is None else counts_lib.add(self._sum, counts)
     while len(self._window) > 1 and self._sum.n - self._window[0].n >= self.window_tokens:
-      self._sum = _add(self._sum, self._window.popleft(), -1)
+      self._sum = counts_lib.add(self._sum, self._window.popleft(), -1)
     self.updates += 1
     cert = [False] * len(self.offline)
     try:
@@ -315,7 +271,7 @@ class Monitor:
     out = {'status': self.status, 'certified': list(self.certified),
            'window_tokens': 0 if self._sum is None else self._sum.n}
     if self._sum is not None:
-      out.update(_stats(self._sum))
+      out.update(counts_lib.stats(self._sum))
     return out
 
 
@@ -386,9 +342,8 @@ class Shadow:
       return [], []
     lost, gained = self.monitor.add(counts)
     self.rows.append({'id': rid, 't': now_s, 'point': point, **counts.as_json()})
-    w = self.monitor.window
     self.timeline.append({'t': now_s, 'status': self.monitor.status,
-                          'agreement': (1.0 - w.errors / max(w.n, 1)).tolist(),
+                          'agreement': counts_lib.stats(self.monitor.window)['agreement'],
                           'certified': list(self.monitor.certified)})
     return lost, gained
 
@@ -416,11 +371,8 @@ class Shadow:
 
 
 def write_jsonl(shadow: Shadow, path: str) -> None:
-  """shadow.jsonl: the header, then one line per shadowed request (its counts per point)."""
-  with open(path, 'w') as f:
-    f.write(json.dumps(shadow.header()) + '\n')
-    for r in shadow.rows:
-      f.write(json.dumps({'kind': 'request', **r}) + '\n')
+  """The shadow log (calibrate/counts.py): the header, then one line per shadowed request."""
+  counts_lib.write_shadow_log(path, shadow.header(), shadow.rows)
 
 
 __all__ = ['Monitor', 'Shadow', 'ShadowCounts', 'ShadowOptions', 'ShadowScorer',

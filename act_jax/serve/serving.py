@@ -25,6 +25,7 @@ import numpy as np
 
 from act_jax import data as data_lib
 from act_jax.calibrate import operating_point
+from act_jax.calibrate.counts import SHADOW_LOG
 from act_jax.data import PAD as PAD_ID
 from act_jax.errors import ConfigError
 from act_jax.infer import draft as draft_lib
@@ -365,7 +366,7 @@ def serve_http(workdir: str, listen: str, options: ServeOptions = ServeOptions()
   drift monitor on, `out` receives shadow.jsonl when the server exits."""
   host, _, port = listen.rpartition(':')
   if out is not None:
-    run_lib.check_output_dir(out, '--out', ('shadow.jsonl',), 'a drift monitor log')
+    run_lib.check_output_dir(out, '--out', (SHADOW_LOG,), 'a drift monitor log')
   st = prepare(workdir, options, log)
   if st.shadow is not None:  # compiled before the server listens: nothing compiles after
     warm_shadow(st.shadow, st.spec, log)
@@ -376,8 +377,8 @@ def serve_http(workdir: str, listen: str, options: ServeOptions = ServeOptions()
   server.serve(app, host, int(port), log)
   if st.shadow is not None and out is not None:
     os.makedirs(out, exist_ok=True)
-    monitor_lib.write_jsonl(st.shadow, os.path.join(out, 'shadow.jsonl'))
-    log(f'wrote {out}/shadow.jsonl ({len(st.shadow.rows)} shadowed requests)')
+    monitor_lib.write_jsonl(st.shadow, os.path.join(out, SHADOW_LOG))
+    log(f'wrote {os.path.join(out, SHADOW_LOG)} ({len(st.shadow.rows)} shadowed requests)')
 
 
 def serve_run(workdir: str, trace: str, options: ServeOptions = ServeOptions(),
@@ -462,7 +463,7 @@ def serve_run(workdir: str, trace: str, options: ServeOptions = ServeOptions(),
     for s in result['steps']:
       f.write(json.dumps(s) + '\n')
   if st.shadow is not None:  # what calibrate --from_serving re-certifies from
-    monitor_lib.write_jsonl(st.shadow, os.path.join(out, 'shadow.jsonl'))
+    monitor_lib.write_jsonl(st.shadow, os.path.join(out, SHADOW_LOG))
   run_lib.write_json(os.path.join(out, 'summary.json'), summary, default=json_default)
   plot([r.as_json(spec.model.num_layers) for r in result['records']], result['steps'],
        [p.label or str(i) for i, p in enumerate(points)], o.slo_p95_ms,
