@@ -228,6 +228,13 @@ class OperatingPoint:
   def full_depth(cls) -> 'OperatingPoint':
     return cls(NEVER_EXIT)
 
+  @property
+  def label(self) -> str:
+    """How tables and logs name it: 'full depth', '0.6', '0.4 cap 4'."""
+    if self.threshold >= NEVER_EXIT and self.max_layers is None:
+      return 'full depth'
+    return f'{self.threshold:g}' + ('' if self.max_layers is None else f' cap {self.max_layers}')
+
   def validate(self, spec: 'Spec', name: str = 'threshold',
                cap_name: str = 'max_layers') -> 'OperatingPoint':
     """Raises ConfigError for a threshold outside (0, 1] or a cap that is not an exit layer

@@ -146,6 +146,8 @@ def test_operating_point_vector_known_answers():
   np.testing.assert_array_equal(OperatingPoint(0.7, 2).vector(spec), np.float32([-np.inf, 0.7]))
   np.testing.assert_array_equal(OperatingPoint(0.7, 4).vector(spec), np.float32([0.7, 0.7]))
   np.testing.assert_array_equal(OperatingPoint.full_depth().vector(spec), [NEVER_EXIT] * 2)
+  assert [p.label for p in (OperatingPoint.full_depth(), OperatingPoint(0.6),
+                            OperatingPoint(0.4, 4))] == ['full depth', '0.6', '0.4 cap 4']
   for bad, msg in ((OperatingPoint(0.7, 3), r'one of \[2, 4\]'),
                    (OperatingPoint(0.0), r'threshold=0\.0: must be in \(0, 1\]'),
                    (OperatingPoint(1.5), 'threshold'), (OperatingPoint(True), 'threshold')):

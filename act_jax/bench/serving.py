@@ -69,17 +69,11 @@ def decode_efficiency(engine: serve_engine.Engine, prompts: Sequence[Sequence[in
   for k, point in enumerate(points):
     ml = float(np.mean(layers[k]))
     speed = ms[0] / ms[k]
-    rows.append({'point': _label(point), 'batch': b, 'compact': engine.compact,
+    rows.append({'point': point.label, 'batch': b, 'compact': engine.compact,
                  'kv_fill': engine.kv_fill, 'steps_per_call': engine.steps_per_call,
                  'ms_per_step': ms[k], 'mean_layers': ml, 'speedup': speed,
                  'layer_ratio': full_l / ml, 'efficiency': speed / (full_l / ml)})
   return rows
-
-
-def _label(p: OperatingPoint) -> str:
-  if p.threshold >= 2.0:
-    return 'full depth'
-  return f'{p.threshold:g}' + ('' if p.max_layers is None else f' cap {p.max_layers}')
 
 
 def format_efficiency(rows: Sequence[dict]) -> str:

@@ -310,9 +310,8 @@ def certify_from_serving(workdir: str, serving_dir: str, tolerance: Optional[flo
                  'shadow_fraction': header.get('fraction')},
   }
   run_lib.write_calibration(workdir, result)  # atomic, as calibrate's
-  got = ('full depth (no point certified)' if chosen is None else
-         f'threshold {chosen["threshold"]:g}' + ('' if chosen['max_layers'] is None else
-                                                 f' cap {chosen["max_layers"]}'))
+  got = ('full depth (no point certified)' if chosen is None else 'threshold ' + OperatingPoint(
+      float(chosen['threshold']), chosen['max_layers']).label)
   log(f'{len(rows)} shadowed requests ({n} calibration + {tst.n} test tokens): '
       f'{sum(valid) - 1} of {len(chain)} points certified at {measure} tolerance '
       f'{tolerance:g}, risk {risk:g}; chosen {got}; test half: '

@@ -14,9 +14,8 @@ serve is refused alone (`check_request`); the others are served. With a `shadow`
 one per round, never while a request waits for a slot, and while rows decode only once half
 the shadow queue's room is used (idle slots first); the time it takes raises the
 occupancy the controllers see (the slots serve less while it runs). When the point in use
-loses its
-certificate on the live window, every controller is restricted to the points still in
-force (an 'alarm' event).
+loses its certificate on the live window, every controller is restricted to the points
+still in force (an 'alarm' event).
 """
 from __future__ import annotations
 

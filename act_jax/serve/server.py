@@ -50,6 +50,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from act_jax.calibrate import counts as counts_lib
 from act_jax.data import decode as decode_bytes
 from act_jax.errors import ConfigError
 from act_jax.serve import engine as engine_lib
@@ -215,10 +216,11 @@ class EngineLoop:
       self._shadow_seen = (len(sh.rows), len(sh.events), sh.busy_s)
       w = sh.monitor.window
       m.window_tokens.set(0 if w is None else w.n)
+      agreement = None if w is None else counts_lib.stats(w)['agreement']
       for i, lab in enumerate(sh.labels):
         m.certified.labels(lab).set(float(sh.monitor.certified[i]))
-        if w is not None:
-          m.agreement.labels(lab).set(1.0 - float(w.errors[i]) / max(w.n, 1))
+        if agreement is not None:
+          m.agreement.labels(lab).set(agreement[i])
 
 
 # ----------------------------------------------------------------------------- requests

@@ -82,10 +82,10 @@ def load_points(workdir: str, spec: Spec, min_gap: float = 0.1) -> list:
       kept.append(group[-1])
     for p in kept:
       cap = p.get('max_layers')
-      label = f'{p["threshold"]:g}' + ('' if cap is None else f' cap {cap}')
       # cost proxy: the calibration half's mean layers (the order they were picked by)
       points.append(slo.Point(float(p['threshold']), cap, cert, float(p['calib_mean_layers']),
-                              p.get('consistency'), label))
+                              p.get('consistency'),
+                              OperatingPoint(float(p['threshold']), cap).label))
   points[1:] = sorted(points[1:], key=lambda p: -p.mean_layers)
   for p in points[1:]:  # a cap that is not an exit layer of this model: the file is wrong
     OperatingPoint(p.threshold, p.max_layers).validate(spec, f'{path}: threshold',
@@ -279,10 +279,8 @@ def prepare(workdir: str, o: ServeOptions, log: Callable[[str], None] = print,
     log(f'exact mode: draft_layer={draft_layer} draft_len={draft_len} ({how})')
   else:
     op, source = operating_point.run_operating_point(workdir, spec, o.threshold, o.max_layers)
-    label = ('full depth' if op.threshold >= NEVER_EXIT else
-             f'{op.threshold:g}' + ('' if op.max_layers is None else f' cap {op.max_layers}'))
     points = [slo.Point(op.threshold, op.max_layers, True, float(spec.model.num_layers), None,
-                        label)]
+                        op.label)]
     home = 0
     if o.shadow_fraction > 0:  # the monitor needs the chain to fall back along
       points, home = chain_with(load_points(workdir, spec), op, workdir)
@@ -308,9 +306,7 @@ def chain_with(points: list, op: OperatingPoint, workdir: str) -> tuple[list, in
   for p in saved.get('points') or ():
     if float(p['threshold']) == op.threshold and p.get('max_layers') == op.max_layers:
       new = slo.Point(op.threshold, op.max_layers, bool(p['certified']),
-                      float(p['calib_mean_layers']), p.get('consistency'),
-                      f'{op.threshold:g}' + ('' if op.max_layers is None
-                                             else f' cap {op.max_layers}'))
+                      float(p['calib_mean_layers']), p.get('consistency'), op.label)
       out = sorted(points[1:] + [new], key=lambda q: -q.mean_layers)
       return [points[0]] + out, 1 + out.index(new)
   raise ConfigError(f'--shadow_fraction with --controller=fixed monitors the fixed point '

@@ -61,8 +61,7 @@ up, and a load between two points' capacities makes a latency-only controller os
 Live certification: `restrict(allowed, now_s)` (the drift monitor, act_jax/serve/monitor.py)
 leaves usable only the points whose certificate is in force on live traffic. A controller
 whose point lost its certificate moves at once to the nearest usable point more accurate
-than it.
-The SLO controller then moves only among the usable points. A fixed controller goes back to
+than it. The SLO controller then moves only among the usable points. A fixed controller goes back to
 its own point once that point is certified again.
 """
 from __future__ import annotations
@@ -160,8 +159,11 @@ class _Controller:
       self._force(now_s, j)
 
   def _target(self) -> int:
-    """Where the controller should be under the current usable set."""
-    j = self._index
+    """Where the controller should be under the current usable set: its point, or the
+    nearest usable one more accurate than it."""
+    return self._nearest_usable(self._index)
+
+  def _nearest_usable(self, j: int) -> int:
     while not self.usable[j]:
       j -= 1
     return j
@@ -213,10 +215,7 @@ class FixedController(_Controller):
     super().__init__(points, allow_uncertified, index, 'index')
 
   def _target(self) -> int:
-    j = self.home  # back home once it is certified again
-    while not self.usable[j]:
-      j -= 1
-    return j
+    return self._nearest_usable(self.home)  # back home once it is certified again
 
   def update(self, now_s: float, *, queue_len: int, oldest_wait_s: float,
              completed: Sequence[float] = (), occupancy: float | None = None) -> int:
