@@ -35,7 +35,6 @@ from act_jax.run import directory as run_lib
 from act_jax.serve import monitor as monitor_lib
 from act_jax.serve import scheduler, serving
 from act_jax.serve import trace as trace_lib
-from act_jax.spec import OperatingPoint
 
 
 def drift_corpus_prompts(n: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
@@ -115,16 +114,16 @@ def drift_part(workdir: str, rate: float = 6.0, duration_s: float = 90.0,
     st_m = runs['monitored'][0]
     scorer = monitor_lib.ShadowScorer(st_m.spec, st_m.variables, st_m.ops)
     counts = {r.id: scorer.score(r.prompt) for r in reqs}
-    chain = [OperatingPoint(p.threshold, p.max_layers) for p in st_m.points]
     rows = []
     for name, (st, res, wall, home) in runs.items():
-      served = {r.id: chain.index(st.ops[_served_index(r, home)]) for r in res['records']}
-      agree = {}
-      for ph in ('before', 'drift', 'back'):
-        ids = [r.id for r in reqs if r.phase == ph]
+      served = {r.id: st_m.ops.index(st.ops[_served_index(r, home)]) for r in res['records']}
+
+      def agreement(ids: list[int]) -> float:  # each request at the point it was served at
         err = sum(int(counts[i].errors[served[i]]) for i in ids)
-        n = sum(counts[i].n for i in ids)
-        agree[ph] = 1.0 - err / max(n, 1)
+        return 1.0 - err / max(sum(counts[i].n for i in ids), 1)
+
+      agree = {ph: agreement([r.id for r in reqs if r.phase == ph])
+               for ph in ('before', 'drift', 'back')}
       p95 = lambda recs: 1e3 * float(np.percentile(  # noqa: E731
           [r.latency_s for r in recs if r.latency_s is not None], 95))
       layers = [x for r in res['records'] for x in r.layers]
@@ -150,12 +149,9 @@ def drift_part(workdir: str, rate: float = 6.0, duration_s: float = 90.0,
         if late:
           row['alarm_delay_s'] = late[0]['t'] - t_switch
           row['alarm_delay_requests'] = sum(1 for t in after if t.arrival_s <= late[0]['t'])
-          ids = [r.id for r in res['records']
-                 if r.phase == 'drift' and r.admitted_s is not None
-                 and r.admitted_s > late[0]['t']]
-          row['agreement_after_alarm'] = 1.0 - sum(
-              int(counts[i].errors[served[i]]) for i in ids) / max(
-                  sum(counts[i].n for i in ids), 1)
+          row['agreement_after_alarm'] = agreement(
+              [r.id for r in res['records'] if r.phase == 'drift'
+               and r.admitted_s is not None and r.admitted_s > late[0]['t']])
       rows.append(row)
       log(format_row(row))
     return {'rows': rows, 'rate': rate, 'duration_s': duration_s, 'switch_s': t_switch,
