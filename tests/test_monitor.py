@@ -95,8 +95,15 @@ def test_monitor_keeps_a_certificate_until_contradicted_and_recertifies():
   assert mon.certified == (True, True, False)
   # back to clean traffic: certified again
   assert mon.add(_counts([0, 10, 40], n=1000)) == ([], [2])
-  with pytest.raises(ConfigError, match='--monitor_window=10'):
+  with pytest.raises(ConfigError, match='--monitor_window=10: .* at least 299 shadow'):
     monitor.Monitor([True, True], 'consistency', 0.01, 0.05, 10)
+  # accuracy: the least window in which a point that changes nothing passes the test
+  need = ltt.min_samples_accuracy(0.05, 0.05)
+  assert ltt.bernstein_pvalue(need, 0.0, 0.0, 0.05) <= 0.05
+  assert ltt.bernstein_pvalue(need - 1, 0.0, 0.0, 0.05) > 0.05
+  with pytest.raises(ConfigError, match=f'--monitor_window={need - 1}: .* at least {need} '):
+    monitor.Monitor([True, True], 'accuracy', 0.05, 0.05, need - 1)
+  monitor.Monitor([True, True], 'accuracy', 0.05, 0.05, need)
 
 
 def test_controllers_restricted_to_the_certified_points():

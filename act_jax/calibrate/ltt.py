@@ -110,6 +110,23 @@ def min_samples(tolerance: float, risk: float, method: str = 'binomial') -> int:
   return n
 
 
+def min_samples_accuracy(tolerance: float, risk: float) -> int:
+  """Smallest n >= 2 for which a point that changes no prediction (d = 0 on every token)
+  passes ltt_select_accuracy's test of E[d] <= tolerance at level risk (the p-value falls
+  with n: doubling, then bisection)."""
+  tolerance = _check_unit('tolerance', tolerance)
+  risk = _check_unit('risk', risk)
+  ok = lambda m: bernstein_pvalue(m, 0.0, 0.0, tolerance) <= risk  # noqa: E731
+  hi = 2
+  while not ok(hi):
+    hi *= 2
+  lo = max(2, hi // 2)
+  while lo < hi:
+    mid = (lo + hi) // 2
+    lo, hi = (lo, mid) if ok(mid) else (mid + 1, hi)
+  return hi
+
+
 def _check_thresholds(thresholds: Any) -> np.ndarray:
   thr = np.asarray(thresholds, np.float64).ravel()
   if thr.size == 0:
@@ -255,7 +272,7 @@ def ltt_select_accuracy(thresholds: Any, n: int, broken: Any, fixed: Any, tolera
     raise ValueError(f'{b.size} broken / {f.size} fixed counts for {thr.size} thresholds')
   if np.any(b < 0) or np.any(f < 0) or np.any(b + f > n):
     raise ValueError(f'broken and fixed counts must be >= 0 and sum to at most n={n}')
-  if n < 2 or bernstein_pvalue(n, 0.0, 0.0, tolerance) > risk_level:
+  if n < min_samples_accuracy(tolerance, risk_level):
     raise InsufficientCalibrationData(
         f'accuracy-drop Learn-then-Test at tolerance={tolerance}, risk_level={risk_level}: '
         f'n={n} calibration tokens cannot certify even an exit that changes no prediction')

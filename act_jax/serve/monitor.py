@@ -224,11 +224,14 @@ class Monitor:
     self.offline = (True,) + self.offline[1:]
     self.chain = [i for i, c in enumerate(self.offline) if c and i > 0]
     self.measure, self.tolerance, self.risk = measure, float(tolerance), float(risk)
-    if measure == 'consistency' and self.chain and \
-        window_tokens < ltt.min_samples(tolerance, risk):
+    # accuracy: the tolerance is relative to the full-depth accuracy (<= 1), so this many is
+    # needed even when full depth is always right
+    need = (ltt.min_samples(tolerance, risk) if measure == 'consistency' else
+            ltt.min_samples_accuracy(tolerance, risk))
+    if self.chain and window_tokens < need:
       raise ConfigError(f'--monitor_window={window_tokens}: a window this small can never '
-                        f'certify a point at tolerance {tolerance:g}, risk {risk:g}; it needs '
-                        f'at least {ltt.min_samples(tolerance, risk)} shadow tokens')
+                        f'certify a point at {measure} tolerance {tolerance:g}, risk '
+                        f'{risk:g}; it needs at least {need} shadow tokens')
     self.window_tokens = window_tokens
     self._window: collections.deque[ShadowCounts] = collections.deque()
     self._sum: Optional[ShadowCounts] = None
