@@ -61,8 +61,8 @@ up, and a load between two points' capacities makes a latency-only controller os
 Live certification: `restrict(allowed, now_s)` (the drift monitor, act_jax/serve/monitor.py)
 leaves usable only the points whose certificate is in force on live traffic. A controller
 whose point lost its certificate moves at once to the nearest usable point more accurate
-than it. The SLO controller then moves only among the usable points. A fixed controller goes back to
-its own point once that point is certified again.
+than it. The SLO controller then moves only among the usable points. A fixed controller goes
+back to its own point once that point is certified again.
 """
 from __future__ import annotations
 
